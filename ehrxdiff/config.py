@@ -1,0 +1,258 @@
+"""One parameter path: profile file → papermill → the notebook's ``parameters`` cell → :class:`StudyConfig`.
+
+Every notebook's parameters cell holds two names: ``profile`` (``smoke``, ``demo``, ``paper`` or a path to a
+YAML file) and ``params`` (a dict of overrides). ``load_config(profile, params)`` layers defaults ← profile
+file ← overrides, checks every key and type, and returns a frozen object; an unknown key is an error that
+names the closest known key (nanoGPT's configurator habit). ``./run_all.sh -p KEY VALUE`` goes through
+:func:`main` (``python -m ehrxdiff.config resolve``) so a typo fails before any notebook starts.
+
+API keys are deliberately *not* config: they come from the environment only (papermill writes parameters
+into the executed notebooks).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES_DIR = ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad profile or parameter, reported as one line."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    profile: str = "demo"
+    # -- where things are (relative paths are relative to the repository root) --------------------------
+    data_dir: str = "data"
+    run_dir: str = "runs/{profile}"          # models, caches, samples, executed notebooks
+    figures_dir: str = "figures"             # tables and figures (smoke writes under its run_dir)
+    mimic_iv_dir: str | None = None          # real MIMIC-IV v2.2 root (…/mimiciv/2.2); unset → synthetic
+    mimic_cxr_dir: str | None = None         # real MIMIC-CXR-JPG v2.0.0 root
+    imagenome_dir: str | None = None         # real Chest ImaGenome v1.0.0 root
+    synthetic_n_patients: int = 1000
+    synthetic_seed: int = 0
+    synthetic_image_size: int = 256          # stored resolution (the reference stores 256 px, §4)
+    seed: int = 42
+    num_workers: int = 0
+    # -- cohort (§II-D, paper-reference §2, D1, D12) -------------------------------------------------------
+    pairing: str = "all_earlier"             # all_earlier (reference code) | consecutive (paper wording)
+    max_interval_hours: float = 48.0
+    min_age: int = 18
+    split_seed: int = 42
+    test_fraction: float = 0.05
+    valid_fraction: float = 0.05
+    split_file: str | None = None            # the reference's dataset_split.json, when the user has it
+    duckdb_memory_limit: str = "4GB"
+    duckdb_threads: int = 2
+    # -- events (§II-D, D2, D7, D8) ----------------------------------------------------------------------
+    max_events: int = 1024
+    text_style: str = "plain"                # plain | genhpf_digits
+    filter_inputevents: bool = True
+    embedding_backend: str = "local"         # local | hashing | openai
+    embedding_dim: int = 384                 # hashing backend only
+    embedding_model_path: str | None = None  # local backend; unset → the bundled all-MiniLM-L6-v2
+    openai_model: str = "text-embedding-ada-002"
+    openai_azure_endpoint: str | None = None
+    openai_azure_deployment: str | None = None
+    openai_api_version: str = "2022-12-01"
+    allow_external_api: bool = False         # MIMIC-derived text leaves the machine only when True (DUA)
+    # -- images and CLIP (§II-B, §III-A, D5, D11) --------------------------------------------------------
+    image_size: int = 64                     # model input (paper 256)
+    clip_patch_size: int = 8                 # 64/8 → 8x8 grid + CLS = 65 tokens, the paper's token layout
+    clip_width: int = 192                    # D_CLIP (paper 768)
+    clip_layers: int = 4
+    clip_heads: int = 4
+    clip_table_layers: int = 2
+    clip_table_heads: int = 6
+    clip_epochs: int = 10
+    clip_batch_size: int = 64
+    clip_lr: float = 5e-4
+    clip_weight_decay: float = 0.2
+    clip_warmup_steps: int = 20
+    clip_image_weights: str | None = None    # local OpenAI/open_clip ViT weights
+    # -- VAE (D10) ---------------------------------------------------------------------------------------
+    vae_channels: list = field(default_factory=lambda: [32, 64, 64])
+    vae_latent_channels: int = 3
+    vae_epochs: int = 4
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_weights: str | None = None           # local Cheff checkpoint
+    # -- LDM (§II-C, Eq. 2, D3, D4, D6) ------------------------------------------------------------------
+    unet_channels: list = field(default_factory=lambda: [64, 128, 128])
+    unet_heads: int = 4
+    context_tokens: int = 64                 # C_fusion (paper 1024)
+    ldm_epochs: int = 6
+    ldm_batch_size: int = 16
+    ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
+    ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
+    ema_decay: float = 0.999                 # paper 0.9999
+    null_events: str = "learned_token"       # learned_token (D3) | zeros (reference)
+    augment_targets: str = "null_only"       # null_only (paper, D4) | all (reference)
+    ablation_variants: list = field(default_factory=list)   # Table IV rows trained besides the two main models
+    sampler: str = "ddim"                    # ddim (paper: 100 steps, eta 1) | dpm (fast)
+    sample_steps: int = 50
+    sample_eta: float = 1.0
+    sample_seeds: list = field(default_factory=lambda: [0, 1, 2])
+    use_ema_for_sampling: bool = True
+    # -- evaluation (D9) ---------------------------------------------------------------------------------
+    eval_epochs: int = 6
+    eval_batch_size: int = 64
+    eval_image_size: int = 64
+    xrv_weights: str | None = None           # local torchxrayvision DenseNet-121 weights
+    age_model_weights: str | None = None     # local Riken age model
+
+    # ---------------------------------------------------------------------------------------------------
+    def path(self, key: str) -> Path:
+        """A path-valued key, resolved against the repository root (``{profile}`` substituted)."""
+        value = getattr(self, key)
+        if value is None:
+            raise ConfigError(f"{key} is not set")
+        p = Path(str(value).format(profile=Path(self.profile).stem)).expanduser()
+        return p if p.is_absolute() else ROOT / p
+
+    @property
+    def synthetic(self) -> bool:
+        """True when the study runs on the generated world (no real data path set)."""
+        return self.mimic_iv_dir is None and self.mimic_cxr_dir is None
+
+    @property
+    def synthetic_root(self) -> Path:
+        return self.path("data_dir") / "synthetic" / f"n{self.synthetic_n_patients}_s{self.synthetic_seed}_px{self.synthetic_image_size}"
+
+    def source_dirs(self) -> dict[str, Path]:
+        """Release roots: the real downloads when given, otherwise the synthetic world's tree."""
+        from .schemas import IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
+        if self.synthetic:
+            r = self.synthetic_root
+            return {"mimic_iv": r / MIMIC_IV_SUBDIR, "mimic_cxr": r / MIMIC_CXR_SUBDIR, "imagenome": r / IMAGENOME_SUBDIR}
+        if self.mimic_iv_dir is None or self.mimic_cxr_dir is None:
+            raise ConfigError("real data needs both mimic_iv_dir and mimic_cxr_dir")
+        out = {"mimic_iv": self.path("mimic_iv_dir"), "mimic_cxr": self.path("mimic_cxr_dir")}
+        if self.imagenome_dir is not None:
+            out["imagenome"] = self.path("imagenome_dir")
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+_HINTS = typing.get_type_hints(StudyConfig)
+
+
+def _coerce(key: str, value, source: str):
+    """Check one value against the field's type; ints are accepted for floats; strings parse as YAML scalars."""
+    hint = _HINTS[key]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    base = typing.get_origin(base) or base
+    if isinstance(value, str) and base is not str:
+        value = yaml.safe_load(value)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} may not be null")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if not isinstance(value, base):
+        raise ConfigError(f"{source}: {key} must be {base.__name__}, got {value!r}")
+    return value
+
+
+def _apply(values: dict, updates: dict, source: str) -> None:
+    for key, value in (updates or {}).items():
+        if key not in _FIELDS:
+            near = difflib.get_close_matches(key, _FIELDS, n=1)
+            raise ConfigError(f"{source}: unknown config key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        values[key] = _coerce(key, value, source)
+
+
+def profile_file(profile: str) -> Path:
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml"):
+        p = p if p.is_absolute() else ROOT / p
+    else:
+        p = PROFILES_DIR / f"{profile}.yaml"
+    if not p.exists():
+        known = sorted(x.stem for x in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {profile!r}: no file {p} (known: {', '.join(known)})")
+    return p
+
+
+def load_config(profile: str = "demo", params: dict | None = None) -> StudyConfig:
+    """Defaults ← ``configs/<profile>.yaml`` ← ``params``; every key and type validated."""
+    path = profile_file(profile)
+    try:
+        from_file = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(from_file, dict):
+        raise ConfigError(f"{path}: must be a mapping of config keys")
+    values: dict = {"profile": Path(profile).stem}
+    _apply(values, from_file, str(path))
+    _apply(values, params or {}, "params")
+    cfg = StudyConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(c: StudyConfig) -> None:
+    choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
+               "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
+               "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm")}
+    for key, ok in choices.items():
+        if getattr(c, key) not in ok:
+            raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")
+    for key in ("synthetic_n_patients", "synthetic_image_size", "image_size", "max_events", "clip_epochs",
+                "clip_batch_size", "vae_batch_size", "ldm_batch_size", "ldm_grad_accum", "sample_steps",
+                "context_tokens", "eval_batch_size", "eval_image_size"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(c, key)}")
+    if c.image_size % c.clip_patch_size:
+        raise ConfigError(f"image_size {c.image_size} is not a multiple of clip_patch_size {c.clip_patch_size}")
+    if not 0 <= c.test_fraction + c.valid_fraction < 1:
+        raise ConfigError("test_fraction + valid_fraction must be in [0, 1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ehrxdiff.config resolve --profile P [-p KEY VALUE]... --out FILE``: validate, then write
+    the papermill parameter file ``{profile: P, params: {...}}`` that every notebook receives."""
+    ap = argparse.ArgumentParser(prog="python -m ehrxdiff.config")
+    ap.add_argument("command", choices=["resolve", "show"])
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    params = {k: v for k, v in a.param}
+    try:
+        cfg = load_config(a.profile, params)
+        typed = {k: getattr(cfg, k) for k in params}
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.command == "show":
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(yaml.safe_dump({"profile": a.profile, "params": typed}, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
