@@ -1,0 +1,74 @@
+"""Figures of the data notebooks (01, 02): contact sheets, interval histograms, example pairs, event counts.
+
+Each function draws from tidy frames, returns the matplotlib figure and, given ``path_stem``, saves PNG + PDF
+through :func:`ehrxdiff.reporting.save_figure` (the evaluation figures live in :mod:`ehrxdiff.reporting`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from .images import read_gray
+from .reporting import save_figure
+from .schemas import cxr_image_relpath
+
+
+def _finish(fig, path_stem):
+    fig.tight_layout()
+    if path_stem is not None:
+        save_figure(fig, path_stem)
+    return fig
+
+
+def contact_sheet(metadata: pd.DataFrame, cxr_root: str | Path, *, n: int = 16, seed: int = 0,
+                  caption_cols=("ViewPosition",), path_stem=None):
+    """A grid of images picked at random from the MIMIC-CXR metadata (all views)."""
+    rows = metadata.sample(min(n, len(metadata)), random_state=seed)
+    k = int(np.ceil(np.sqrt(len(rows))))
+    fig, axes = plt.subplots(k, k, figsize=(1.8 * k, 1.9 * k))
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    for ax, r in zip(np.ravel(axes), rows.itertuples()):
+        ax.imshow(read_gray(Path(cxr_root) / cxr_image_relpath(r.subject_id, r.study_id, r.dicom_id)),
+                  cmap="gray", vmin=0, vmax=1)
+        ax.set_title(" ".join(str(getattr(r, c)) for c in caption_cols), fontsize=7)
+    return _finish(fig, path_stem)
+
+
+def interval_histogram(pairs: pd.DataFrame, *, max_hours: float = 48, path_stem=None):
+    """Hours between I_prev and I_trg per split (the paper caps it at 48 h, §II-D)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for split, g in pairs.groupby("split"):
+        ax.hist(g["interval_hours"], bins=np.linspace(0, max_hours, 25), alpha=0.6, label=f"{split} (n={len(g)})",
+                density=True)
+    ax.set_xlabel("interval I_prev → I_trg (h)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    return _finish(fig, path_stem)
+
+
+def pair_examples(pairs: pd.DataFrame, cxr_root: str | Path, *, n: int = 4, seed: int = 0, path_stem=None):
+    """I_prev → I_trg for a few pairs, with the interval."""
+    rows = pairs.sample(min(n, len(pairs)), random_state=seed)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(4, 2.1 * len(rows)), squeeze=False)
+    for (a, b), r in zip(axes, rows.itertuples()):
+        for ax, rel, title in ((a, r.prev_path, "I_prev"), (b, r.target_path, f"I_trg (+{r.interval_hours:.1f} h)")):
+            ax.imshow(read_gray(Path(cxr_root) / rel), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    return _finish(fig, path_stem)
+
+
+def event_counts(events: pd.DataFrame, *, path_stem=None):
+    """Events per table (left) and per pair (right) after the reference's filters."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
+    events["table"].value_counts().plot.barh(ax=a, color="0.4")
+    a.set_xlabel("events")
+    per_pair = events.groupby("pair_key").size()
+    b.hist(per_pair, bins=30, color="0.4")
+    b.set_xlabel("events per pair")
+    b.set_ylabel("pairs")
+    return _finish(fig, path_stem)

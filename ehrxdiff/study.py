@@ -1,0 +1,140 @@
+"""The study's steps, one function per notebook stage: validated config in, files under ``run_dir`` out.
+
+Notebooks call these and plot; each step is idempotent (it reuses what an earlier run wrote, so a
+notebook can be re-run or resumed cheaply) and maps the :class:`~ehrxdiff.config.StudyConfig` onto the
+explicit keyword arguments of the modules that do the work. This is the only place that knows the
+layout of ``run_dir``:
+
+    cohort/pairs.parquet, cohort_report.csv      (01)   events/…, event_store/      (02)
+    clip/                                         (03)   vae/, ldm/<variant>/         (04)
+    samples/<variant>/seed<k>/<pair_key>.png      (04)   eval/*.csv                   (05)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .config import StudyConfig
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(cfg: StudyConfig, *parts: str) -> Path:
+    p = cfg.path("run_dir").joinpath(*parts)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def figures_dir(cfg: StudyConfig) -> Path:
+    p = cfg.path("figures_dir")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- 01
+def prepare_sources(cfg: StudyConfig) -> dict[str, Path]:
+    """The release roots: real downloads when configured, otherwise the synthetic world (generated once)."""
+    if cfg.synthetic:
+        from .synthetic import generate_world
+        t0 = time.perf_counter()
+        generate_world(cfg.synthetic_root, n_patients=cfg.synthetic_n_patients, seed=cfg.synthetic_seed,
+                       image_size=cfg.synthetic_image_size)
+        log.info("synthetic world ready in %.1f s", time.perf_counter() - t0)
+    dirs = cfg.source_dirs()
+    for name, p in dirs.items():
+        if not p.exists():
+            raise FileNotFoundError(f"{name} directory {p} does not exist (check the *_dir parameters)")
+    return dirs
+
+
+def build_cohort(cfg: StudyConfig, *, force: bool = False):
+    """Pairs and the drop funnel (paper-reference §2), cached under ``run_dir/cohort``."""
+    from . import cohort
+    out = run_dir(cfg, "cohort")
+    if not force and (out / "pairs.parquet").exists() and (out / "cohort_report.csv").exists():
+        return cohort.CohortResult(pd.read_parquet(out / "pairs.parquet"), pd.read_csv(out / "cohort_report.csv"))
+    src = prepare_sources(cfg)
+    res = cohort.build_cohort(src["mimic_iv"], src["mimic_cxr"], pairing=cfg.pairing,
+                              max_interval_hours=cfg.max_interval_hours, min_age=cfg.min_age,
+                              split_seed=cfg.split_seed, test_fraction=cfg.test_fraction,
+                              valid_fraction=cfg.valid_fraction, split_file=cfg.split_file,
+                              memory_limit=cfg.duckdb_memory_limit, threads=cfg.duckdb_threads)
+    res.write(out)
+    return res
+
+
+def write_table1(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Table I (patients, admissions, samples, mean interval per split) as CSV, Markdown and LaTeX."""
+    from .cohort import table1
+    from .reporting import write_table
+    t1 = table1(pairs)
+    write_table(t1, "table1_cohort", figures_dir(cfg), caption="Table I: cohort statistics per split")
+    return t1
+
+
+# ---------------------------------------------------------------------------------------------------- 02
+@dataclass
+class EventsStep:
+    events: object          # ehrxdiff.events.EventResult
+    store: object           # ehrxdiff.event_store.EventStore
+    embedder_stats: dict
+
+
+def make_embedder(cfg: StudyConfig):
+    """The configured backend with its on-disk cache (shared by runs: keyed by backend and model)."""
+    from .embedding import make_embedder as make
+    cache = cfg.path("data_dir") / "cache" / f"embeddings-{cfg.embedding_backend}.sqlite"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.embedding_backend == "hashing":
+        return make("hashing", cache_path=cache, dim=cfg.embedding_dim)
+    if cfg.embedding_backend == "local":
+        return make("local", cache_path=cache, model_path=cfg.embedding_model_path)
+    return make("openai", cache_path=cache, data_is_synthetic=cfg.synthetic,
+                allow_external_api=cfg.allow_external_api, model=cfg.openai_model,
+                azure_endpoint=cfg.openai_azure_endpoint, azure_deployment=cfg.openai_azure_deployment,
+                api_version=cfg.openai_api_version)
+
+
+def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) -> EventsStep:
+    """S_event per pair (§II-D) → unique texts → embeddings → the compact event store (D8)."""
+    from .event_store import EventStore, build_event_store
+    from .events import EventResult, extract_events
+    ev_dir, store_dir = run_dir(cfg, "events"), cfg.path("run_dir") / "event_store"
+    if not force and (ev_dir / "events.parquet").exists():
+        ev = EventResult(pd.read_parquet(ev_dir / "events.parquet"),
+                         pd.read_parquet(ev_dir / "event_texts.parquet")["text"].tolist(),
+                         pd.read_csv(ev_dir / "event_report.csv"), cfg.text_style)
+    else:
+        src = prepare_sources(cfg)
+        ev = extract_events(src["mimic_iv"], pairs, max_events=cfg.max_events, text_style=cfg.text_style,
+                            filter_inputevents=cfg.filter_inputevents, memory_limit=cfg.duckdb_memory_limit,
+                            threads=cfg.duckdb_threads)
+        ev.write(ev_dir)
+    if not force and store_dir.exists():
+        return EventsStep(ev, EventStore.open(store_dir), {})
+    emb = make_embedder(cfg)
+    store = build_event_store(ev, emb, store_dir, progress=True)
+    stats = dict(getattr(emb, "stats", {}) or {})
+    emb.close()
+    return EventsStep(ev, store, stats)
+
+
+def load_pairs_with_events(cfg: StudyConfig) -> tuple[pd.DataFrame, object]:
+    """The cohort restricted to pairs that kept events (the reference drops the others), and the store."""
+    from .event_store import EventStore
+    pairs = pd.read_parquet(cfg.path("run_dir") / "cohort" / "pairs.parquet")
+    store = EventStore.open(cfg.path("run_dir") / "event_store")
+    return pairs[pairs["pair_key"].isin(set(store.pair_keys))].reset_index(drop=True), store
+
+
+def datasets(cfg: StudyConfig, splits=("train", "valid", "test")) -> dict:
+    """PairDatasets per split, images from the MIMIC-CXR root at ``image_size``."""
+    from .data import PairDataset
+    pairs, store = load_pairs_with_events(cfg)
+    root = cfg.source_dirs()["mimic_cxr"]
+    return {s: PairDataset(pairs, root, store, image_size=cfg.image_size, max_events=cfg.max_events, split=s)
+            for s in splits}
