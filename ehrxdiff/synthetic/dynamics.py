@@ -82,7 +82,7 @@ def severities(s: State, t: Traits) -> dict[str, float]:
         "consolidation": _clip(s.consolidation),
         "vascular congestion": _clip(s.congestion),
         "pneumothorax": _clip(s.pneumothorax),
-        "enlarged hilum": _clip(t.hilum0 + 0.35 * s.congestion),
+        "enlarged hilum": _clip(t.hilum0 + 0.45 * s.congestion),
         "mediastinal widening": _clip(t.mediastinum0),
     }
     assert tuple(sev) == IMAGENOME_LABELS
@@ -100,7 +100,7 @@ def apply_actions(s: State, acts: dict, rng: np.random.Generator) -> None:
     if acts.get("chest_tube_in"):
         s.devices["chest_tube"] = True
         s.effusion *= 0.5
-        s.pneumothorax *= 0.3
+        s.pneumothorax *= 0.6
     if acts.get("chest_tube_out"):
         s.devices["chest_tube"] = False
     if acts.get("intubate"):
@@ -109,8 +109,8 @@ def apply_actions(s: State, acts: dict, rng: np.random.Generator) -> None:
         s.devices["endotracheal_tube"] = s.devices["ng_tube"] = False
     if acts.get("central_line"):
         s.devices["central_line"] = True
-        if rng.random() < 0.05:  # iatrogenic pneumothorax
-            s.pneumothorax = max(s.pneumothorax, 0.25 + 0.2 * rng.random())
+        if rng.random() < 0.08:  # iatrogenic pneumothorax
+            s.pneumothorax = max(s.pneumothorax, 0.4 + 0.3 * rng.random())
 
 
 def evolve(s: State, t: Traits, rng: np.random.Generator) -> None:
@@ -122,7 +122,7 @@ def evolve(s: State, t: Traits, rng: np.random.Generator) -> None:
     target = _clip(s.fluid)
     s.edema += 0.12 * (target - s.edema) + rng.normal(0, 0.005)
     s.congestion += 0.20 * (_clip(1.1 * s.fluid) - s.congestion) + rng.normal(0, 0.005)
-    s.effusion += 0.025 * (_clip(s.fluid - 0.1) - s.effusion) + rng.normal(0, 0.003)
+    s.effusion += 0.03 * (_clip(1.3 * s.fluid - 0.05) - s.effusion) + rng.normal(0, 0.003)
     # Infection: logistic growth untreated; antibiotics act after ~12 h and clear it over a few days.
     if s.abx_hours >= 0:
         s.abx_hours += 1
@@ -137,7 +137,7 @@ def evolve(s: State, t: Traits, rng: np.random.Generator) -> None:
     s.infection += rng.normal(0, 0.004)
     s.consolidation += 0.06 * (s.infection - s.consolidation) + rng.normal(0, 0.004)
     # Pneumothorax resorbs slowly with a chest tube, persists (slowly grows) without.
-    s.pneumothorax *= 0.85 if s.devices["chest_tube"] else 1.003
+    s.pneumothorax *= 0.93 if s.devices["chest_tube"] else 1.003
     if s.devices["chest_tube"]:
         s.effusion *= 0.97
     for k in ("infection", "consolidation", "effusion", "pneumothorax", "edema", "congestion"):
@@ -168,7 +168,7 @@ def policy(s: State, t: Traits, hour: int, style: dict, rng: np.random.Generator
         a["extubate"] = 1.0
     if s.effusion > 0.55 and rng.random() < 0.03:
         a["thoracentesis"] = 1.0
-    if not s.devices["chest_tube"] and s.pneumothorax > 0.15 and rng.random() < 0.25:
+    if not s.devices["chest_tube"] and s.pneumothorax > 0.15 and rng.random() < 0.04:
         a["chest_tube_in"] = 1.0
     elif s.devices["chest_tube"] and s.pneumothorax < 0.05 and s.effusion < 0.3 and rng.random() < 0.03:
         a["chest_tube_out"] = 1.0
@@ -188,9 +188,9 @@ def initial_state(scenario: str, t: Traits, rng: np.random.Generator) -> State:
         s.consolidation = s.infection * rng.uniform(0.4, 1.0)
     s.edema = _clip(s.fluid * rng.uniform(0.6, 1.0))
     s.congestion = _clip(1.1 * s.fluid)
-    s.effusion = _clip((s.fluid - 0.2) * rng.uniform(0.3, 1.0))
-    if rng.random() < 0.04:
-        s.pneumothorax = rng.uniform(0.2, 0.5)
+    s.effusion = _clip((1.3 * s.fluid - 0.05) * rng.uniform(0.4, 1.1))
+    if rng.random() < 0.08:
+        s.pneumothorax = rng.uniform(0.3, 0.8)
     return s
 
 

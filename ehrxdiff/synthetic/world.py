@@ -42,7 +42,7 @@ def make_traits(rng: np.random.Generator, sex: str, age: float) -> Traits:
     return Traits(
         sex=sex, age=age,
         cardiac0=float(np.clip(0.05 + 0.006 * (age - 20) + (0.05 if male else 0) + rng.normal(0, 0.1), 0, 0.9)),
-        hilum0=float(np.clip(rng.normal(0.1, 0.08), 0, 0.6)),
+        hilum0=float(np.clip(rng.normal(0.2, 0.12), 0, 0.7)),
         mediastinum0=float(np.clip(0.008 * (age - 30) + rng.normal(0, 0.12), 0, 0.95)),
         fluid_set_point=float(np.clip(rng.normal(0.05 + 0.004 * (age - 40), 0.15), -0.2, 0.8)),
     )

@@ -1,0 +1,57 @@
+"""One parameter path: profile file → parameters → a validated config that rejects unknown keys."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ehrxdiff.config import ROOT, ConfigError, StudyConfig, load_config
+
+
+@pytest.mark.parametrize("profile", ["smoke", "demo", "paper"])
+def test_every_shipped_profile_loads(profile):
+    cfg = load_config(profile)
+    assert isinstance(cfg, StudyConfig) and cfg.profile == profile
+    assert cfg.image_size % cfg.clip_patch_size == 0
+    assert (cfg.image_size // cfg.clip_patch_size) ** 2 + 1 == 65, "the paper's 65-token layout (§III-A)"
+
+
+def test_overrides_layer_over_the_profile_and_are_typed():
+    cfg = load_config("smoke", {"clip_epochs": "3", "clip_lr": 1, "mimic_iv_dir": "/data/mimiciv/2.2"})
+    assert cfg.clip_epochs == 3 and cfg.clip_lr == 1.0 and isinstance(cfg.clip_lr, float)
+    assert cfg.synthetic is False is (cfg.mimic_iv_dir is None)
+
+
+def test_unknown_key_is_an_error_that_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="did you mean 'clip_epochs'"):
+        load_config("smoke", {"clip_epochz": 2})
+
+
+@pytest.mark.parametrize("bad", [{"clip_epochs": 1.5}, {"filter_inputevents": "maybe"}, {"pairing": "random"},
+                                 {"image_size": -64}, {"image_size": 30}])
+def test_bad_values_are_rejected(bad):
+    with pytest.raises(ConfigError):
+        load_config("smoke", bad)
+
+
+def test_paths_resolve_against_the_repository_and_profile():
+    cfg = load_config("smoke")
+    assert cfg.path("run_dir") == ROOT / "runs" / "smoke"
+    assert cfg.synthetic_root.is_relative_to(ROOT / "data" / "synthetic")
+
+
+def test_cli_fails_with_one_line_before_any_notebook_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ehrxdiff.config", "resolve", "--profile", "smoke", "-p", "nope", "1",
+                        "--out", str(tmp_path / "p.yaml")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown config key 'nope'" in r.stderr
+    assert not (tmp_path / "p.yaml").exists()
+    r = subprocess.run([sys.executable, "-m", "ehrxdiff.config", "resolve", "--profile", "smoke", "-p", "clip_epochs",
+                        "2", "--out", str(tmp_path / "p.yaml")], capture_output=True, text=True)
+    assert r.returncode == 0 and "clip_epochs: 2" in (tmp_path / "p.yaml").read_text()
+
+
+def test_no_api_key_is_a_config_key():
+    """Keys come from the environment only: papermill writes parameters into executed notebooks."""
+    assert not [f for f in StudyConfig.__dataclass_fields__ if "key" in f.lower() or "token" in f.lower()
+                and f != "context_tokens"]

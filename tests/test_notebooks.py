@@ -1,0 +1,52 @@
+"""Notebook hygiene, and the one end-to-end run: the smoke profile through the real study command."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS][:2] == ["01", "02"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_is_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, "exactly one parameters-tagged cell"
+    names = {t.id for n in ast.walk(ast.parse(params[0].source)) if isinstance(n, ast.Assign) for t in n.targets}
+    assert names == {"profile", "params"}, "the parameters cell holds profile and params only"
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        assert not c.get("outputs") and c.get("execution_count") is None, "committed notebooks carry no outputs"
+        code = "\n".join(line for line in c.source.splitlines() if not line.startswith("%"))
+        tree = ast.parse(code)
+        assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))], \
+            "notebooks orchestrate: functions and classes belong in ehrxdiff/"
+        assert "API_KEY" not in c.source, "API keys come from the environment, never a notebook"
+
+
+@pytest.mark.e2e
+def test_smoke_profile_runs_every_notebook(tmp_path):
+    """``./run_all.sh --profile smoke`` on a fresh data and run folder: exits 0, writes the tables."""
+    env = dict(os.environ)
+    r = subprocess.run(["bash", str(ROOT / "run_all.sh"), "--profile", "smoke", "-p", "data_dir", str(tmp_path / "data"),
+                        "-p", "run_dir", str(tmp_path / "run"), "-p", "figures_dir", str(tmp_path / "fig")],
+                       capture_output=True, text=True, env=env, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.endswith("s") and ".ipynb" in ln]
+    assert len(lines) == len(NOTEBOOKS) and all(" ok " in ln for ln in lines)
+    t1 = pd.read_csv(tmp_path / "fig" / "table1_cohort.csv", index_col=0)
+    assert t1.loc["samples"].sum() > 0
+    assert (tmp_path / "run" / "event_store").is_dir()
