@@ -73,6 +73,7 @@ class StudyConfig:
     clip_layers: int = 4
     clip_heads: int = 4
     clip_table_layers: int = 2
+    clip_table_width: int | None = None      # table transformer width; unset → the event embedding width
     clip_table_heads: int = 6
     clip_epochs: int = 10
     clip_batch_size: int = 64
@@ -80,6 +81,8 @@ class StudyConfig:
     clip_weight_decay: float = 0.2
     clip_warmup_steps: int = 20
     clip_image_weights: str | None = None    # local OpenAI/open_clip ViT weights
+    clip_checkpoint_every: int = 200         # optimizer steps between resumable checkpoints
+    checkpoint_limit: int = 2                # newest checkpoints kept per training run
     # -- VAE (D10) ---------------------------------------------------------------------------------------
     vae_channels: list = field(default_factory=lambda: [32, 64, 64])
     vae_latent_channels: int = 3

@@ -72,3 +72,28 @@ def event_counts(events: pd.DataFrame, *, path_stem=None):
     b.set_xlabel("events per pair")
     b.set_ylabel("pairs")
     return _finish(fig, path_stem)
+
+
+def loss_curves(history: pd.DataFrame, *, title: str = "", path_stem=None, y: str = "loss"):
+    """Train/valid loss per optimizer step from a trainer's tidy ``history.csv``."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for split, g in history.groupby("split"):
+        ax.plot(g["step"], g[y], marker="o" if split != "train" else None, ms=3, label=split,
+                lw=0.8 if split == "train" else 1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _finish(fig, path_stem)
+
+
+def embedding_projection(embeddings: np.ndarray, values, *, label: str, path_stem=None):
+    """2-D PCA of unit-norm embeddings coloured by a ground-truth value (does the tower see clinical state?)."""
+    from sklearn.decomposition import PCA
+    xy = PCA(n_components=2, random_state=0).fit_transform(embeddings)
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=8, cmap="viridis")
+    fig.colorbar(sc, ax=ax, label=label)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    return _finish(fig, path_stem)

@@ -114,6 +114,7 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
                             filter_inputevents=cfg.filter_inputevents, memory_limit=cfg.duckdb_memory_limit,
                             threads=cfg.duckdb_threads)
         ev.write(ev_dir)
+    _resplit(cfg, pairs, ev.pair_keys)
     if not force and store_dir.exists():
         return EventsStep(ev, EventStore.open(store_dir), {})
     emb = make_embedder(cfg)
@@ -123,10 +124,25 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
     return EventsStep(ev, store, stats)
 
 
+def _resplit(cfg: StudyConfig, pairs: pd.DataFrame, kept_keys) -> pd.DataFrame:
+    """The samples of the study: pairs that kept ≥ 1 event, split *after* that filter as the reference does
+    (ehr.py make_input: drop pairs with < 1 event, then the patient-level split, §2.7). Table I is rewritten
+    from these (the paper counts samples with events)."""
+    from .cohort import assign_splits
+    out = cfg.path("run_dir") / "cohort" / "samples.parquet"
+    kept = pairs[pairs["pair_key"].isin(set(kept_keys))].reset_index(drop=True)
+    if cfg.split_file is None:
+        kept["split"] = assign_splits(kept, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction,
+                                      valid_fraction=cfg.valid_fraction).to_numpy()
+    kept.to_parquet(out, index=False)
+    write_table1(cfg, kept)
+    return kept
+
+
 def load_pairs_with_events(cfg: StudyConfig) -> tuple[pd.DataFrame, object]:
-    """The cohort restricted to pairs that kept events (the reference drops the others), and the store."""
+    """The study's samples (pairs with events, split after the event filter) and the event store."""
     from .event_store import EventStore
-    pairs = pd.read_parquet(cfg.path("run_dir") / "cohort" / "pairs.parquet")
+    pairs = pd.read_parquet(cfg.path("run_dir") / "cohort" / "samples.parquet")
     store = EventStore.open(cfg.path("run_dir") / "event_store")
     return pairs[pairs["pair_key"].isin(set(store.pair_keys))].reset_index(drop=True), store
 
@@ -138,3 +154,43 @@ def datasets(cfg: StudyConfig, splits=("train", "valid", "test")) -> dict:
     root = cfg.source_dirs()["mimic_cxr"]
     return {s: PairDataset(pairs, root, store, image_size=cfg.image_size, max_events=cfg.max_events, split=s)
             for s in splits}
+
+
+# ---------------------------------------------------------------------------------------------------- 03
+def clip_model_config(cfg: StudyConfig, event_dim: int) -> dict:
+    """EHRCLIP towers from the config (§II-B): image ViT with the 65-token layout, 2-layer table transformer."""
+    return {"image": dict(image_size=cfg.image_size, patch_size=cfg.clip_patch_size, width=cfg.clip_width,
+                          layers=cfg.clip_layers, heads=cfg.clip_heads, weights_path=cfg.clip_image_weights),
+            "table": dict(event_dim=event_dim, width=cfg.clip_table_width or event_dim, layers=cfg.clip_table_layers,
+                          heads=cfg.clip_table_heads, out_dim=cfg.clip_width, null_events=cfg.null_events)}
+
+
+def collate(cfg: StudyConfig):
+    from functools import partial
+
+    from .data import collate_pairs
+    return partial(collate_pairs, max_events=cfg.max_events)
+
+
+def train_clip(cfg: StudyConfig, ds: dict | None = None) -> dict:
+    """CXR–EHR CLIP pre-training on (I_prev, S_event) of the train split; resumes, or loads a finished run."""
+    from .clip import EHRCLIP
+    from .train_clip import train_clip as fit
+    ds = ds or datasets(cfg, ("train", "valid"))
+    model = EHRCLIP.from_config(clip_model_config(cfg, ds["train"].store.dim))
+    return fit(model, ds["train"], ds["valid"], out_dir=run_dir(cfg, "clip"), epochs=cfg.clip_epochs,
+               batch_size=cfg.clip_batch_size, collate_fn=collate(cfg), warmup_steps=cfg.clip_warmup_steps,
+               checkpoint_every=cfg.clip_checkpoint_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
+               lr=cfg.clip_lr, weight_decay=cfg.clip_weight_decay, num_workers=cfg.num_workers)
+
+
+def load_clip(cfg: StudyConfig):
+    from .clip import EHRCLIP
+    return EHRCLIP.from_pretrained(cfg.path("run_dir") / "clip" / "final")
+
+
+def ground_truth_images(cfg: StudyConfig) -> pd.DataFrame | None:
+    """The synthetic world's per-image truth (severities, devices, pose), or None on real data."""
+    if not cfg.synthetic:
+        return None
+    return pd.read_parquet(cfg.synthetic_root / "ground_truth" / "images.parquet").set_index("dicom_id")
