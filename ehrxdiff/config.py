@@ -86,7 +86,7 @@ class StudyConfig:
     # -- VAE (D10) ---------------------------------------------------------------------------------------
     vae_channels: list = field(default_factory=lambda: [32, 64, 64])
     vae_latent_channels: int = 3
-    vae_epochs: int = 4
+    vae_steps: int = 300
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
@@ -95,20 +95,25 @@ class StudyConfig:
     unet_channels: list = field(default_factory=lambda: [64, 128, 128])
     unet_heads: int = 4
     context_tokens: int = 64                 # C_fusion (paper 1024)
-    ldm_epochs: int = 6
+    ldm_steps: int = 300                     # optimizer steps per variant
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
     ema_decay: float = 0.999                 # paper 0.9999
     null_events: str = "learned_token"       # learned_token (D3) | zeros (reference)
     augment_targets: str = "null_only"       # null_only (paper, D4) | all (reference)
-    ablation_variants: list = field(default_factory=list)   # Table IV rows trained besides the two main models
+    ablation_variants: list = field(default_factory=list)   # Table IV rows (adaptor.TABLE_IV_VARIANTS) besides the final model
+    validate_every: int = 100                # optimizer steps between validation losses (VAE, LDM)
     sampler: str = "ddim"                    # ddim (paper: 100 steps, eta 1) | dpm (fast)
     sample_steps: int = 50
     sample_eta: float = 1.0
     sample_seeds: list = field(default_factory=lambda: [0, 1, 2])
+    sample_batch_size: int = 32
+    eval_max_pairs: int = 0                  # test pairs generated and scored (0 = the whole test split)
+    ablation_seeds: int = 1                  # sampling seeds for Table IV rows (the main models use all)
     use_ema_for_sampling: bool = True
     # -- evaluation (D9) ---------------------------------------------------------------------------------
+    evaluator_arch: str = "demo"             # demo (narrow DenseNet) | densenet121 (XRV architecture)
     eval_epochs: int = 6
     eval_batch_size: int = 64
     eval_image_size: int = 64
@@ -218,17 +223,22 @@ def load_config(profile: str = "demo", params: dict | None = None) -> StudyConfi
 def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
-               "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm")}
+               "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"),
+               "evaluator_arch": ("demo", "densenet121")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
             raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")
     for key in ("synthetic_n_patients", "synthetic_image_size", "image_size", "max_events", "clip_epochs",
-                "clip_batch_size", "vae_batch_size", "ldm_batch_size", "ldm_grad_accum", "sample_steps",
+                "clip_batch_size", "vae_batch_size", "vae_steps", "ldm_steps", "ldm_batch_size", "ldm_grad_accum", "sample_steps",
                 "context_tokens", "eval_batch_size", "eval_image_size"):
         if getattr(c, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(c, key)}")
     if c.image_size % c.clip_patch_size:
         raise ConfigError(f"image_size {c.image_size} is not a multiple of clip_patch_size {c.clip_patch_size}")
+    from .adaptor import TABLE_IV_VARIANTS
+    for v in c.ablation_variants:
+        if v not in TABLE_IV_VARIANTS:
+            raise ConfigError(f"ablation_variants: unknown variant {v!r} (known: {', '.join(TABLE_IV_VARIANTS)})")
     if not 0 <= c.test_fraction + c.valid_fraction < 1:
         raise ConfigError("test_fraction + valid_fraction must be in [0, 1)")
 

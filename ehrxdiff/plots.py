@@ -97,3 +97,23 @@ def embedding_projection(embeddings: np.ndarray, values, *, label: str, path_ste
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     return _finish(fig, path_stem)
+
+
+def image_grid(columns: dict[str, list], *, row_titles=None, path_stem=None):
+    """Columns of images (arrays or tensors in [-1, 1], or uint8) side by side: e.g. I_prev | I_trg | predictions."""
+    from .images import to_uint8
+    names = list(columns)
+    n = len(columns[names[0]])
+    fig, axes = plt.subplots(n, len(names), figsize=(1.7 * len(names), 1.8 * n), squeeze=False)
+    for j, name in enumerate(names):
+        for i, img in enumerate(columns[name]):
+            arr = np.asarray(img)
+            if arr.dtype != np.uint8:
+                arr = to_uint8(img if hasattr(img, "dim") else __import__("torch").as_tensor(img))[0]
+            axes[i, j].imshow(arr, cmap="gray", vmin=0, vmax=255)
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+        if row_titles is not None:
+            axes[i, 0].set_ylabel(row_titles[i], fontsize=6)
+    return _finish(fig, path_stem)

@@ -194,3 +194,103 @@ def ground_truth_images(cfg: StudyConfig) -> pd.DataFrame | None:
     if not cfg.synthetic:
         return None
     return pd.read_parquet(cfg.synthetic_root / "ground_truth" / "images.parquet").set_index("dicom_id")
+
+
+# ---------------------------------------------------------------------------------------------------- 04
+MAIN_MODELS = {"EHRXDiff": False, "EHRXDiff_w_null": True}   # name → with the §II-D null samples
+FINAL_VARIANT = "xattn-VAE+CLIPimg+CLIPtab"                   # Table IV row 7 = EHRXDiff
+
+
+def _groups(channels) -> int:
+    """Largest GroupNorm group count ≤ 32 dividing every channel width (tiny CPU models need fewer)."""
+    import math
+    g = 0
+    for c in channels:
+        g = math.gcd(g, int(c))
+    return max(d for d in range(1, 33) if g % d == 0)
+
+
+def _loader(cfg: StudyConfig, dataset, *, shuffle: bool, batch_size: int | None = None):
+    from torch.utils.data import DataLoader
+    return DataLoader(dataset, batch_size=batch_size or cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle,
+                      collate_fn=collate(cfg), num_workers=cfg.num_workers)
+
+
+def train_vae(cfg: StudyConfig, ds: dict):
+    """The first stage (D10): a local Cheff checkpoint when given, else an f=4 KL-VAE trained on the cohort."""
+    from .vae import build_vae, load_cheff_checkpoint
+    from .vae import train_vae as fit
+    kw = dict(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
+              image_size=cfg.image_size, norm_num_groups=_groups(cfg.vae_channels))
+    if cfg.vae_weights:
+        return load_cheff_checkpoint(cfg.vae_weights, layers_per_block=2, **kw)
+    vae = build_vae(layers_per_block=1, **kw)
+    return fit(vae, _loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),
+               output_dir=run_dir(cfg, "vae"), max_steps=cfg.vae_steps, learning_rate=cfg.vae_lr,
+               kl_weight=cfg.vae_kl_weight, image_keys=("prev_image", "target_image"),
+               valid_loader=_loader(cfg, ds["valid"], shuffle=False, batch_size=cfg.vae_batch_size),
+               validate_every=cfg.validate_every, checkpoint_every=cfg.validate_every,
+               checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed)
+
+
+def variants(cfg: StudyConfig) -> dict[str, tuple[str, bool]]:
+    """Every model the profile trains: name → (Table IV adaptor variant, with null samples)."""
+    out = {name: (FINAL_VARIANT, wnull) for name, wnull in MAIN_MODELS.items()}
+    out |= {v: (v, False) for v in cfg.ablation_variants if v != FINAL_VARIANT}
+    return out
+
+
+def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
+    """One conditional LDM (§II-C, Eq. 2) around the shared VAE and a copy of the pre-trained CLIP towers."""
+    import copy
+
+    from .adaptor import TABLE_IV_VARIANTS
+    from .ldm import ClipConditioner, build_ehrxdiff
+    from .train_ldm import train_ldm
+    from .wnull import WithNullSamples
+    variant, wnull = variants(cfg)[name]
+    vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
+    model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(copy.deepcopy(clip)),
+                           vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
+                           max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
+                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=1,
+                           norm_num_groups=_groups(cfg.unet_channels))
+    train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
+    return train_ldm(model, _loader(cfg, train, shuffle=True), output_dir=run_dir(cfg, "ldm", name),
+                     max_steps=cfg.ldm_steps, valid_loader=_loader(cfg, ds["valid"], shuffle=False),
+                     learning_rate=cfg.ldm_lr, effective_batch=cfg.ldm_batch_size * cfg.ldm_grad_accum,
+                     ema_decay=cfg.ema_decay, validate_every=cfg.validate_every, max_val_batches=4,
+                     checkpoint_every=cfg.validate_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
+                     image_size=cfg.image_size, max_events=cfg.max_events)
+
+
+def load_pipeline(cfg: StudyConfig, name: str):
+    from .pipeline import EHRXDiffPipeline
+    return EHRXDiffPipeline.from_pretrained(cfg.path("run_dir") / "ldm" / name / "pipeline")
+
+
+def test_pairs(cfg: StudyConfig, ds: dict):
+    """The test pairs the study generates and scores (all of them, or a fixed random subset for CPU runs)."""
+    from .data import PairDataset
+    test = ds["test"]
+    if cfg.eval_max_pairs and len(test) > cfg.eval_max_pairs:
+        sub = test.pairs.sample(cfg.eval_max_pairs, random_state=0).sort_values("pair_key")
+        test = PairDataset(sub, test.image_root, test.store, image_size=test.image_size, max_events=test.max_events)
+    return test
+
+
+def sample_dir(cfg: StudyConfig, name: str, seed: int) -> Path:
+    return cfg.path("run_dir") / "samples" / name / f"seed{seed}"
+
+
+def generate(cfg: StudyConfig, name: str, test, seeds) -> pd.DataFrame:
+    """I_pred for every test pair with each seed (D6: EMA weights; DDIM or DPM-Solver++), resumable."""
+    from .sampling import generate_split
+    pipe = load_pipeline(cfg, name)
+    rows = []
+    for seed in seeds:
+        s = generate_split(pipe, test, sample_dir(cfg, name, seed), seed=seed,
+                           sampler="dpm++" if cfg.sampler == "dpm" else "ddim", num_inference_steps=cfg.sample_steps,
+                           eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg))
+        rows.append({"model": name, "seed": seed, **s})
+    return pd.DataFrame(rows)

@@ -151,8 +151,8 @@ def generate_world(out_dir: str | Path = "data/synthetic", n_patients: int = 100
     for r in results:
         for k, v in r["rows"].items():
             tables.setdefault(k, []).extend(v)
-    for table in ("hosp", "icu"):
-        (iv / table).mkdir(parents=True, exist_ok=True)
+    for d in (iv / "hosp", iv / "icu", cxr):
+        d.mkdir(parents=True, exist_ok=True)
     tables["hosp/d_labitems"] = D_LABITEMS
     tables["icu/d_items"] = D_ITEMS
     ids = {"hosp/labevents": "labevent_id", "hosp/microbiologyevents": "microevent_id"}

@@ -1,0 +1,124 @@
+"""Benchmarks that print figures (not timed tests). ``python -m ehrxdiff.bench <what> ...``
+
+``cohort``: cohort + event extraction on a synthetic world (issue 3's goal: full MIMIC-IV v2.2, ~314 M
+chartevents + ~118 M labevents rows, in <= 30 min on 2 cores with peak RSS <= 4 GB). Prints rows/s per
+table, wall time, peak RSS of this process (the world is generated in a child process so its memory is
+not counted), and a linear extrapolation of each table's time to the real release's row count.
+
+Add a subcommand by writing ``_bench_<name>(args)`` and registering its parser in :func:`main`.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+# Row counts of the real MIMIC-IV v2.2 / MIMIC-CXR-JPG v2.0.0 files (mimic-schemas.md §1.3, §2.1; source S7, S12).
+REAL_ROWS = {
+    "labevents": 118_171_367, "prescriptions": 15_416_708, "inputevents": 8_978_893,
+    "chartevents": 313_645_063, "outputevents": 4_234_967, "microbiologyevents": 3_228_713,
+    "procedureevents": 696_092,
+}
+REAL_CXR_IMAGES = 377_110
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _generate(world: Path, n_patients: int, seed: int, chart_sets_per_hour: int, images: bool) -> None:
+    from ehrxdiff.schemas import MIMIC_CXR_SUBDIR
+    from ehrxdiff.synthetic import generate_world
+
+    (world / MIMIC_CXR_SUBDIR).mkdir(parents=True, exist_ok=True)  # render=False writes no JPEG folder first
+    generate_world(world, n_patients=n_patients, seed=seed, chart_sets_per_hour=chart_sets_per_hour,
+                   render=images, progress=True)
+
+
+def _count_rows(mimic_iv: Path, tables) -> dict[str, int]:
+    from ehrxdiff.schemas import EVENT_TABLE_MODULE
+    from ehrxdiff.sources import connect, csv_relation_sql, read_header, table_path
+
+    con = connect(threads=None)
+    out = {}
+    for t in tables:
+        path = table_path(mimic_iv, f"{EVENT_TABLE_MODULE[t]}/{t}")
+        out[t] = int(con.execute(f"SELECT count(*) FROM {csv_relation_sql(path, read_header(path))}").fetchone()[0])
+    con.close()
+    return out
+
+
+def _bench_cohort(a: argparse.Namespace) -> int:
+    from ehrxdiff.cohort import build_cohort
+    from ehrxdiff.constants import EVENT_TABLES
+    from ehrxdiff.events import extract_events
+    from ehrxdiff.schemas import MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
+
+    world = Path(a.world or f"data/bench/world-n{a.n_patients}-c{a.chart_sets_per_hour}-s{a.seed}")
+    t = time.perf_counter()
+    child = mp.get_context("spawn").Process(target=_generate, args=(world, a.n_patients, a.seed,
+                                                                     a.chart_sets_per_hour, a.images))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        print(f"error: synthetic world generation failed (exit code {child.exitcode})")
+        return 1
+    print(f"world {world}: ready in {time.perf_counter() - t:.1f} s (generated or reused)")
+    iv, cxr = world / MIMIC_IV_SUBDIR, world / MIMIC_CXR_SUBDIR
+
+    t0 = time.perf_counter()
+    cohort = build_cohort(iv, cxr, check_images=a.images, memory_limit=a.memory_limit, threads=a.threads)
+    t_cohort = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ev = extract_events(iv, cohort.pairs, memory_limit=a.memory_limit, threads=a.threads)
+    t_events = time.perf_counter() - t1
+    rss = _peak_rss_mb()
+
+    t2 = time.perf_counter()
+    rows = _count_rows(iv, EVENT_TABLES)
+    t_count = time.perf_counter() - t2
+    n_images = int(cohort.report.query("what == 'images in metadata'")["n"].iloc[0])
+    rep = ev.report
+    secs = {tb: float(rep[(rep["table"] == tb) & (rep["what"] == "seconds")]["n"].iloc[0]) for tb in EVENT_TABLES}
+
+    print(f"\nsettings: memory_limit={a.memory_limit} threads={a.threads}")
+    print(f"cohort: {len(cohort.pairs)} pairs from {n_images} images in {t_cohort:.1f} s")
+    print(f"events: {len(ev.events)} events, {len(ev.texts)} unique texts, {len(ev.pair_keys)} pairs in {t_events:.1f} s")
+    print(f"{'table':<20}{'rows':>14}{'seconds':>10}{'rows/s':>14}{'real rows':>14}{'extrap. s':>12}")
+    total_extra = t_cohort * REAL_CXR_IMAGES / max(1, n_images)
+    for tb in EVENT_TABLES:
+        rate = rows[tb] / secs[tb] if secs[tb] > 0 else float("inf")
+        extra = secs[tb] * REAL_ROWS[tb] / max(1, rows[tb])
+        total_extra += extra
+        print(f"{tb:<20}{rows[tb]:>14,}{secs[tb]:>10.1f}{rate:>14,.0f}{REAL_ROWS[tb]:>14,}{extra:>12.0f}")
+    all_rows = sum(rows.values())
+    print(f"{'all event tables':<20}{all_rows:>14,}{t_events:>10.1f}{all_rows / t_events:>14,.0f}")
+    print(f"row count scan only (for reference): {t_count:.1f} s, {all_rows / t_count:,.0f} rows/s")
+    print(f"peak RSS (this process): {rss:,.0f} MB")
+    print(f"extrapolated full MIMIC-IV v2.2 (cohort x images, each table x rows): {total_extra / 60:.1f} min "
+          f"(goal <= 30 min, peak RSS <= 4096 MB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ehrxdiff.bench", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("cohort", help="cohort + event extraction on a synthetic world")
+    c.add_argument("--n-patients", type=int, default=1000)
+    c.add_argument("--chart-sets-per-hour", "--chart-rows-per-hour", dest="chart_sets_per_hour", type=int, default=1,
+                   help="multiplies the ICU vital-sign rows (ehrxdiff.synthetic.generate_world)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--world", default=None, help="world folder (default data/bench/world-n<N>-c<C>-s<seed>)")
+    c.add_argument("--images", action="store_true", help="render JPEGs and check them (default: tables only)")
+    c.add_argument("--memory-limit", default="2GB")
+    c.add_argument("--threads", type=int, default=2)
+    c.set_defaults(func=_bench_cohort)
+    a = ap.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

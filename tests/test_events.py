@@ -1,0 +1,258 @@
+"""Event extraction and serialization on hand-built tables with known answers (paper-reference §2.4-2.6)."""
+import pandas as pd
+import pytest
+
+from ehrxdiff.events import event_columns, extract_events, serialize_event
+from ehrxdiff.sources import MissingTableError, SchemaError
+from mimic_fixture import write_mimic_table
+
+S, H, STAY = 10000001, 20000001, 30000001
+PREV, TARGET = "2150-01-02 08:00:00", "2150-01-03 08:00:00"
+
+# one golden string per table (plain style); the row that produces it is in _tables()
+GOLDEN = {
+    "labevents": "labevents itemid pO2 value 85 valuenum 85 valueuom mm Hg ref_range_lower 80 ref_range_upper 100 priority STAT",
+    "prescriptions": ("prescriptions drug_type MAIN drug Meropenem prod_strength 500mg Vial dose_val_rx 1000 "
+                      "dose_unit_rx mg form_val_disp 2 form_unit_disp VIAL doses_per_24_hrs 3 route IV"),
+    "inputevents": ("inputevents itemid Furosemide (Lasix) amount 40 amountuom mg ordercategoryname 05-Med Bolus "
+                    "ordercomponenttypedescription Main order parameter ordercategorydescription Drug Push "
+                    "patientweight 81.6 isopenbag 0 originalamount 40 originalrate 0"),
+    "chartevents": "chartevents itemid Heart Rate value 88 valuenum 88 valueuom bpm warning 0",
+    "outputevents": "outputevents itemid Foley value 350 valueuom ml",
+    "microbiologyevents": ("microbiologyevents spec_type_desc SPUTUM test_seq 1 test_name RESPIRATORY CULTURE "
+                           "org_name PSEUDOMONAS AERUGINOSA isolate_num 1 ab_name VANCOMYCIN dilution_text <=1 "
+                           "dilution_comparison <= dilution_value 1 interpretation S comments No VRE isolated."),
+    "procedureevents": ("procedureevents itemid Chest Tube Placed value 1 valueuom None ordercategoryname Procedures "
+                        "ordercategorydescription Task patientweight 81.6 isopenbag 0 originalamount 1 originalrate 1"),
+}
+
+
+def _t(hhmm: str, day: str = "2150-01-02") -> str:
+    return f"{day} {hhmm}"
+
+
+def _d_item(itemid, label, linksto, category):
+    return {"itemid": itemid, "label": label, "abbreviation": label, "linksto": linksto, "category": category,
+            "param_type": "Numeric"}
+
+
+def _chart(time, itemid, value, uom, hadm=H):
+    return {"subject_id": S, "hadm_id": hadm, "stay_id": STAY, "caregiver_id": 4793, "charttime": time,
+            "storetime": time, "itemid": itemid, "value": value, "valuenum": value, "valueuom": uom, "warning": 0}
+
+
+def _lab(time, itemid, value, valuenum, uom, hadm=H, **kw):
+    return {"labevent_id": 1, "subject_id": S, "hadm_id": hadm, "specimen_id": 7, "itemid": itemid,
+            "charttime": time, "storetime": time, "value": value, "valuenum": valuenum, "valueuom": uom, **kw}
+
+
+def _rx(time, drug):
+    return {"subject_id": S, "hadm_id": H, "pharmacy_id": 123, "poe_id": f"{S}-5", "poe_seq": 5,
+            "order_provider_id": "P003F3", "starttime": time, "stoptime": _t("23:00"), "drug_type": "MAIN",
+            "drug": drug, "formulary_drug_cd": "MERO500I", "prod_strength": "500mg Vial", "dose_val_rx": "1000",
+            "dose_unit_rx": "mg", "form_val_disp": "2", "form_unit_disp": "VIAL", "doses_per_24_hrs": "3", "route": "IV"}
+
+
+def _input(time, itemid, category, amount="40.000000001"):
+    return {"subject_id": S, "hadm_id": H, "stay_id": STAY, "caregiver_id": 4793, "starttime": time,
+            "endtime": time, "storetime": time, "itemid": itemid, "amount": amount, "amountuom": "mg",
+            "orderid": 1, "linkorderid": 1, "ordercategoryname": category,
+            "ordercomponenttypedescription": "Main order parameter", "ordercategorydescription": "Drug Push",
+            "patientweight": "81.6", "isopenbag": 0, "continueinnextdept": 0, "statusdescription": "FinishedRunning",
+            "originalamount": "40", "originalrate": "0"}
+
+
+def _micro(time, spec, hadm=H):
+    return {"microevent_id": 1, "subject_id": S, "hadm_id": hadm, "micro_specimen_id": 55,
+            "chartdate": "2150-01-02 00:00:00", "charttime": time, "spec_itemid": 70062, "spec_type_desc": spec,
+            "test_seq": 1, "storedate": "2150-01-03 00:00:00", "storetime": "2150-01-03 10:00:00",
+            "test_itemid": 90115, "test_name": "RESPIRATORY CULTURE", "org_itemid": 80026,
+            "org_name": "PSEUDOMONAS AERUGINOSA", "isolate_num": 1, "ab_itemid": 90015, "ab_name": "VANCOMYCIN",
+            "dilution_text": "<=1", "dilution_comparison": "<=", "dilution_value": "1", "interpretation": "S",
+            "comments": "No VRE isolated.  "}
+
+
+def _proc(time, category):
+    return {"subject_id": S, "hadm_id": H, "stay_id": STAY, "caregiver_id": 4793, "starttime": time,
+            "endtime": time[:-2] + "01", "storetime": time + ".090", "itemid": 225433, "value": "1",
+            "valueuom": "None", "orderid": 9, "linkorderid": 9, "ordercategoryname": category,
+            "ordercategorydescription": "Task", "patientweight": "81.6", "isopenbag": 0, "continueinnextdept": 0,
+            "statusdescription": "FinishedRunning", "ORIGINALAMOUNT": "1", "ORIGINALRATE": "1"}
+
+
+def _tables():
+    return {
+        "hosp/d_labitems": [
+            {"itemid": 50821, "label": "pO2", "fluid": "Blood", "category": "Blood Gas"},
+            {"itemid": 50889, "label": "C-Reactive Protein", "fluid": "Blood", "category": "Chemistry"},
+            {"itemid": 50931, "label": "Glucose", "fluid": "Blood", "category": "Chemistry"},
+        ],
+        "icu/d_items": [
+            _d_item(220045, "Heart Rate", "chartevents", "Routine Vital Signs"),
+            _d_item(220277, "O2 saturation pulseoxymetry", "chartevents", "Respiratory"),
+            _d_item(228100, "Code Status", "chartevents", "ADT"),
+            _d_item(221794, "Furosemide (Lasix)", "inputevents", "Medications"),
+            _d_item(225798, "Vancomycin", "inputevents", "Antibiotics"),
+            _d_item(225158, "NaCl 0.9%", "inputevents", "Fluids/Intake"),
+            _d_item(226559, "Foley", "outputevents", "Output"),
+            _d_item(225433, "Chest Tube Placed", "procedureevents", "4-Procedures"),
+        ],
+        "hosp/labevents": [
+            _lab(_t("09:00:00"), 50821, "85", "85.0", "mm Hg", ref_range_lower="80", ref_range_upper="100", priority="STAT"),
+            _lab(_t("13:00:00"), 50889, "12.345678", "12.345678", "mg/L"),
+            _lab(_t("13:30:00"), 50931, "120", "120", "mg/dL"),                  # not a chest item
+            _lab(_t("14:30:00"), 50821, "70", "70", "mm Hg", hadm=None),          # null hadm_id, in window
+        ],
+        "hosp/prescriptions": [_rx(_t("11:00:00"), "Meropenem"), _rx(_t("11:05:00"), "Tobramycin Sulfate"),
+                               _rx(_t("11:10:00"), "Lorazepam")],
+        "icu/inputevents": [_input(_t("12:00:00"), 221794, "05-Med Bolus"),
+                            _input(_t("12:30:00"), 225798, "08-Antibiotics (IV)", amount="1"),
+                            _input(_t("12:45:00"), 225158, "02-Fluids (Crystalloids)", amount="500")],
+        "icu/chartevents": [
+            _chart(PREV, 220045, "80", "bpm"),                                     # at prev time: inclusive
+            _chart(_t("13:00:00"), 220277, "95", "%"),                             # same time as HR; file order first
+            _chart(_t("13:00:00"), 220045, "88", "bpm"),
+            _chart(_t("13:15:00"), 228100, "Full code", None),                     # ADT category: filtered
+            _chart(TARGET, 220045, "90", "bpm"),                                   # at target time: inclusive
+            _chart("2150-01-03 08:00:01", 220045, "91", "bpm"),                    # one second after: excluded
+            _chart(_t("07:59:59"), 220045, "79", "bpm"),                           # one second before prev: excluded
+        ],
+        "icu/outputevents": [{"subject_id": S, "hadm_id": H, "stay_id": STAY, "charttime": _t("14:00:00"),
+                              "storetime": _t("14:05:00"), "itemid": 226559, "value": "350", "valueuom": "ml"}],
+        "hosp/microbiologyevents": [_micro(_t("15:00:00"), "SPUTUM"), _micro(_t("15:10:00"), "URINE"),
+                                    _micro(_t("15:20:00"), "SPUTUM", hadm=None), _micro(None, "SPUTUM")],
+        "icu/procedureevents": [_proc(_t("16:00:00"), "Procedures"), _proc(_t("16:30:00"), "Peripheral Lines")],
+    }
+
+
+EXPECTED_ORDER = [
+    "chartevents itemid Heart Rate value 80 valuenum 80 valueuom bpm warning 0",
+    GOLDEN["labevents"],
+    GOLDEN["prescriptions"],
+    GOLDEN["inputevents"],
+    "inputevents itemid Vancomycin amount 1 amountuom mg ordercategoryname 08-Antibiotics (IV) ordercomponenttypedescription "
+    "Main order parameter ordercategorydescription Drug Push patientweight 81.6 isopenbag 0 originalamount 40 originalrate 0",
+    "labevents itemid C-Reactive Protein value 12.3457 valuenum 12.3457 valueuom mg/L",
+    "chartevents itemid O2 saturation pulseoxymetry value 95 valuenum 95 valueuom % warning 0",
+    GOLDEN["chartevents"],
+    GOLDEN["outputevents"],
+    GOLDEN["microbiologyevents"],
+    GOLDEN["procedureevents"],
+    "chartevents itemid Heart Rate value 90 valuenum 90 valueuom bpm warning 0",
+]
+
+
+@pytest.fixture(scope="module")
+def mimic_iv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mimiciv")
+    for stem, rows in _tables().items():
+        write_mimic_table(root, stem, rows)
+    return root
+
+
+def _pairs():
+    return pd.DataFrame({
+        "pair_key": ["t_p", "t2_p2"], "subject_id": [S, S], "hadm_id": [H, H],
+        "prev_time": pd.to_datetime([PREV, "2150-01-05 08:00:00"]),
+        "target_time": pd.to_datetime([TARGET, "2150-01-06 08:00:00"]),
+    })
+
+
+@pytest.fixture(scope="module")
+def result(mimic_iv):
+    return extract_events(mimic_iv, _pairs(), threads=1)
+
+
+def _report(res, table, startswith):
+    r = res.report[(res.report["table"] == table) & res.report["what"].str.startswith(startswith)]
+    assert len(r) == 1, res.report
+    return r["n"].iloc[0]
+
+
+def test_events_exact_order_and_text(result):
+    assert [t for t, _, _ in result.for_pair("t_p")] == EXPECTED_ORDER
+
+
+def test_golden_string_each_table(result):
+    texts = set(result.texts)
+    for table, golden in GOLDEN.items():
+        assert golden in texts, table
+
+
+def test_hours_since_prev(result):
+    hours = [h for _, h, _ in result.for_pair("t_p")]
+    assert hours[0] == 0.0 and hours[1] == pytest.approx(1.0) and hours[-1] == pytest.approx(24.0)
+    assert hours == sorted(hours)
+
+
+def test_event_after_target_excluded(result):
+    assert not any("value 91" in t or "value 79" in t for t in result.texts)
+
+
+def test_null_hadm_rows_dropped_and_counted(result):
+    assert not any("value 70" in t for t in result.texts)
+    assert _report(result, "labevents", "dropped: null hadm_id") == 1
+    assert _report(result, "microbiologyevents", "dropped: null hadm_id") == 1
+    assert _report(result, "microbiologyevents", "dropped: null or unparseable charttime") == 1
+
+
+def test_pairs_without_events_dropped(result):
+    assert result.pair_keys == ["t_p"]
+    assert _report(result, "all", "dropped: pairs with no events") == 1
+
+
+def test_filters_and_inputevents_switch(mimic_iv, result):
+    texts = " | ".join(result.texts)
+    for absent in ("Glucose", "Tobramycin", "Lorazepam", "Code Status", "URINE", "Peripheral Lines", "NaCl"):
+        assert absent not in texts, absent
+    unfiltered = extract_events(mimic_iv, _pairs(), filter_inputevents=False, tables=("inputevents",), threads=1)
+    assert any("NaCl 0.9%" in t for t in unfiltered.texts)
+
+
+def test_max_events_keeps_most_recent(mimic_iv):
+    res = extract_events(mimic_iv, _pairs(), max_events=3, threads=1)
+    assert [t for t, _, _ in res.for_pair("t_p")] == EXPECTED_ORDER[-3:]
+    assert _report(res, "all", "dropped: events beyond") == len(EXPECTED_ORDER) - 3
+
+
+def test_genhpf_digits_style(mimic_iv):
+    res = extract_events(mimic_iv, _pairs(), text_style="genhpf_digits", tables=("labevents",), threads=1)
+    assert res.for_pair("t_p")[0][0] == ("labevents itemid pO 2 value 8 5 valuenum 8 5 . 0 valueuom mm Hg "
+                                         "ref_range_lower 8 0 ref_range_upper 1 0 0 priority STAT")
+
+
+def test_python_serializer_matches_sql(result):
+    rows = _tables()
+    lab = dict(rows["hosp/labevents"][0], itemid="pO2")
+    values = {c: lab.get(c) for c in event_columns("labevents")}
+    assert serialize_event("labevents", values) == GOLDEN["labevents"]
+    proc = {k.lower(): v for k, v in rows["icu/procedureevents"][0].items()}
+    proc["itemid"] = "Chest Tube Placed"
+    assert serialize_event("procedureevents", {c: proc.get(c) for c in event_columns("procedureevents")}) == GOLDEN["procedureevents"]
+    assert serialize_event("chartevents", {"itemid": "Heart Rate", "value": 7.412345, "valuenum": 85.0}) == \
+        "chartevents itemid Heart Rate value 7.4123 valuenum 85"
+    assert serialize_event("chartevents", {"valuenum": 85.0, "x": None, "y": "  a  b "}, text_style="genhpf_digits") == \
+        "chartevents valuenum 8 5 . 0 y a b"
+
+
+def test_missing_table_and_column_errors(mimic_iv, tmp_path):
+    with pytest.raises(MissingTableError, match="hosp/d_labitems.csv.gz"):
+        extract_events(tmp_path, _pairs(), tables=("labevents",), threads=1)
+    write_mimic_table(tmp_path, "hosp/d_labitems", _tables()["hosp/d_labitems"])
+    with pytest.raises(MissingTableError, match="hosp/labevents.csv.gz"):
+        extract_events(tmp_path, _pairs(), tables=("labevents",), threads=1)
+    for stem, rows in _tables().items():
+        drop = ("charttime",) if stem == "icu/chartevents" else ()
+        write_mimic_table(tmp_path, stem, rows, drop_columns=drop)
+    with pytest.raises(SchemaError, match=r"chartevents.csv.gz: missing column 'charttime'"):
+        extract_events(tmp_path, _pairs(), tables=("chartevents",), threads=1)
+
+
+def test_whitespace_and_rounding_sql_equals_python(tmp_path):
+    write_mimic_table(tmp_path, "icu/d_items", [_d_item(226559, "Foley", "outputevents", "Output")])
+    odd = {"subject_id": S, "hadm_id": H, "stay_id": STAY, "charttime": _t("14:00:00"), "itemid": 226559,
+           "value": "-0.00001", "valueuom": " m  l\tx "}
+    write_mimic_table(tmp_path, "icu/outputevents", [odd], gz=False)  # the gunzipped .csv layout is accepted too
+    res = extract_events(tmp_path, _pairs(), tables=("outputevents",), threads=1)
+    expected = serialize_event("outputevents", {"itemid": "Foley", "value": "-0.00001", "valueuom": " m  l\tx "})
+    assert res.texts == [expected] == ["outputevents itemid Foley value 0 valueuom m l x"]

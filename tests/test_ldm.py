@@ -1,0 +1,277 @@
+"""The conditional LDM (issue 5): VAE, adaptor (Table IV), UNet, Eq. 2 training, w_null, checkpoint/resume.
+
+Tiny random models built from config (no downloads): 16 px images -> f=4 latent 3x4x4, 16-wide tokens.
+"""
+import re
+
+import pytest
+import torch
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+from torch.utils.data import DataLoader, Dataset
+
+from ehrxdiff.adaptor import TABLE_IV_VARIANTS, FusionAdaptor
+from ehrxdiff.data import collate_pairs
+from ehrxdiff.ldm import PAPER_UNET_CHANNELS, ClipConditioner, build_ehrxdiff, build_noise_scheduler, build_unet, widen_conv_in
+from ehrxdiff.vae import build_vae, load_cheff_checkpoint, psnr, train_vae
+from ehrxdiff.wnull import NULL_SUFFIX, NullTargetAugmentation, WithNullSamples
+
+torch.set_num_threads(1)
+PX, EVENT_DIM, WIDTH, MAX_EVENTS = 16, 8, 16, 6
+TINY_CLIP = {"image": dict(image_size=PX, patch_size=8, width=WIDTH, layers=1, heads=2),
+             "table": dict(event_dim=EVENT_DIM, width=WIDTH, layers=1, heads=2, out_dim=WIDTH)}
+
+
+def tiny_vae():
+    return build_vae(block_out_channels=(8, 16, 32), norm_num_groups=8, image_size=PX, layers_per_block=1)
+
+
+def tiny_model(variant="xattn-VAE+CLIPimg+CLIPtab", seed=0):
+    torch.manual_seed(seed)
+    vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
+    return build_ehrxdiff(vae=tiny_vae(), image_size=PX, clip=ClipConditioner(TINY_CLIP), vae_mode=vae_mode,
+                          use_clip_image=use_img, use_clip_table=use_tab, max_events=MAX_EVENTS, c_fusion=5,
+                          d_clip=WIDTH, unet_channels=(16, 32), num_heads=2, norm_num_groups=8, layers_per_block=1)
+
+
+def fixed_batch(b=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, 4, dtype=torch.bool)
+    for i in range(b):
+        mask[i, : i % 5] = True  # row 0 has no events at all (S_null)
+    return {"prev_image": torch.rand(b, 3, PX, PX, generator=g) * 2 - 1,
+            "target_image": torch.rand(b, 3, PX, PX, generator=g) * 2 - 1,
+            "events": torch.randn(b, 4, EVENT_DIM, generator=g) * mask[..., None],
+            "event_mask": mask, "pair_key": [f"t{i}_p{i}" for i in range(b)], "is_null": torch.zeros(b, dtype=bool)}
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+def test_vae_has_cheff_shape_f4_three_latent_channels():
+    vae = tiny_vae()
+    z = vae.encode(torch.zeros(2, 3, PX, PX)).latent_dist.mean
+    assert z.shape == (2, 3, PX // 4, PX // 4)
+    assert vae.config.scaling_factor == pytest.approx(0.18215)
+
+
+def _to_ldm_layout(sd: dict, n_levels: int) -> dict:
+    """Inverse of diffusers' converter, to fabricate a Cheff/LDM-layout state dict for the test."""
+    top = {d: l for d, l in DIFFUSERS_TO_LDM_MAPPING["vae"].items()}
+    out = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            continue
+        k2 = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", k)
+        k2 = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k2)
+        k2 = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets",
+                    lambda m: f"decoder.up.{n_levels - 1 - int(m.group(1))}.block", k2)
+        k2 = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+                    lambda m: f"decoder.up.{n_levels - 1 - int(m.group(1))}.upsample", k2)
+        k2 = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k2)
+        k2 = k2.replace("conv_shortcut", "nin_shortcut")
+        if "mid_block.attentions.0" in k2:
+            k2 = k2.replace("mid_block.attentions.0", "mid.attn_1").replace("group_norm", "norm")
+            for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+                k2 = k2.replace(f".{a}.", f".{b}.")
+            if v.ndim == 2:
+                v = v[:, :, None, None]  # LDM stores attention projections as 1x1 convs
+        out[k2] = v
+    return out
+
+
+def test_load_cheff_checkpoint_converts_ldm_layout_and_rejects_mismatch(tmp_path):
+    torch.manual_seed(0)
+    vae = tiny_vae().eval()
+    ldm = _to_ldm_layout(vae.state_dict(), 3)
+    ldm = {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    ldm["loss.discriminator.main.0.weight"] = torch.zeros(1)  # training-loss keys are ignored
+    path = tmp_path / "cheff_autoencoder.pt"
+    torch.save({"state_dict": ldm}, path)
+    loaded = load_cheff_checkpoint(path, block_out_channels=(8, 16, 32), layers_per_block=1, image_size=PX,
+                                   norm_num_groups=8).eval()
+    x = torch.rand(1, 3, PX, PX) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean, atol=1e-6)
+        assert torch.allclose(loaded.decode(torch.ones(1, 3, 4, 4)).sample, vae.decode(torch.ones(1, 3, 4, 4)).sample,
+                              atol=1e-6)
+    with pytest.raises(ValueError, match="cheff_autoencoder.pt.*does not match"):
+        load_cheff_checkpoint(path, block_out_channels=(8, 16, 64), layers_per_block=1, image_size=PX,
+                              norm_num_groups=8)
+
+
+def test_psnr_known_value():
+    x = torch.zeros(2, 3, 4, 4)
+    y = x + 0.2  # mse 0.04, range 2 -> 10 log10(4 / 0.04) = 20 dB
+    assert torch.allclose(psnr(y, x), torch.full((2,), 20.0), atol=1e-4)
+
+
+def test_train_vae_runs_and_saves(tmp_path):
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, PX, PX) * 2 - 1
+    vae = train_vae(tiny_vae(), DataLoader(images, batch_size=4), output_dir=tmp_path, max_steps=2,
+                    checkpoint_every=2, progress=False)
+    assert (tmp_path / "vae" / "config.json").is_file()
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "state.json").is_file()
+    assert vae.encode(images[:1]).latent_dist.mean.shape == (1, 3, 4, 4)
+
+
+# ---------------------------------------------------------------------------------------------- adaptor
+@pytest.mark.parametrize("variant", list(TABLE_IV_VARIANTS))
+def test_adaptor_output_shape_for_every_table_iv_variant(variant):
+    vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
+    a = FusionAdaptor(latent_channels=3, latent_size=4, d_clip=WIDTH, n_image_tokens=5, max_events=MAX_EVENTS,
+                      c_fusion=7, vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab)
+    ctx, mask = a(vae_latent=torch.randn(2, 3, 4, 4), image_tokens=torch.randn(2, 5, WIDTH),
+                  table_tokens=torch.randn(2, 3, WIDTH), table_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]).bool(),
+                  batch_size=2)
+    expected = {"concat-VAE": 1, "xattn-VAE": 3, "xattn-CLIPimg": 5, "xattn-CLIPtab": MAX_EVENTS,
+                "concat-VAE+CLIPtab": MAX_EVENTS}.get(variant, 7)
+    assert ctx.shape == (2, expected, WIDTH) and a.n_context_tokens == expected
+    assert a.needs_vae_latent == (vae_mode is not None)
+    if use_tab and expected == MAX_EVENTS:  # a lone table keeps its (padded) mask for cross-attention
+        assert mask.tolist() == [[True, True] + [False] * 4, [True] + [False] * 5]
+    else:
+        assert mask is None
+
+
+def test_adaptor_ignores_padded_tokens_and_rejects_too_many():
+    a = FusionAdaptor(latent_size=4, d_clip=WIDTH, n_image_tokens=5, max_events=MAX_EVENTS, c_fusion=7)
+    lat, img = torch.randn(1, 3, 4, 4), torch.randn(1, 5, WIDTH)
+    tab, mask = torch.randn(1, 4, WIDTH), torch.tensor([[True, True, False, False]])
+    garbage = tab.clone()
+    garbage[:, 2:] = 100.0
+    ctx1, _ = a(vae_latent=lat, image_tokens=img, table_tokens=tab, table_mask=mask)
+    ctx2, _ = a(vae_latent=lat, image_tokens=img, table_tokens=garbage, table_mask=mask)
+    ctx3, _ = a(vae_latent=lat, image_tokens=img, table_tokens=tab[:, :2], table_mask=mask[:, :2])
+    assert torch.allclose(ctx1, ctx2) and torch.allclose(ctx1, ctx3)
+    with pytest.raises(ValueError, match="exceed max_events"):
+        a(vae_latent=lat, image_tokens=img, table_tokens=torch.randn(1, MAX_EVENTS + 1, WIDTH))
+
+
+# ---------------------------------------------------------------------------------------------- UNet / schedule
+def test_concat_variant_zero_init_channels_leave_output_unchanged():
+    torch.manual_seed(0)
+    unet = build_unet(latent_channels=3, sample_size=4, block_out_channels=(16, 32), num_heads=2,
+                      cross_attention_dim=WIDTH, norm_num_groups=8, layers_per_block=1).eval()
+    z, ctx, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, WIDTH), torch.tensor([10, 500])
+    with torch.no_grad():
+        before = unet(z, t, encoder_hidden_states=ctx).sample
+        widen_conv_in(unet, extra_channels=3)
+        after = unet(torch.cat([z, torch.randn(2, 3, 4, 4) * 5], 1), t, encoder_hidden_states=ctx).sample
+    assert unet.config.in_channels == 6
+    assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_noise_schedule_is_ldm_sqrt_linear():
+    s = build_noise_scheduler()
+    assert s.config.num_train_timesteps == 1000 and s.config.prediction_type == "epsilon"
+    assert s.betas[0].item() == pytest.approx(0.0015, rel=1e-4) and s.betas[-1].item() == pytest.approx(0.0295, rel=1e-4)
+    root = s.betas.sqrt()
+    assert torch.allclose(root[1:] - root[:-1], (root[1] - root[0]).expand(999), atol=1e-6)
+
+
+def test_unet_attention_at_all_but_the_highest_resolution_by_default():
+    """Paper: attention_resolutions [8, 4, 2] of 4 levels = every level but the first (built small here)."""
+    assert PAPER_UNET_CHANNELS == (224, 448, 896, 896)
+    small = build_unet(sample_size=8, block_out_channels=(8, 8, 16, 16), num_heads=2, cross_attention_dim=WIDTH,
+                       norm_num_groups=8, layers_per_block=1)
+    assert small.config.down_block_types == ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3
+    assert small.config.up_block_types == ("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",)
+    assert small.config.attention_head_dim == 2 and small.config.cross_attention_dim == WIDTH
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 2 training
+@pytest.mark.parametrize("variant", ["xattn-VAE+CLIPimg+CLIPtab", "concat-VAE", "xattn-CLIPtab"])
+def test_one_training_step_lowers_loss_on_fixed_batch(variant):
+    model = tiny_model(variant)
+    batch = fixed_batch()
+    t, noise = torch.tensor([50, 300, 600, 900]), torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    model.eval()  # no dropout: the two losses differ only by the update
+    loss0 = model(batch, timesteps=t, noise=noise)
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = model(batch, timesteps=t, noise=noise)
+    assert loss1.item() < loss0.item()
+
+
+# ---------------------------------------------------------------------------------------------- w_null
+class ToyPairs(Dataset):
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"prev_image": torch.rand(3, PX, PX, generator=g) * 2 - 1,
+                "target_image": torch.rand(3, PX, PX, generator=g) * 2 - 1,
+                "events": torch.randn(2 + i, EVENT_DIM, generator=g), "pair_key": f"{self.targets[i]}_p{i}",
+                "prev_dicom_id": f"p{i}", "target_dicom_id": self.targets[i], "is_null": False}
+
+
+def test_wnull_adds_exactly_one_null_sample_per_unique_target():
+    base = ToyPairs(["a", "b", "a", "c", "b", "a"])
+    ds = WithNullSamples(base, target_ids=base.targets)
+    assert len(ds) == 6 + 3 and ds.n_null == 3
+    nulls = [ds[i] for i in range(6, 9)]
+    assert [n["pair_key"] for n in nulls] == [f"a_p0{NULL_SUFFIX}", f"b_p1{NULL_SUFFIX}", f"c_p3{NULL_SUFFIX}"]
+    for n, src in zip(nulls, (0, 1, 3)):
+        assert n["is_null"] and n["events"].shape == (0, EVENT_DIM)
+        assert torch.equal(n["prev_image"], base[src]["prev_image"])       # condition image never augmented
+        assert n["target_image"].shape == n["prev_image"].shape and type(n["target_image"]) is torch.Tensor
+        assert not torch.equal(n["target_image"], n["prev_image"])          # target = augmented I_prev
+    assert torch.equal(ds[2]["target_image"], base[2]["target_image"])     # D4 default: real targets untouched
+    batch = collate_pairs([ds[0], ds[6]])
+    assert batch["event_mask"][1].sum() == 0 and batch["is_null"].tolist() == [False, True]
+    assert len(WithNullSamples(base, target_ids=base.targets, enabled=False)) == 6
+
+
+def test_null_target_augmentation_is_an_affine_jitter_filled_with_black():
+    torch.manual_seed(0)
+    x = torch.ones(3, 32, 32)
+    y = NullTargetAugmentation(degrees=10, scale=(0.9, 0.9))(x)           # shrink: the border becomes fill
+    assert y.shape == x.shape and y.min().item() == -1.0 and y[:, 16, 16].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_wnull_augment_all_changes_real_targets():
+    base = ToyPairs(["a", "b"])
+    torch.manual_seed(0)
+    ds = WithNullSamples(base, target_ids=base.targets, augment_targets="all", scale=(0.9, 0.9))
+    assert not torch.equal(ds[0]["target_image"], base[0]["target_image"])
+    with pytest.raises(ValueError, match="augment_targets"):
+        WithNullSamples(base, target_ids=base.targets, augment_targets="some")
+
+
+# ---------------------------------------------------------------------------------------------- kill and resume
+def _train(tmp_path, max_steps, resume=True):
+    from ehrxdiff.train_ldm import train_ldm
+
+    model = tiny_model()
+    data = ToyPairs([f"t{i}" for i in range(6)])
+    loader = DataLoader(data, batch_size=2, shuffle=False, collate_fn=lambda it: collate_pairs(it, max_events=MAX_EVENTS))
+    summary = train_ldm(model, loader, output_dir=tmp_path, max_steps=max_steps, valid_loader=loader,
+                        learning_rate=1e-3, effective_batch=4, validate_every=2, max_val_batches=1,
+                        checkpoint_every=2, checkpoint_limit=2, mixed_precision="no", resume=resume,
+                        image_size=PX, max_events=MAX_EVENTS, progress=False)
+    return model, summary
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    straight, s1 = _train(tmp_path / "straight", 4)
+    assert s1["steps"] == 4 and s1["gradient_accumulation"] == 2
+    _train(tmp_path / "resumed", 2)                     # "killed" after the checkpoint at step 2
+    resumed, s2 = _train(tmp_path / "resumed", 4)       # a new process picks up checkpoint-2
+    assert s2["steps"] == 4
+    for (name, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "resumed" / "pipeline" / "model_index.json").is_file()
+    import pandas as pd
+    hist = pd.read_csv(tmp_path / "resumed" / "history.csv")
+    assert hist[hist.split == "train"].step.tolist() == [1, 2, 3, 4]
+    assert {"loss", "loss_ema"} <= set(hist[hist.split == "valid"].dropna(axis=1).columns)

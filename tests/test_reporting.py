@@ -1,0 +1,87 @@
+"""Tables render with the expected numbers; figure functions write PNG + PDF."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ehrxdiff import reporting  # noqa: E402
+
+
+@pytest.fixture
+def table2_results():
+    rows = []
+    for seed, (a, d, s) in enumerate([(0.70, 0.55, 0.80), (0.72, 0.57, 0.82), (0.74, 0.59, 0.84)]):
+        for subset, v in zip(("all", "diff", "same"), (a, d, s)):
+            rows.append({"method": "EHRXDiff_w_null", "seed": seed, "subset": subset, "auroc": v,
+                         "evaluator": "tiny@64px"})
+    for subset, v in zip(("all", "diff", "same"), (0.672, 0.0, 1.0)):
+        rows.append({"method": "previous label", "seed": 0, "subset": subset, "auroc": v, "evaluator": "labels"})
+    return pd.DataFrame(rows)
+
+
+def test_format_mean_std():
+    assert reporting.format_mean_std(0.7221, 0.0031) == "0.722 ± 0.003"
+    assert reporting.format_mean_std(0.5, float("nan")) == "0.500"
+    assert reporting.format_mean_std(float("nan")) == "–"
+
+
+def test_table2_written_three_ways(tmp_path, table2_results):
+    table = reporting.auroc_table(table2_results, index_order=["previous label", "EHRXDiff_w_null"],
+                                  ceiling={"all": 0.9, "diff": 0.8, "same": 0.95})
+    assert list(table.columns) == ["all", "all ceiling", "diff", "diff ceiling", "same", "same ceiling",
+                                   "evaluator"]
+    assert table.loc["EHRXDiff_w_null", "all"] == "0.720 ± 0.020"
+    assert table.loc["previous label", "diff"] == "0.000" and table.loc["previous label", "diff ceiling"] == "0.800"
+    paths = reporting.write_table(table, "table2_imagenome_auroc", tmp_path, caption="Table II")
+    assert {p.name for p in paths.values()} == {f"table2_imagenome_auroc.{e}" for e in ("csv", "md", "tex")}
+    md, tex = paths["md"].read_text(), paths["tex"].read_text()
+    assert "| EHRXDiff_w_null | 0.720 ± 0.020 |" in md
+    assert r"EHRXDiff\_w\_null & 0.720 $\pm$ 0.020" in tex and r"\toprule" in tex
+    csv = pd.read_csv(paths["csv"], index_col=0)
+    assert csv.loc["EHRXDiff_w_null", "same"] == "0.820 ± 0.020"
+
+
+def test_seed_table_missing_column_is_named(table2_results):
+    with pytest.raises(ValueError, match="'metric'"):
+        reporting.seed_table(table2_results, index="method", columns="metric", value="auroc")
+
+
+def test_table3_generic_layout(tmp_path):
+    res = pd.DataFrame({"method": ["GT", "GT", "m", "m", "m", "m"], "seed": [0, 0, 0, 1, 0, 1],
+                        "metric": ["age r", "sex AUROC", "FID", "FID", "age r", "age r"],
+                        "value": [0.7, 0.99, 5.0, 6.0, 0.4, 0.5]})
+    t = reporting.seed_table(res, index="method", columns="metric", column_order=["FID", "age r", "sex AUROC"])
+    assert t.loc["GT", "FID"] == "–" and t.loc["m", "FID"] == "5.500 ± 0.707"
+    reporting.write_table(t, "table3_fid_demographics", tmp_path)
+    assert "5.500 ± 0.707" in (tmp_path / "table3_fid_demographics.md").read_text()
+
+
+def _exists(stem):
+    return all(stem.with_suffix(s).stat().st_size > 0 for s in (".png", ".pdf"))
+
+
+def test_bar_chart_and_heatmap(tmp_path, table2_results):
+    fig = reporting.plot_auroc_bars(table2_results, tmp_path / "fig_table2", ceiling={"all": 0.9})
+    plt.close(fig)
+    assert _exists(tmp_path / "fig_table2")
+    per = pd.DataFrame({"method": ["a", "a", "b", "b"], "seed": 0, "subset": "all",
+                        "label": ["pneumonia", "pneumothorax"] * 2, "auroc": [0.6, 0.7, 0.8, np.nan]})
+    fig = reporting.plot_label_heatmap(per, tmp_path / "fig_heat", subsets=("all",))
+    plt.close(fig)
+    assert _exists(tmp_path / "fig_heat")
+
+
+def test_qualitative_and_difference_figures(tmp_path):
+    img = torch.rand(3, 32, 32) * 2 - 1
+    ex = [{"prev": img, "target": np.zeros((32, 32), np.uint8), "pred": img.numpy()[0] * 0.5,
+           "events": [f"labevents itemid pO2 value {i}" for i in range(9)], "finding": "pleural effusion resolved",
+           "title": "t_p (12 h)"},
+          {"prev": img, "target": img, "pred": img, "events": [], "finding": ""}]
+    plt.close(reporting.plot_qualitative(ex, tmp_path / "fig_qual"))
+    plt.close(reporting.plot_difference_maps(ex, tmp_path / "fig_diff"))
+    assert _exists(tmp_path / "fig_qual") and _exists(tmp_path / "fig_diff")
+    assert reporting._event_text(ex[0]["events"], 6, 40).startswith("(+3 earlier events)")
