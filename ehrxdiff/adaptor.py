@@ -29,20 +29,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .constants import C_FUSION, D_CLIP, LATENT_CHANNELS, MAX_EVENTS, N_IMAGE_TOKENS
+from .constants import C_FUSION, D_CLIP, LATENT_CHANNELS, MAX_EVENTS, N_IMAGE_TOKENS, TABLE_IV_VARIANTS  # noqa: F401
 
 VAE_MODES = ("xattn", "concat", None)
 
-# Table IV rows as adaptor configs (label -> (vae_mode, use_clip_image, use_clip_table)) [P Table IV].
-TABLE_IV_VARIANTS = {
-    "concat-VAE": ("concat", False, False),
-    "xattn-VAE": ("xattn", False, False),
-    "xattn-CLIPimg": (None, True, False),
-    "xattn-CLIPtab": (None, False, True),
-    "concat-VAE+CLIPtab": ("concat", False, True),
-    "concat-VAE+CLIPimg+CLIPtab": ("concat", True, True),
-    "xattn-VAE+CLIPimg+CLIPtab": ("xattn", True, True),  # the final EHRXDiff
-}
+# Table IV rows as adaptor configs live in constants.TABLE_IV_VARIANTS (re-exported here).
 
 
 class FusionAdaptor(ModelMixin, ConfigMixin):

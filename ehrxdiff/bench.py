@@ -103,6 +103,60 @@ def _bench_cohort(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ldm(a) -> int:
+    """Random-weight models at a profile's sizes: the cost of training and sampling, not their quality."""
+    import torch
+
+    from ehrxdiff import study
+    from ehrxdiff.clip import EHRCLIP
+    from ehrxdiff.config import load_config
+    from ehrxdiff.ldm import ClipConditioner, build_ehrxdiff
+    from ehrxdiff.pipeline import EHRXDiffPipeline
+    from ehrxdiff.vae import build_vae
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(a.profile)
+    torch.manual_seed(0)
+    vae = build_vae(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
+                    layers_per_block=1, image_size=cfg.image_size, norm_num_groups=study._groups(cfg.vae_channels))
+    clip = EHRCLIP.from_config(study.clip_model_config(cfg, a.event_dim))
+    model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(clip),
+                           max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
+                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=1,
+                           norm_num_groups=study._groups(cfg.unet_channels))
+    b, n = cfg.ldm_batch_size, cfg.max_events
+    batch = {"prev_image": torch.rand(b, 3, cfg.image_size, cfg.image_size) * 2 - 1,
+             "target_image": torch.rand(b, 3, cfg.image_size, cfg.image_size) * 2 - 1,
+             "events": torch.randn(b, n, a.event_dim), "event_mask": torch.ones(b, n, dtype=torch.bool),
+             "is_null": torch.zeros(b, dtype=torch.bool), "pair_key": [str(i) for i in range(b)]}
+    params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    model(batch).backward()   # warm-up step, not timed
+    opt.step()
+    opt.zero_grad()
+    t0 = time.perf_counter()
+    for _ in range(a.train_steps):
+        model(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    train_s = (time.perf_counter() - t0) / a.train_steps
+    print(f"profile {cfg.profile}: image {cfg.image_size} px, UNet {cfg.unet_channels}, context {cfg.context_tokens} "
+          f"tokens x {cfg.clip_width}, {n} events, torch threads {torch.get_num_threads()}")
+    print(f"train: {train_s:.3f} s/step at batch {b} = {b / train_s:.1f} samples/s")
+    pipe = EHRXDiffPipeline.from_model(model.eval(), sampler="ddim", image_size=cfg.image_size, max_events=n)
+    k = a.sample_batch
+    for kind, steps in (("ddim", 100), ("dpm++", a.fast_steps)):
+        pipe.use_sampler(kind)
+        g = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        pipe.generate(batch["prev_image"][:k], batch["events"][:k], batch["event_mask"][:k],
+                      num_inference_steps=steps, eta=1.0, generator=g)
+        dt = time.perf_counter() - t0
+        print(f"sampling {kind}-{steps}: {dt / k:.3f} s/image (batch {k})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -116,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--memory-limit", default="2GB")
     c.add_argument("--threads", type=int, default=2)
     c.set_defaults(func=_bench_cohort)
+    m = sub.add_parser("ldm", help="EHRXDiff train samples/s and sampling s/image (DDIM-100 vs DPM-Solver++)")
+    m.add_argument("--profile", default="demo")
+    m.add_argument("--event-dim", type=int, default=384)
+    m.add_argument("--train-steps", type=int, default=5)
+    m.add_argument("--fast-steps", type=int, default=20)
+    m.add_argument("--sample-batch", type=int, default=8)
+    m.add_argument("--threads", type=int, default=None)
+    m.set_defaults(func=_bench_ldm)
     a = ap.parse_args(argv)
     return a.func(a)
 

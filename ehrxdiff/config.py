@@ -235,7 +235,7 @@ def _validate(c: StudyConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {getattr(c, key)}")
     if c.image_size % c.clip_patch_size:
         raise ConfigError(f"image_size {c.image_size} is not a multiple of clip_patch_size {c.clip_patch_size}")
-    from .adaptor import TABLE_IV_VARIANTS
+    from .constants import TABLE_IV_VARIANTS
     for v in c.ablation_variants:
         if v not in TABLE_IV_VARIANTS:
             raise ConfigError(f"ablation_variants: unknown variant {v!r} (known: {', '.join(TABLE_IV_VARIANTS)})")

@@ -37,6 +37,17 @@ D_EVENT = 1536                  # ada-002 embedding width = table transformer wi
 C_FUSION = 1024                 # fused context tokens [R condition_feat_dim]
 TABLE_LAYERS, TABLE_HEADS = 2, 24   # table transformer [R TabTransformerEmbedder]
 
+# Table IV rows: adaptor variant → (VAE conditioning "concat" | "xattn" | None, CLIP image, CLIP table)
+TABLE_IV_VARIANTS = {
+    "concat-VAE": ("concat", False, False),
+    "xattn-VAE": ("xattn", False, False),
+    "xattn-CLIPimg": (None, True, False),
+    "xattn-CLIPtab": (None, False, True),
+    "concat-VAE+CLIPtab": ("concat", False, True),
+    "concat-VAE+CLIPimg+CLIPtab": ("concat", True, True),
+    "xattn-VAE+CLIPimg+CLIPtab": ("xattn", True, True),  # row 7: the final EHRXDiff
+}
+
 # --- Diffusion (§II-C, Eq. 2) ------------------------------------------------------------------
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.0015, 0.0295   # sqrt-linear ("scaled_linear" in diffusers) [R configs]

@@ -244,7 +244,7 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     """One conditional LDM (§II-C, Eq. 2) around the shared VAE and a copy of the pre-trained CLIP towers."""
     import copy
 
-    from .adaptor import TABLE_IV_VARIANTS
+    from .constants import TABLE_IV_VARIANTS
     from .ldm import ClipConditioner, build_ehrxdiff
     from .train_ldm import train_ldm
     from .wnull import WithNullSamples
