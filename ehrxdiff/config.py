@@ -107,6 +107,7 @@ class StudyConfig:
     sampler: str = "ddim"                    # ddim (paper: 100 steps, eta 1) | dpm (fast)
     sample_steps: int = 50
     sample_eta: float = 1.0
+    sample_clip_x0: float | None = None      # clip predicted x0 to ±this (not in the paper; for short CPU runs)
     sample_seeds: list = field(default_factory=lambda: [0, 1, 2])
     sample_batch_size: int = 32
     eval_max_pairs: int = 0                  # test pairs generated and scored (0 = the whole test split)

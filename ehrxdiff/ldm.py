@@ -255,22 +255,31 @@ class EHRXDiff(nn.Module):
 SAMPLERS = ("ddim", "dpm++")
 
 
-def make_inference_scheduler(kind: str, train_scheduler_config) -> "DDIMScheduler | DPMSolverMultistepScheduler":
+def make_inference_scheduler(kind: str, train_scheduler_config, clip_x0: float | None = None
+                             ) -> "DDIMScheduler | DPMSolverMultistepScheduler":
     """The sampler of decision D6, on the training noise schedule.
 
     ``"ddim"``: the paper's DDIM (use 100 steps, eta = 1 at call time), with LDM's uniform "leading" timesteps
     offset by one (991, 981, ..., 1) and alpha_prev of the last step = alphas_cumprod[0], exactly as LDM's
     ``DDIMSampler`` [R cheff/ldm/models/diffusion/ddim.py]. ``"dpm++"``: DPM-Solver++ (2nd order multistep), a
     fast switch for <= 20 steps; not in the paper.
+
+    ``clip_x0`` (not in the paper; off by default) clips each step's predicted clean latent to
+    [-clip_x0, clip_x0]. LDM's schedule ends at alpha_bar_T ~ 4e-6, so an eps error e at high t becomes an x0
+    error e / sqrt(alpha_bar_t) (~500 e): a converged model makes e ~ 0 there, a short CPU run does not, and
+    its unclipped trajectories leave the latent range (measured on the demo: x0 std 45 vs 0.6). Set it to the
+    latent range (max |z| of encoded training images) for under-trained models.
     """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    clip = {} if clip_x0 is None else {"clip_sample": True, "clip_sample_range": float(clip_x0)}
     if kind == "ddim":
         return DDIMScheduler.from_config(train_scheduler_config, timestep_spacing="leading", steps_offset=1,
-                                         set_alpha_to_one=False, clip_sample=False)
+                                         set_alpha_to_one=False, **({"clip_sample": False} | clip))
     if kind == "dpm++":
+        thr = {} if clip_x0 is None else {"thresholding": True, "sample_max_value": float(clip_x0)}
         return DPMSolverMultistepScheduler.from_config(train_scheduler_config, algorithm_type="dpmsolver++",
-                                                       solver_order=2, timestep_spacing="linspace")
+                                                       solver_order=2, timestep_spacing="linspace", **thr)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
 
 

@@ -59,9 +59,10 @@ class EHRXDiffPipeline(DiffusionPipeline):
                    scheduler=make_inference_scheduler(sampler, model.noise_scheduler.config),
                    latent_scale=model.latent_scale, image_size=image_size, max_events=max_events)
 
-    def use_sampler(self, kind: str) -> None:
-        """Swap the inference scheduler in place: ``"ddim"`` (paper) or ``"dpm++"`` (fast)."""
-        self.scheduler = make_inference_scheduler(kind, self.scheduler.config)
+    def use_sampler(self, kind: str, clip_x0: float | None = None) -> None:
+        """Swap the inference scheduler in place: ``"ddim"`` (paper) or ``"dpm++"`` (fast); ``clip_x0`` see
+        :func:`ehrxdiff.ldm.make_inference_scheduler`."""
+        self.scheduler = make_inference_scheduler(kind, self.scheduler.config, clip_x0=clip_x0)
 
     # -- tensor-level API (used by ehrxdiff.sampling for whole splits) -----------------------------
     @torch.no_grad()

@@ -35,7 +35,8 @@ def png_path(out_dir: str | Path, pair_key: str) -> Path:
 
 def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sampler: str = "ddim",
                    num_inference_steps: int = 100, eta: float = 1.0, batch_size: int = 8,
-                   collate_fn=None, num_workers: int = 0, progress: bool = True) -> dict:
+                   collate_fn=None, num_workers: int = 0, progress: bool = True,
+                   clip_x0: float | None = None) -> dict:
     """Write ``out_dir/<pair_key>.png`` (8-bit grey, image_size^2) for every item of ``dataset``.
 
     ``dataset`` yields items as :class:`ehrxdiff.data.PairDataset` (batched by ``collate_fn``, default
@@ -46,7 +47,7 @@ def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sample
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipe.use_sampler(sampler)
+    pipe.use_sampler(sampler, clip_x0=clip_x0)
     keys = _pair_keys(dataset)
     todo = [i for i, k in enumerate(keys) if not png_path(out, k).is_file()]
     subset = torch.utils.data.Subset(dataset, todo)

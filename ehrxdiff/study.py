@@ -72,7 +72,11 @@ def write_table1(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:
     from .cohort import table1
     from .reporting import write_table
     t1 = table1(pairs)
-    write_table(t1, "table1_cohort", figures_dir(cfg), caption="Table I: cohort statistics per split")
+    shown = t1.astype(object)
+    for row in shown.index:   # counts as integers, the interval with two decimals (as the paper prints them)
+        shown.loc[row] = [f"{v:.2f}" if "interval" in row else f"{int(v):,}" for v in t1.loc[row]]
+    shown.index.name = "statistic"
+    write_table(shown, "table1_cohort", figures_dir(cfg), caption="Table I: cohort statistics per split")
     return t1
 
 
@@ -291,6 +295,7 @@ def generate(cfg: StudyConfig, name: str, test, seeds) -> pd.DataFrame:
     for seed in seeds:
         s = generate_split(pipe, test, sample_dir(cfg, name, seed), seed=seed,
                            sampler="dpm++" if cfg.sampler == "dpm" else "ddim", num_inference_steps=cfg.sample_steps,
-                           eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg))
+                           eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg),
+                           clip_x0=cfg.sample_clip_x0)
         rows.append({"model": name, "seed": seed, **s})
     return pd.DataFrame(rows)

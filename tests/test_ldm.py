@@ -275,3 +275,13 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     hist = pd.read_csv(tmp_path / "resumed" / "history.csv")
     assert hist[hist.split == "train"].step.tolist() == [1, 2, 3, 4]
     assert {"loss", "loss_ema"} <= set(hist[hist.split == "valid"].dropna(axis=1).columns)
+
+
+def test_clip_x0_switch_is_off_by_default_and_clips_when_set():
+    """Decision D6 keeps the paper's unclipped DDIM; the CPU-demo switch clips predicted x0 (ldm docstring)."""
+    from ehrxdiff.ldm import build_noise_scheduler, make_inference_scheduler
+    cfg = build_noise_scheduler().config
+    assert make_inference_scheduler("ddim", cfg).config.clip_sample is False
+    clipped = make_inference_scheduler("ddim", cfg, clip_x0=2.0)
+    assert clipped.config.clip_sample is True and clipped.config.clip_sample_range == 2.0
+    assert make_inference_scheduler("dpm++", cfg, clip_x0=2.0).config.thresholding is True

@@ -47,6 +47,13 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.endswith("s") and ".ipynb" in ln]
     assert len(lines) == len(NOTEBOOKS) and all(" ok " in ln for ln in lines)
-    t1 = pd.read_csv(tmp_path / "fig" / "table1_cohort.csv", index_col=0)
+    t1 = pd.read_csv(tmp_path / "fig" / "table1_cohort.csv", index_col=0, thousands=",")
     assert t1.loc["samples"].sum() > 0
     assert (tmp_path / "run" / "event_store").is_dir()
+    for table in ("table2_imagenome_auroc", "table3_fid_demographics", "table4_ablation"):
+        for ext in ("csv", "md", "tex"):
+            assert (tmp_path / "fig" / f"{table}.{ext}").stat().st_size > 0
+    t2 = pd.read_csv(tmp_path / "fig" / "table2_imagenome_auroc.csv", index_col=0)
+    assert {"GT", "previous image", "previous label", "EHRXDiff", "EHRXDiff_w_null"} <= set(t2.index)
+    for fig in ("fig_qualitative", "fig_difference_maps", "fig_table2_auroc_bars"):
+        assert (tmp_path / "fig" / f"{fig}.png").exists() and (tmp_path / "fig" / f"{fig}.pdf").exists()
