@@ -204,7 +204,7 @@ def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_
     ds = study.datasets(cfg, ("test",))
     test = study.test_pairs(cfg, ds)
     _, rows = label_rows(cfg, test.pairs)
-    events = study.build_events(cfg, test.pairs).events
+    events = study.load_events(cfg)
     seed = cfg.sample_seeds[0]
     diff = rows[rows["relation"] != rows["prev_relation"]]
     chosen, used = [], set()

@@ -103,15 +103,27 @@ def make_embedder(cfg: StudyConfig):
                 api_version=cfg.openai_api_version)
 
 
+def load_events(cfg: StudyConfig):
+    """The extracted events as notebook 02 wrote them (read-only: no re-split, no embedding)."""
+    from .events import EventResult
+    ev_dir = cfg.path("run_dir") / "events"
+    if not (ev_dir / "events.parquet").exists():
+        raise FileNotFoundError(f"{ev_dir}/events.parquet not found: run notebook 02 first")
+    return EventResult(pd.read_parquet(ev_dir / "events.parquet"),
+                       pd.read_parquet(ev_dir / "event_texts.parquet")["text"].tolist(),
+                       pd.read_csv(ev_dir / "event_report.csv"), cfg.text_style)
+
+
 def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) -> EventsStep:
-    """S_event per pair (§II-D) → unique texts → embeddings → the compact event store (D8)."""
+    """S_event per pair (§II-D) → unique texts → embeddings → the compact event store (D8).
+
+    ``pairs`` must be the whole cohort: the study's samples are re-split from it (``_resplit``). Readers
+    that only need the events call :func:`load_events`."""
     from .event_store import EventStore, build_event_store
     from .events import EventResult, extract_events
     ev_dir, store_dir = run_dir(cfg, "events"), cfg.path("run_dir") / "event_store"
     if not force and (ev_dir / "events.parquet").exists():
-        ev = EventResult(pd.read_parquet(ev_dir / "events.parquet"),
-                         pd.read_parquet(ev_dir / "event_texts.parquet")["text"].tolist(),
-                         pd.read_csv(ev_dir / "event_report.csv"), cfg.text_style)
+        ev = load_events(cfg)
     else:
         src = prepare_sources(cfg)
         ev = extract_events(src["mimic_iv"], pairs, max_events=cfg.max_events, text_style=cfg.text_style,

@@ -50,6 +50,9 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     t1 = pd.read_csv(tmp_path / "fig" / "table1_cohort.csv", index_col=0, thousands=",")
     assert t1.loc["samples"].sum() > 0
     assert (tmp_path / "run" / "event_store").is_dir()
+    # Later notebooks must never rewrite the study's samples (06 once re-split its test subset in place).
+    samples = pd.read_parquet(tmp_path / "run" / "cohort" / "samples.parquet")
+    assert len(samples) == t1.loc["samples"].sum() > 100
     for table in ("table2_imagenome_auroc", "table3_fid_demographics", "table4_ablation"):
         for ext in ("csv", "md", "tex"):
             assert (tmp_path / "fig" / f"{table}.{ext}").stat().st_size > 0
