@@ -82,19 +82,17 @@ def table_classifiers(cfg: StudyConfig, rows: pd.DataFrame, test_keys) -> dict[s
     from .labels import prev_label_matrix, target_label_matrix
     _, store = study.load_pairs_with_events(cfg)
     clip = study.load_clip(cfg)
-    data = {s: PairEvents(store, target_label_matrix(rows[rows["split"] == s]),
-                          prev_label_matrix(rows[rows["split"] == s]), max_events=cfg.max_events)
-            for s in ("train", "valid")}
     keep = set(test_keys)
+    masks = {"train": rows["split"] == "train", "valid": rows["split"] == "valid", "test": rows["pair_key"].isin(keep)}
+    data = {s: PairEvents(store, target_label_matrix(rows[m]), prev_label_matrix(rows[m]), max_events=cfg.max_events)
+            for s, m in masks.items()}
+    test = DataLoader(data["test"], batch_size=cfg.eval_batch_size, collate_fn=collate_events)
     out = {}
     for name, use_prev in (("table classifier", False), ("table classifier w/ prev label", True)):
         model = train_table_classifier(TableClassifier(clip.table_tower, use_prev_label=use_prev), data["train"],
                                        data["valid"], output_dir=eval_dir(cfg) / name.replace(" ", "_").replace("/", ""),
                                        epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size, seed=cfg.seed)
-        test = PairEvents(store, target_label_matrix(rows[rows["pair_key"].isin(keep)]),
-                          prev_label_matrix(rows[rows["pair_key"].isin(keep)]), max_events=cfg.max_events)
-        out[name] = predict_table_classifier(model, DataLoader(test, batch_size=cfg.eval_batch_size,
-                                                               collate_fn=collate_events))
+        out[name] = predict_table_classifier(model, test)
     return out
 
 
