@@ -1,0 +1,503 @@
+"""Your own cohort: a non-MIMIC longitudinal imaging cohort in two tables, run through the MIMIC path's code.
+
+Two tables, CSV (``.csv``/``.csv.gz``) or Parquet. Headers are case-insensitive; ids are read as text; times
+are ISO 8601 (``2021-03-04 08:15:00``, ``2021-03-04T08:15``; an offset such as ``Z`` or ``+02:00`` is converted
+to UTC, a time without one is taken as it is); blank cells are missing.
+
+**images** — one row per image file
+
+=============  ========  ===========================================================================
+column         required  meaning
+=============  ========  ===========================================================================
+subject_id     yes       patient
+time           yes       acquisition time (kept to the second, as MIMIC-CXR's StudyTime)
+path           yes       image file (PNG/JPEG, any bit depth, mode and size: :mod:`ehrxdiff.images`),
+                         relative to ``image_root`` (default: the images table's folder) or absolute
+view           yes       ``PA``, ``AP`` or ``FRONTAL`` are frontal and paired; any other value
+                         (``LATERAL``, …) is counted as non-frontal and dropped, as on MIMIC
+episode_id     no        admission/episode: pairs never cross episodes, and one subject's episodes must
+                         not overlap in time. Absent: one episode per subject (``max_interval_hours``
+                         still bounds every pair)
+image_id       no        unique, file-name-safe id (letters, digits, ``.``, ``_``, ``-``): it names the
+                         predicted images. Default: the path without extension, other characters → ``-``
+age            no        age in years at that image; a pair gets its episode's first age
+sex            no        ``F``/``M`` (or female/male); a pair gets the subject's first value
+<finding>      no        labels, 0/1/blank, for any of the 10 Chest ImaGenome findings, named as in
+                         :data:`~ehrxdiff.constants.IMAGENOME_LABELS` with spaces or underscores, or by
+                         the part before ``/`` (``pleural_effusion``, ``pulmonary_edema``, …)
+=============  ========  ===========================================================================
+
+**events** — one row per event: ``subject_id``, ``time``, ``table`` (the source, e.g. ``labs``) and the
+content, as free ``text`` and/or column/value pairs: every other column (but ``episode_id``, ignored: events join
+a pair by subject and time) is written ``<column> <value>`` in file order when its cell is not blank. A row serializes exactly like a MIMIC event
+(:func:`ehrxdiff.events.serialize_event`): ``labs item creatinine value 1.2 unit mg/dL``; the text comes
+last (``note patient short of breath``).
+
+What is reused, not rewritten: the pairs and the patient-level split are made by
+:func:`ehrxdiff.cohort.build_cohort` itself, run over a MIMIC-shaped view of the images table written to a
+temporary folder (one admission per episode spanning its frontal images; one study per subject and time;
+no age filter), so ``pairing``, ``max_interval_hours``, the split and the drop funnel are the MIMIC path's.
+Events join a pair by subject with prev_time <= time <= target_time (both inclusive), time-ordered with a
+stable tie-break (table in order of first appearance, then file row), the most recent ``max_events`` kept,
+into the same :class:`~ehrxdiff.events.EventResult`. The artefacts are the MIMIC path's (``cohort/pairs.parquet``,
+``cohort/cohort_report.csv``, ``events/events.parquet``, ``events/event_texts.parquet``, ``events/event_report.csv``)
+plus ``cohort/rejected_images.csv`` and, with labels, ``cohort/image_labels.parquet`` (the columns of
+:func:`ehrxdiff.labels.image_labels`).
+
+Nothing is dropped silently: a bad row (no subject, unparseable time, …) or an unusable image file (missing,
+unreadable) is counted in the report and listed with its row number and reason; a missing file or required
+column is one error naming the file and the column.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ehrxdiff.cohort import CXR_METADATA_STEM, CohortResult, build_cohort, check_image_files, table1
+from ehrxdiff.constants import IMAGENOME_LABELS, MAX_EVENTS, MAX_INTERVAL_HOURS, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
+from ehrxdiff.events import TEXT_STYLES, EventResult, serialize_event
+from ehrxdiff.images import ImageLoadError, read_gray
+from ehrxdiff.schemas import COLUMNS
+from ehrxdiff.sources import MissingTableError, SchemaError, connect, validate_columns
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OwnCohortResult", "read_table", "build_own_cohort", "extract_own_events", "import_own_cohort",
+           "IMAGE_COLUMNS", "EVENT_COLUMNS", "main"]
+
+IMAGE_COLUMNS = ("subject_id", "time", "path", "view")
+EVENT_COLUMNS = ("subject_id", "time", "table")
+FRONTAL = {"PA": "PA", "AP": "AP", "FRONTAL": "AP"}    # accepted view → the ViewPosition build_cohort keeps
+CHECK_IMAGES = ("decode", "header", "none")
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
+_FILE_REASONS = ("image file missing", "image file unreadable")
+
+
+@dataclass
+class OwnCohortResult(CohortResult):
+    """:class:`~ehrxdiff.cohort.CohortResult` plus what the import rejected and the optional labels.
+
+    ``rejected``: one row per rejected images-table row: row (0-based), path, reason, detail.
+    ``labels``: image labels (study_id, dicom_id, label, relation) or None when the table has no label column.
+    """
+
+    rejected: pd.DataFrame = field(default_factory=pd.DataFrame)
+    labels: pd.DataFrame | None = None
+
+    @property
+    def bad_images(self) -> pd.DataFrame:
+        """The rejected rows whose image file is missing or unreadable."""
+        return self.rejected[self.rejected["reason"].isin(_FILE_REASONS)].reset_index(drop=True)
+
+    def write(self, out_dir: str | Path) -> Path:
+        """``pairs.parquet``, ``cohort_report.csv``, ``rejected_images.csv`` and, with labels,
+        ``image_labels.parquet`` under ``out_dir``."""
+        out = super().write(out_dir)
+        self.rejected.to_csv(out / "rejected_images.csv", index=False)
+        if self.labels is not None:
+            self.labels.to_parquet(out / "image_labels.parquet", index=False)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading and normalising
+
+def read_table(path: str | Path, required) -> pd.DataFrame:
+    """A CSV/CSV.gz/Parquet table with lower-cased column names; every CSV cell is text, blank = missing.
+
+    A missing file raises :class:`~ehrxdiff.sources.MissingTableError`, a missing required column
+    :class:`~ehrxdiff.sources.SchemaError`; both name the file (and the column).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingTableError(f"missing file: {path}")
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        df = pd.read_parquet(path)
+    elif name.endswith((".csv", ".csv.gz")):
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        except pd.errors.EmptyDataError:
+            raise SchemaError(f"{path}: empty file, no header row") from None
+    else:
+        raise ValueError(f"{path}: expected .csv, .csv.gz or .parquet")
+    header = [str(c).strip().lower() for c in df.columns]
+    if len(set(header)) != len(header):
+        dup = sorted({c for c in header if header.count(c) > 1})
+        raise SchemaError(f"{path}: duplicate column(s) after lower-casing: {', '.join(dup)}")
+    validate_columns(path, header, required)
+    df.columns = header
+    return df.reset_index(drop=True)
+
+
+def _text(s: pd.Series) -> pd.Series:
+    """Stripped text, blank → missing."""
+    t = s.astype("string").str.strip()
+    return t.mask(t == "")
+
+
+def _time(s: pd.Series) -> pd.Series:
+    """ISO 8601 → naive timestamps (offsets converted to UTC); unparseable → NaT."""
+    if not pd.api.types.is_datetime64_any_dtype(s):
+        s = pd.to_datetime(_text(s), errors="coerce", format="ISO8601", utc=True)
+    if isinstance(s.dtype, pd.DatetimeTZDtype):
+        s = s.dt.tz_convert("UTC").dt.tz_localize(None)
+    return s.astype("datetime64[us]")
+
+
+def _label_columns(columns) -> dict[str, str]:
+    """Column → Chest ImaGenome finding, for the columns that name one (spaces/underscores, or the part before /)."""
+    names = {}
+    for lab in IMAGENOME_LABELS:
+        names[lab] = lab
+        names.setdefault(lab.split("/")[0], lab)
+    out = {}
+    for c in columns:
+        lab = names.get(c.replace("_", " ").strip())
+        if lab is not None and lab not in out.values():
+            out[c] = lab
+    return out
+
+
+class _Funnel:
+    """Report rows (kind, what, unit, n) in the layout of the cohort report, and the rejected rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.rejected: list[pd.DataFrame] = []
+
+    def add(self, kind: str, what: str, unit: str, n: int) -> None:
+        self.rows.append({"kind": kind, "what": what, "unit": unit, "n": int(n)})
+
+    def reject(self, df: pd.DataFrame, ok: pd.Series, bad: pd.Series, reason: str, detail=None) -> pd.Series:
+        """Reject rows where ``ok & bad`` with ``reason`` (counted even when 0); returns the new ``ok``."""
+        hit = ok & bad.fillna(False).astype(bool)
+        self.add("dropped", reason, "images", int(hit.sum()))
+        if hit.any():
+            d = pd.DataFrame({"row": df.index[hit], "path": df.loc[hit, "path"], "reason": reason,
+                              "detail": detail[hit] if detail is not None else ""})
+            self.rejected.append(d)
+        return ok & ~hit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images → pairs
+
+def _check_files(paths: list[Path], mode: str, workers: int) -> list[tuple[str | None, str]]:
+    """(None or "missing"/"unreadable", detail) per file: full decode with :func:`read_gray`, or header only."""
+    if mode == "header":
+        return [(r, "" if r is None else f"{p}: {r}") for p, r in zip(paths, check_image_files(paths, workers=workers))]
+
+    def one(p: Path) -> tuple[str | None, str]:
+        try:
+            read_gray(p)
+            return None, ""
+        except ImageLoadError as e:
+            return e.reason, str(e)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(one, paths))
+
+
+def _images(path: Path, image_root: Path, check_images: str, workers: int, fun: _Funnel) -> tuple[pd.DataFrame, dict]:
+    """The images table validated: kept rows with normalised columns, and the label columns found."""
+    df = read_table(path, IMAGE_COLUMNS)
+    fun.add("kept", f"rows in {path.name}", "images", len(df))
+    img = pd.DataFrame({"subject_id": _text(df["subject_id"]), "time": _time(df["time"]).dt.floor("s"),
+                        "path": _text(df["path"]), "view": _text(df["view"]).str.upper()}, index=df.index)
+    has_episode = "episode_id" in df.columns
+    img["episode_id"] = _text(df["episode_id"]) if has_episode else img["subject_id"]
+    if "image_id" in df.columns:
+        img["image_id"] = _text(df["image_id"])
+        unsafe = img["image_id"].notna() & ~img["image_id"].fillna("").str.fullmatch(_SAFE_ID.pattern)
+    else:
+        stem = img["path"].str.replace(r"\.[A-Za-z0-9]+$", "", regex=True)
+        img["image_id"] = stem.str.replace(r"[^A-Za-z0-9._-]+", "-", regex=True).str.strip("-")
+        unsafe = pd.Series(False, index=img.index)
+
+    ok = pd.Series(True, index=img.index)
+    ok = fun.reject(img, ok, img["subject_id"].isna(), "no subject_id")
+    ok = fun.reject(img, ok, img["time"].isna(), "time missing or not ISO 8601")
+    ok = fun.reject(img, ok, img["path"].isna(), "no path")
+    ok = fun.reject(img, ok, img["view"].isna(), "no view")
+    if has_episode:
+        ok = fun.reject(img, ok, img["episode_id"].isna(), "no episode_id")
+    ok = fun.reject(img, ok, img["image_id"].isna() | unsafe,
+                    "image_id empty or not file-name safe (letters, digits, . _ -)")
+    ok = fun.reject(img, ok, img["image_id"].where(ok).duplicated() & img["image_id"].notna(),
+                    "duplicate image_id (first row kept)")
+
+    # the files of frontal rows (the others are dropped as non-frontal by build_cohort, unread)
+    frontal = ok & img["view"].isin(list(FRONTAL))
+    status = pd.Series(None, index=img.index, dtype=object)
+    detail = pd.Series("", index=img.index, dtype=object)
+    if check_images != "none" and frontal.any():
+        idx = img.index[frontal]
+        res = _check_files([image_root / p for p in img.loc[idx, "path"]], check_images, workers)
+        status[idx] = [r for r, _ in res]
+        detail[idx] = [d for _, d in res]
+    ok = fun.reject(img, ok, status == "missing", "image file missing", detail)
+    ok = fun.reject(img, ok, status == "unreadable", "image file unreadable", detail)
+
+    labels = _label_columns(df.columns)
+    fun.add("kept", "label columns: " + (", ".join(labels.values()) or "none"), "columns", len(labels))
+    for col, lab in labels.items():
+        v = _text(df[col])
+        num = pd.to_numeric(v, errors="coerce")
+        bad = ok & v.notna() & ~num.isin([0, 1])
+        fun.add("dropped", f"label '{lab}' not 0/1 (kept as not mentioned)", "label values", int(bad.sum()))
+        img[f"label:{lab}"] = num.where(num.isin([0, 1]))
+    if "age" in df.columns:
+        age = pd.to_numeric(_text(df["age"]), errors="coerce")
+        fun.add("dropped", "age not a number (kept as unknown)", "values",
+                int((ok & _text(df["age"]).notna() & age.isna()).sum()))
+        img["age"] = age
+    if "sex" in df.columns:
+        raw = _text(df["sex"]).str.upper()
+        sex = raw.map({"F": "F", "FEMALE": "F", "M": "M", "MALE": "M"})
+        fun.add("dropped", "sex not F/M (kept as unknown)", "values", int((ok & raw.notna() & sex.isna()).sum()))
+        img["sex"] = sex
+    return img[ok].sort_values(["subject_id", "time", "image_id"], kind="mergesort"), labels
+
+
+def _check_episodes(path: Path, img: pd.DataFrame) -> None:
+    spans = img.groupby(["subject_id", "episode_id"])["time"].agg(["min", "max"]).reset_index()
+    spans = spans.sort_values(["subject_id", "min", "max"], kind="mergesort")
+    prev_max = spans.groupby("subject_id")["max"].shift()
+    clash = spans[spans["min"] <= prev_max]
+    if len(clash):
+        r = clash.iloc[0]
+        raise ValueError(f"{path}: subject {r['subject_id']}: episode {r['episode_id']} starts at {r['min']} before an "
+                         f"earlier episode of the subject ends; episodes of one subject must not overlap in time")
+
+
+def _mimic_view(root: Path, img: pd.DataFrame) -> None:
+    """Write the frontal-or-not images as MIMIC-IV patients/admissions and a MIMIC-CXR metadata file (integer ids)."""
+    (root / "hosp").mkdir(parents=True, exist_ok=True)
+    fmt = "%Y-%m-%d %H:%M:%S"
+    frontal = img[img["view"].isin(list(FRONTAL))]
+    adm = frontal.groupby(["subject_code", "hadm_code"])["time"].agg(["min", "max"]).reset_index()
+    pd.DataFrame({"subject_id": adm["subject_code"], "hadm_id": adm["hadm_code"],
+                  "admittime": (adm["min"] - pd.Timedelta(seconds=1)).dt.strftime(fmt),
+                  "dischtime": adm["max"].dt.strftime(fmt)}
+                 ).reindex(columns=COLUMNS["hosp/admissions"]).to_csv(root / "hosp" / "admissions.csv", index=False)
+    # age = year(admittime) - anchor_year + anchor_age >= 0 = min_age: nobody is dropped for age here
+    pd.DataFrame({"subject_id": sorted(img["subject_code"].unique()), "anchor_age": 0, "anchor_year": 0}
+                 ).reindex(columns=COLUMNS["hosp/patients"]).to_csv(root / "hosp" / "patients.csv", index=False)
+    pd.DataFrame({"dicom_id": img["image_id"], "subject_id": img["subject_code"], "study_id": img["study_code"],
+                  "ViewPosition": img["view"].map(FRONTAL).fillna(img["view"]),
+                  "StudyDate": img["time"].dt.strftime("%Y%m%d"), "StudyTime": img["time"].dt.strftime("%H%M%S")}
+                 ).reindex(columns=COLUMNS["cxr/metadata"]).to_csv(root / f"{CXR_METADATA_STEM}.csv", index=False)
+
+
+def _first(img: pd.DataFrame, keys: list[str], col: str) -> pd.Series:
+    return img.dropna(subset=[col]).groupby(keys)[col].first()
+
+
+def build_own_cohort(images: str | Path, *, image_root: str | Path | None = None, pairing: str = "all_earlier",
+                     max_interval_hours: float = MAX_INTERVAL_HOURS, split_seed: int = SPLIT_SEED,
+                     test_fraction: float = TEST_FRACTION, valid_fraction: float = VALID_FRACTION,
+                     split_file: str | Path | None = None, check_images: str = "decode", workers: int | None = None,
+                     threads: int | None = None) -> OwnCohortResult:
+    """Pairs of an images table (module docstring for the format) by :func:`ehrxdiff.cohort.build_cohort`.
+
+    ``check_images``: "decode" reads every frontal image in full with :func:`ehrxdiff.images.read_gray` (finds
+    truncated files too), "header" only parses headers (fast, as the MIMIC path), "none" trusts the table.
+    The output's ``prev_path``/``target_path`` are the table's paths (relative to ``image_root``, or absolute),
+    ``hadm_id`` the episode (the subject when there is no episode_id), ``age``/``gender`` from age/sex or missing.
+    """
+    if check_images not in CHECK_IMAGES:
+        raise ValueError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
+    path = Path(images)
+    root = Path(image_root) if image_root is not None else path.parent
+    fun = _Funnel()
+    img, labels = _images(path, root, check_images, workers or min(8, os.cpu_count() or 1), fun)
+    _check_episodes(path, img[img["view"].isin(list(FRONTAL))])
+
+    subjects = sorted(img["subject_id"].unique())
+    img["subject_code"] = img["subject_id"].map({s: i + 1 for i, s in enumerate(subjects)}).astype("int64")
+    img["hadm_code"] = img.groupby(["subject_id", "episode_id"], sort=True).ngroup().astype("int64") + 1
+    img["study_code"] = img.groupby(["subject_id", "time"], sort=True).ngroup().astype("int64") + 1
+    with tempfile.TemporaryDirectory(prefix="own-cohort-") as tmp:
+        _mimic_view(Path(tmp), img)
+        res = build_cohort(tmp, tmp, pairing=pairing, max_interval_hours=max_interval_hours, min_age=0,
+                           split_seed=split_seed, test_fraction=test_fraction, valid_fraction=valid_fraction,
+                           split_file=split_file, check_images=False, threads=threads)
+
+    # back from the view's integer ids to the table's ids, paths, age and sex
+    pairs = res.pairs
+    by_id = img.set_index("image_id")
+    pairs["subject_id"] = pairs["prev_dicom_id"].map(by_id["subject_id"]).astype(str)
+    pairs["hadm_id"] = pairs["prev_dicom_id"].map(by_id["episode_id"]).astype(str)
+    pairs["prev_path"] = pairs["prev_dicom_id"].map(by_id["path"]).astype(str)
+    pairs["target_path"] = pairs["target_dicom_id"].map(by_id["path"]).astype(str)
+    episode = list(zip(pairs["subject_id"], pairs["hadm_id"]))
+    age = _first(img, ["subject_id", "episode_id"], "age") if "age" in img else pd.Series(dtype=float)
+    pairs["age"] = pd.Series([age.get(k, float("nan")) for k in episode], index=pairs.index, dtype="float64")
+    sex = _first(img, ["subject_id"], "sex") if "sex" in img else pd.Series(dtype=object)
+    pairs["gender"] = pairs["subject_id"].map(sex).astype(object)
+
+    report = pd.concat([pd.DataFrame(fun.rows), res.report.drop(columns="step")], ignore_index=True)
+    report.insert(0, "step", range(1, len(report) + 1))
+    rejected = (pd.concat(fun.rejected, ignore_index=True).sort_values("row", kind="mergesort").reset_index(drop=True)
+                if fun.rejected else pd.DataFrame(columns=["row", "path", "reason", "detail"]))
+    if rejected.size:
+        log.warning("%s: %d row(s) rejected: %s", path, len(rejected), rejected["reason"].value_counts().to_dict())
+    lab = None
+    if labels:
+        long = img.melt(id_vars=["study_code", "image_id"], value_vars=[f"label:{v}" for v in labels.values()],
+                        var_name="label", value_name="relation").dropna(subset=["relation"])
+        lab = pd.DataFrame({"study_id": long["study_code"].to_numpy(), "dicom_id": long["image_id"].to_numpy(),
+                            "label": long["label"].str.removeprefix("label:").to_numpy(),
+                            "relation": long["relation"].astype(int).to_numpy()})
+        lab = lab.sort_values(["study_id", "dicom_id", "label"], kind="mergesort").reset_index(drop=True)
+    return OwnCohortResult(pairs=pairs, report=report, rejected=rejected, labels=lab)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# events → S_event per pair
+
+def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
+                       text_style: str = "plain", threads: int | None = None) -> EventResult:
+    """S_event of every pair from an events table (module docstring), as :func:`ehrxdiff.events.extract_events`
+    returns it for MIMIC: the same serializer, window rule, ordering, ``max_events`` cut and report rows."""
+    if text_style not in TEXT_STYLES:
+        raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {text_style!r}")
+    if max_events < 1:
+        raise ValueError(f"max_events must be >= 1, got {max_events}")
+    path = Path(events)
+    df = read_table(path, EVENT_COLUMNS)
+    value_cols = [c for c in df.columns if c not in (*EVENT_COLUMNS, "text", "episode_id")]
+    if "text" not in df.columns and not value_cols:
+        raise SchemaError(f"{path}: missing column 'text' (and no column/value columns; header has: "
+                          f"{', '.join(df.columns)})")
+    report: list[dict] = []
+
+    def add(table: str, what: str, n) -> None:
+        report.append({"table": table, "what": what, "n": n})
+
+    ev = pd.DataFrame({"subject_id": _text(df["subject_id"]), "t": _time(df["time"]), "table": _text(df["table"]),
+                       "row_ord": df.index.to_numpy()}, index=df.index)
+    text = _text(df["text"]) if "text" in df.columns else pd.Series(pd.NA, index=df.index, dtype="string")
+    content = text.notna()
+    for c in value_cols:
+        content |= _text(df[c]).notna() if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]) else df[c].notna()
+    add("all", "rows in " + path.name, len(df))
+    ok = pd.Series(True, index=df.index)
+    for what, bad in (("no subject_id", ev["subject_id"].isna()), ("time missing or not ISO 8601", ev["t"].isna()),
+                      ("no table", ev["table"].isna()), ("no text and no column value", ~content)):
+        add("all", f"dropped: {what}", int((ok & bad).sum()))
+        ok &= ~bad
+    ev = ev[ok]
+    tables = list(pd.unique(ev["table"]))
+    ev["table_ord"] = ev["table"].map({t: i for i, t in enumerate(tables)}).astype("int32")
+
+    win = pairs[["pair_key", "subject_id", "prev_time", "target_time"]].copy()
+    win["subject_id"] = win["subject_id"].astype(str)
+    for c in ("prev_time", "target_time"):
+        win[c] = pd.to_datetime(win[c]).astype("datetime64[us]")
+    con = connect(threads=threads)
+    con.register("ev_df", ev[["subject_id", "t", "table_ord", "row_ord"]].astype({"subject_id": str}))
+    con.register("win_df", win)
+    # the window join and the most-recent cut of events.extract_events, on (subject, time) instead of hadm_id
+    con.execute("""CREATE TEMP TABLE ev AS SELECT w.pair_key, e.t, w.prev_time, e.table_ord, e.row_ord
+        FROM ev_df e JOIN win_df w ON e.subject_id = w.subject_id AND e.t BETWEEN w.prev_time AND w.target_time""")
+    in_win = con.execute("SELECT table_ord, count(*), count(DISTINCT row_ord) FROM ev GROUP BY 1").fetchall()
+    per_table = {int(t): (int(n), int(u)) for t, n, u in in_win}
+    for i, t in enumerate(tables):
+        add(t, "events in pair windows", per_table.get(i, (0, 0))[0])
+    add("all", "events outside every pair window (info)", len(ev) - sum(u for _, u in per_table.values()))
+    kept = con.execute(f"""SELECT pair_key, t, prev_time, table_ord, row_ord FROM (
+        SELECT *, row_number() OVER (PARTITION BY pair_key ORDER BY t DESC, table_ord DESC, row_ord DESC) AS rn
+        FROM ev) WHERE rn <= {int(max_events)} ORDER BY pair_key, t, table_ord, row_ord""").df()
+    n_all = con.execute("SELECT count(*) FROM ev").fetchone()[0]
+    con.close()
+    add("all", f"dropped: events beyond the most recent {max_events}", int(n_all - len(kept)))
+
+    rows = sorted(set(kept["row_ord"]))
+    values = df.loc[rows, value_cols].itertuples(index=False) if value_cols else [()] * len(rows)
+    row_text = {}
+    for r, table, vals in zip(rows, ev.loc[rows, "table"], values):
+        d = dict(zip(value_cols, vals))
+        if pd.notna(text.get(r)):
+            d[""] = text[r]   # a nameless column writes its value alone: the free text goes last
+        row_text[r] = serialize_event(table, {k: (None if v is pd.NA else v) for k, v in d.items()},
+                                      text_style=text_style)
+    texts = sorted(set(row_text.values()))
+    text_id = {t: i for i, t in enumerate(texts)}
+    out = pd.DataFrame({
+        "pair_key": kept["pair_key"].astype(str),
+        "position": kept.groupby("pair_key").cumcount().astype("int32"),
+        "text_id": kept["row_ord"].map(lambda r: text_id[row_text[r]]).astype("int32"),
+        "hours": ((kept["t"] - kept["prev_time"]).dt.total_seconds() / 3600.0).astype("float32"),
+    })
+    out["table"] = pd.Categorical.from_codes(kept["table_ord"].astype("int16"), categories=tables)
+    out["pair_key"] = out["pair_key"].astype("category")
+    n_pairs_with = out["pair_key"].nunique()
+    add("all", "dropped: pairs with no events", int(len(set(pairs["pair_key"])) - n_pairs_with))
+    add("all", "pairs kept", int(n_pairs_with))
+    add("all", "events kept", int(len(out)))
+    add("all", "unique event texts", int(len(texts)))
+    return EventResult(events=out, texts=texts, report=pd.DataFrame(report, columns=["table", "what", "n"]),
+                       text_style=text_style)
+
+
+def import_own_cohort(images: str | Path, events: str | Path, run_dir: str | Path, *, max_events: int = MAX_EVENTS,
+                      text_style: str = "plain", **cohort_kwargs) -> tuple[OwnCohortResult, EventResult]:
+    """Both steps, written where the study reads them: ``run_dir/cohort/`` and ``run_dir/events/``.
+
+    ``cohort_kwargs`` go to :func:`build_own_cohort`. Events are extracted for every pair; the study keeps the
+    pairs with at least one event and re-splits them (``study.build_events``), as on MIMIC.
+    """
+    cohort = build_own_cohort(images, **cohort_kwargs)
+    cohort.write(Path(run_dir) / "cohort")
+    ev = extract_own_events(events, cohort.pairs, max_events=max_events, text_style=text_style,
+                            threads=cohort_kwargs.get("threads"))
+    ev.write(Path(run_dir) / "events")
+    return cohort, ev
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ehrxdiff.own_cohort", description=__doc__.splitlines()[0])
+    ap.add_argument("--images", required=True, help="images table (.csv, .csv.gz or .parquet)")
+    ap.add_argument("--events", required=True, help="events table (.csv, .csv.gz or .parquet)")
+    ap.add_argument("--out", required=True, help="run folder: writes cohort/ and events/ under it")
+    ap.add_argument("--image-root", default=None, help="folder the relative image paths start from "
+                                                       "(default: the images table's folder)")
+    ap.add_argument("--pairing", choices=["all_earlier", "consecutive"], default="all_earlier")
+    ap.add_argument("--max-interval-hours", type=float, default=MAX_INTERVAL_HOURS)
+    ap.add_argument("--split-seed", type=int, default=SPLIT_SEED)
+    ap.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
+    ap.add_argument("--valid-fraction", type=float, default=VALID_FRACTION)
+    ap.add_argument("--max-events", type=int, default=MAX_EVENTS)
+    ap.add_argument("--text-style", choices=list(TEXT_STYLES), default="plain")
+    ap.add_argument("--check-images", choices=list(CHECK_IMAGES), default="decode")
+    a = ap.parse_args(argv)
+    try:
+        cohort, ev = import_own_cohort(a.images, a.events, a.out, image_root=a.image_root, pairing=a.pairing,
+                                       max_interval_hours=a.max_interval_hours, split_seed=a.split_seed,
+                                       test_fraction=a.test_fraction, valid_fraction=a.valid_fraction,
+                                       max_events=a.max_events,
+                                       text_style=a.text_style, check_images=a.check_images)
+    except (SchemaError, MissingTableError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
+    print(cohort.report.to_string(index=False))
+    if len(cohort.rejected):
+        print(cohort.rejected.to_string(index=False))
+    print(table1(cohort.pairs).to_string())
+    print(ev.report[ev.report["table"] == "all"].to_string(index=False))
+    print(f"wrote {Path(a.out) / 'cohort'} ({len(cohort.pairs)} pairs) and {Path(a.out) / 'events'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
