@@ -2,8 +2,10 @@
 
 ``cohort``: cohort + event extraction on a synthetic world (issue 3's goal: full MIMIC-IV v2.2, ~314 M
 chartevents + ~118 M labevents rows, in <= 30 min on 2 cores with peak RSS <= 4 GB). Prints rows/s per
-table, wall time, peak RSS of this process (the world is generated in a child process so its memory is
-not counted), and a linear extrapolation of each table's time to the real release's row count.
+table and stage, wall time, peak RSS of this process (DuckDB runs in it; the world is generated in a child
+process, reported separately), DuckDB's memory limit and threads, and a linear extrapolation of each
+table's time to the real release's row count. Events go through the streaming path
+(``extract_events_to_dir`` → parquet → ``build_event_store`` in chunks).
 
 Add a subcommand by writing ``_bench_<name>(args)`` and registering its parser in :func:`main`.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -52,9 +55,13 @@ def _count_rows(mimic_iv: Path, tables) -> dict[str, int]:
 
 
 def _bench_cohort(a: argparse.Namespace) -> int:
+    import shutil
+
     from ehrxdiff.cohort import build_cohort
     from ehrxdiff.constants import EVENT_TABLES
-    from ehrxdiff.events import extract_events
+    from ehrxdiff.embedding import HashingEmbedder
+    from ehrxdiff.event_store import build_event_store
+    from ehrxdiff.events import extract_events_to_dir
     from ehrxdiff.schemas import MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
 
     world = Path(a.world or f"data/bench/world-n{a.n_patients}-c{a.chart_sets_per_hour}-s{a.seed}")
@@ -68,38 +75,69 @@ def _bench_cohort(a: argparse.Namespace) -> int:
         return 1
     print(f"world {world}: ready in {time.perf_counter() - t:.1f} s (generated or reused)")
     iv, cxr = world / MIMIC_IV_SUBDIR, world / MIMIC_CXR_SUBDIR
+    out = Path(a.out or world / "bench_out")
+    shutil.rmtree(out, ignore_errors=True)
 
     t0 = time.perf_counter()
     cohort = build_cohort(iv, cxr, check_images=a.images, memory_limit=a.memory_limit, threads=a.threads)
     t_cohort = time.perf_counter() - t0
+    rss_cohort = _peak_rss_mb()
     t1 = time.perf_counter()
-    ev = extract_events(iv, cohort.pairs, memory_limit=a.memory_limit, threads=a.threads)
+    extract_events_to_dir(iv, cohort.pairs, out / "events", memory_limit=a.memory_limit, threads=a.threads)
     t_events = time.perf_counter() - t1
+    rss_events = _peak_rss_mb()
+    t2 = time.perf_counter()
+    store = build_event_store(out / "events", HashingEmbedder(dim=a.store_dim), out / "event_store")
+    t_store = time.perf_counter() - t2
     rss = _peak_rss_mb()
 
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     rows = _count_rows(iv, EVENT_TABLES)
-    t_count = time.perf_counter() - t2
+    t_count = time.perf_counter() - t3
     n_images = int(cohort.report.query("what == 'images in metadata'")["n"].iloc[0])
-    rep = ev.report
-    secs = {tb: float(rep[(rep["table"] == tb) & (rep["what"] == "seconds")]["n"].iloc[0]) for tb in EVENT_TABLES}
+    import pandas as pd
+    rep = pd.read_csv(out / "events" / "event_report.csv")
 
-    print(f"\nsettings: memory_limit={a.memory_limit} threads={a.threads}")
-    print(f"cohort: {len(cohort.pairs)} pairs from {n_images} images in {t_cohort:.1f} s")
-    print(f"events: {len(ev.events)} events, {len(ev.texts)} unique texts, {len(ev.pair_keys)} pairs in {t_events:.1f} s")
-    print(f"{'table':<20}{'rows':>14}{'seconds':>10}{'rows/s':>14}{'real rows':>14}{'extrap. s':>12}")
-    total_extra = t_cohort * REAL_CXR_IMAGES / max(1, n_images)
+    def n_of(table: str, what: str) -> float:
+        return float(rep[(rep["table"] == table) & (rep["what"] == what)]["n"].iloc[0])
+
+    secs = {tb: n_of(tb, "seconds") for tb in EVENT_TABLES}
+    all_rows = sum(rows.values())
+    real_all = sum(REAL_ROWS.values())
+    summary = store.summary()
+    print(f"\nsettings: DuckDB memory_limit={a.memory_limit} threads={a.threads}; "
+          f"{os.cpu_count()} CPU cores visible; duckdb {__import__('duckdb').__version__}")
+    print(f"cohort: {len(cohort.pairs):,} pairs from {n_images:,} images in {t_cohort:.1f} s")
+    print(f"events: {int(n_of('all', 'events kept')):,} events, {int(n_of('all', 'unique event texts')):,} unique texts, "
+          f"{int(n_of('all', 'pairs kept')):,} pairs in {t_events:.1f} s (DuckDB -> parquet, {out / 'events'})")
+    print(f"event store (hashing embedder, dim {a.store_dim}, streamed from parquet): {t_store:.1f} s, "
+          f"{summary['bytes_on_disk']:,} bytes = {summary['ratio']:.3f} x the reference layout at this dim")
+    print(f"\n{'stage / table':<22}{'rows':>14}{'seconds':>10}{'rows/s':>14}{'real rows':>14}{'extrap. s':>12}")
+    total_extra = 0.0
+    extra = t_cohort * REAL_CXR_IMAGES / max(1, n_images)
+    total_extra += extra
+    print(f"{'cohort (images)':<22}{n_images:>14,}{t_cohort:>10.1f}{n_images / t_cohort:>14,.0f}{REAL_CXR_IMAGES:>14,}{extra:>12.0f}")
     for tb in EVENT_TABLES:
         rate = rows[tb] / secs[tb] if secs[tb] > 0 else float("inf")
         extra = secs[tb] * REAL_ROWS[tb] / max(1, rows[tb])
         total_extra += extra
-        print(f"{tb:<20}{rows[tb]:>14,}{secs[tb]:>10.1f}{rate:>14,.0f}{REAL_ROWS[tb]:>14,}{extra:>12.0f}")
-    all_rows = sum(rows.values())
-    print(f"{'all event tables':<20}{all_rows:>14,}{t_events:>10.1f}{all_rows / t_events:>14,.0f}")
-    print(f"row count scan only (for reference): {t_count:.1f} s, {all_rows / t_count:,.0f} rows/s")
-    print(f"peak RSS (this process): {rss:,.0f} MB")
-    print(f"extrapolated full MIMIC-IV v2.2 (cohort x images, each table x rows): {total_extra / 60:.1f} min "
-          f"(goal <= 30 min, peak RSS <= 4096 MB)")
+        print(f"{tb:<22}{rows[tb]:>14,}{secs[tb]:>10.1f}{rate:>14,.0f}{REAL_ROWS[tb]:>14,}{extra:>12.0f}")
+    # the per-pair stages scale with the events in windows; taken here as proportional to all event rows
+    post = t_events - sum(secs.values())
+    for what, sec in (("events: top-k, texts, write", post), ("event store", t_store)):
+        extra = sec * real_all / max(1, all_rows)
+        total_extra += extra
+        print(f"{what:<22}{all_rows:>14,}{sec:>10.1f}{all_rows / max(sec, 1e-9):>14,.0f}{real_all:>14,}{extra:>12.0f}")
+    print(f"{'all event tables':<22}{all_rows:>14,}{t_events:>10.1f}{all_rows / t_events:>14,.0f}{real_all:>14,}")
+    print(f"\nrow count scan only (for reference): {t_count:.1f} s, {all_rows / t_count:,.0f} rows/s")
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    print(f"peak RSS of this process (DuckDB runs in it): after cohort {rss_cohort:,.0f} MB, after events "
+          f"{rss_events:,.0f} MB, after store {rss:,.0f} MB")
+    print(f"peak RSS of child processes (world generation, if it ran): {kids:,.0f} MB")
+    print(f"extrapolated full MIMIC-IV v2.2 (cohort x images, each table x its rows, per-pair stages x all rows): "
+          f"{total_extra / 60:.1f} min (goal <= 30 min, peak RSS <= 4096 MB)")
+    if not a.keep:
+        shutil.rmtree(out, ignore_errors=True)
     return 0
 
 
@@ -169,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--images", action="store_true", help="render JPEGs and check them (default: tables only)")
     c.add_argument("--memory-limit", default="2GB")
     c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--out", default=None, help="where the events and the store go (default <world>/bench_out)")
+    c.add_argument("--store-dim", type=int, default=32, help="hashing-embedder dim of the benchmark's event store")
+    c.add_argument("--keep", action="store_true", help="keep the events and the store (default: deleted)")
     c.set_defaults(func=_bench_cohort)
     m = sub.add_parser("ldm", help="EHRXDiff train samples/s and sampling s/image (DDIM-100 vs DPM-Solver++)")
     m.add_argument("--profile", default="demo")

@@ -155,28 +155,101 @@ class EventStore:
         return EventStore.open(root)
 
 
+def _event_batches(source, batch_rows: int):
+    """(pair_key, text_id, hours) arrays in store order, a batch at a time: from ``events.parquet`` when the
+    source is a folder (or an EventResult read from one), else from the in-memory frame."""
+    root = source if isinstance(source, (str, Path)) else getattr(source, "root", None)
+    if root is not None and (Path(root) / "events.parquet").is_file():
+        import pyarrow.parquet as pq
+        f = pq.ParquetFile(Path(root) / "events.parquet")
+        total = f.metadata.num_rows
+
+        def gen():
+            for b in f.iter_batches(batch_size=batch_rows, columns=["pair_key", "text_id", "hours"]):
+                yield (b.column(0).to_numpy(zero_copy_only=False).astype(str), b.column(1).to_numpy().astype(np.int64),
+                       b.column(2).to_numpy().astype(np.float32))
+        return total, gen()
+    ev = source.events
+    return len(ev), iter([(ev["pair_key"].astype(str).to_numpy(), ev["text_id"].to_numpy(np.int64),
+                           ev["hours"].to_numpy(np.float32))])
+
+
+def _text_batches(source, batch_rows: int):
+    """(number of texts, iterator of text lists) from ``event_texts.parquet`` or the in-memory list."""
+    root = source if isinstance(source, (str, Path)) else getattr(source, "root", None)
+    if root is not None and (Path(root) / "event_texts.parquet").is_file():
+        import pyarrow.parquet as pq
+        f = pq.ParquetFile(Path(root) / "event_texts.parquet")
+        return f.metadata.num_rows, (b.column(0).to_pylist() for b in f.iter_batches(batch_size=batch_rows,
+                                                                                          columns=["text"]))
+    texts = list(source.texts)
+    return len(texts), (texts[i:i + batch_rows] for i in range(0, len(texts), batch_rows))
+
+
 def build_event_store(event_result, embedder, out_dir: str | Path, *, chunk_size: int = 65536,
-                      progress: bool = False) -> EventStore:
-    """Embed the unique texts of an :class:`ehrxdiff.events.EventResult` (cached ones are not recomputed)
-    chunk by chunk into a float16 memory-mapped file, and write the store to ``out_dir``."""
+                      progress: bool = False, batch_rows: int = 1 << 20) -> EventStore:
+    """Embed the unique texts (cached ones are not recomputed) chunk by chunk into a float16 memory-mapped
+    file, and write the store to ``out_dir``.
+
+    ``event_result``: an :class:`ehrxdiff.events.EventResult`, or the folder written by
+    :func:`ehrxdiff.events.extract_events_to_dir` (or ``EventResult.write``). From a folder everything streams:
+    ``batch_rows`` events and ``chunk_size`` texts at a time, never all events as Python objects."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    texts = list(event_result.texts)
-    emb_path = out_dir.with_name(out_dir.name + ".embeddings.npy")
-    mm = np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float16, shape=(len(texts), embedder.dim))
-    for i in range(0, len(texts), chunk_size):
-        mm[i:i + chunk_size] = embedder.embed(texts[i:i + chunk_size], progress=progress).astype(np.float16)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n_texts, text_chunks = _text_batches(event_result, chunk_size)
+    mm = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(n_texts, embedder.dim))
+    i = 0
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(tmp / "texts.parquet", schema) as tw:
+        for chunk in text_chunks:
+            mm[i:i + len(chunk)] = embedder.embed(chunk, progress=progress).astype(np.float16)
+            tw.write_table(pa.table({"text": pa.array(chunk, pa.string())}, schema=schema))
+            i += len(chunk)
     mm.flush()
     del mm
-    ev = event_result.events
-    keys = ev["pair_key"].astype(str).to_numpy()
-    ids = ev["text_id"].to_numpy(np.int64)
-    hours = ev["hours"].to_numpy(np.float32)
-    # events are ordered by pair then position: split the flat arrays at pair boundaries
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], len(keys)]
-    pairs = {keys[s]: (ids[s:e], hours[s:e]) for s, e in zip(starts, ends)}
-    if len(pairs) != len(starts):
-        raise ValueError("event_result.events is not grouped by pair_key")
-    return EventStore.write(out_dir, texts, None, pairs, identity=getattr(embedder, "identity", "unknown"),
-                            _embeddings_file=emb_path)
+    n_events, batches = _event_batches(event_result, batch_rows)
+    ids = np.lib.format.open_memmap(tmp / "event_text_ids.npy", mode="w+", dtype=np.int32, shape=(n_events,))
+    hours = np.lib.format.open_memmap(tmp / "event_hours.npy", mode="w+", dtype=np.float32, shape=(n_events,))
+    keys: list[str] = []
+    counts: list[int] = []
+    seen: set[str] = set()
+    pos = 0
+    for k, t, h in batches:
+        n = len(k)
+        if n and (t.min() < 0 or t.max() >= n_texts):
+            raise ValueError(f"text indices out of range [0, {n_texts})")
+        ids[pos:pos + n] = t
+        hours[pos:pos + n] = h
+        pos += n
+        # events are ordered by pair then position: split at pair boundaries (a pair may span two batches)
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if n else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], n]
+        for s_, e_ in zip(starts, ends):
+            key = str(k[s_])
+            if keys and keys[-1] == key and s_ == 0:
+                counts[-1] += int(e_ - s_)
+                continue
+            if key in seen:
+                raise ValueError("event_result.events is not grouped by pair_key")
+            seen.add(key)
+            keys.append(key)
+            counts.append(int(e_ - s_))
+    ids.flush()
+    hours.flush()
+    del ids, hours
+    c = np.asarray(counts, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(c)[:-1]]).astype(np.int64) if len(c) else np.zeros(0, np.int64)
+    pd.DataFrame({"pair_key": keys, "offset": offsets, "count": c.astype(np.int32)}).to_parquet(
+        tmp / "pairs.parquet", index=False)
+    meta = {"format_version": FORMAT_VERSION, "dim": int(embedder.dim), "n_texts": int(n_texts),
+            "n_events": int(n_events), "n_pairs": len(keys), "embedder": getattr(embedder, "identity", "unknown")}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return EventStore.open(out_dir)

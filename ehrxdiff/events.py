@@ -20,14 +20,20 @@ target_time (both inclusive, exact timestamps); rows with a null hadm_id cannot 
 Per pair events are time-ordered with a stable tie-break (table order, then file row order), the most
 recent ``max_events`` kept, and pairs left with no event dropped.
 
-Scale: each table is streamed once by DuckDB with the item filter and a semi-join on the cohort's
-admissions pushed into the scan, so only cohort rows are ever materialised; the text is built in SQL.
+Scale (:func:`extract_events_to_dir`): each table is streamed once by DuckDB with the item filter and a
+semi-join on the cohort's admissions pushed into the scan, the text built in SQL for rows inside a window, and
+written to parquet; the window join, the most-recent-``max_events`` selection, the unique texts and the
+ordering run in DuckDB (within ``memory_limit``, spilling to disk) and are written with ``COPY ... TO``
+parquet. No event passes through Python; :func:`ehrxdiff.event_store.build_event_store` reads the files in
+chunks. :func:`extract_events` is the same, read back into frames (small cohorts, tests, notebooks).
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -41,7 +47,7 @@ from ehrxdiff.sources import connect, register_table, sql_literal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EventResult", "extract_events", "serialize_event", "event_columns", "load_item_filters", "TEXT_STYLES"]
+__all__ = ["EventResult", "extract_events", "extract_events_to_dir", "serialize_event", "event_columns", "load_item_filters", "TEXT_STYLES"]
 
 TEXT_STYLES = ("plain", "genhpf_digits")
 # tables whose itemid is replaced by a dictionary label [R mimiciv_filtering.py "code"/"desc"]
@@ -157,12 +163,15 @@ class EventResult:
     ``events``: one row per (pair, event), ordered by pair_key then time: pair_key, position (0 = oldest
     kept), text_id (into ``texts``), hours (since the pair's previous image), table.
     ``texts``: the unique event texts (``texts[text_id]``). ``report``: tidy (table, what, n).
+    ``root``: the folder the result was read from (:meth:`read`), if any; :func:`ehrxdiff.event_store.
+    build_event_store` then streams from its files instead of the frames.
     """
 
     events: pd.DataFrame
     texts: list[str]
     report: pd.DataFrame
     text_style: str
+    root: Path | None = None
 
     @property
     def pair_keys(self) -> list[str]:
@@ -181,7 +190,24 @@ class EventResult:
         self.events.to_parquet(out / "events.parquet", index=False)
         pd.DataFrame({"text": self.texts}).to_parquet(out / "event_texts.parquet", index=False)
         self.report.to_csv(out / "event_report.csv", index=False)
+        (out / "event_meta.json").write_text(json.dumps({"text_style": self.text_style,
+                                                          "tables": list(self.events["table"].cat.categories)
+                                                          if hasattr(self.events["table"], "cat") else None}))
         return out
+
+    @classmethod
+    def read(cls, root: str | Path, text_style: str | None = None) -> "EventResult":
+        """The files written by :meth:`write` or :func:`extract_events_to_dir`, as frames (dtypes as extracted)."""
+        root = Path(root)
+        meta_path = root / "event_meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        events = pd.read_parquet(root / "events.parquet")
+        if not isinstance(events["table"].dtype, pd.CategoricalDtype) or meta.get("tables"):
+            events["table"] = pd.Categorical(events["table"].astype(str), categories=meta.get("tables") or list(EVENT_TABLES))
+        events["pair_key"] = events["pair_key"].astype(str).astype("category")
+        texts = pd.read_parquet(root / "event_texts.parquet")["text"].tolist()
+        return cls(events, texts, pd.read_csv(root / "event_report.csv"),
+                   text_style or meta.get("text_style", "plain"), root=root)
 
 
 def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool, con) -> str:
@@ -220,11 +246,8 @@ def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool
     raise ValueError(f"unknown event table {table!r}; expected one of {EVENT_TABLES}")
 
 
-def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
-                   text_style: str = "plain", filter_inputevents: bool = True,
-                   tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
-                   threads: int | None = None, temp_directory: str | Path | None = None) -> EventResult:
-    """Events of every pair in ``pairs`` (columns pair_key, subject_id, hadm_id, prev_time, target_time)."""
+
+def _check_args(pairs: pd.DataFrame, max_events: int, text_style: str) -> None:
     if text_style not in TEXT_STYLES:
         raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {text_style!r}")
     if max_events < 1:
@@ -232,20 +255,87 @@ def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events:
     missing = [c for c in ("pair_key", "subject_id", "hadm_id", "prev_time", "target_time") if c not in pairs.columns]
     if missing:
         raise ValueError(f"pairs: missing column '{missing[0]}'")
-    filters, drugs = load_item_filters()
-    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+
+
+def _load_windows(con, pairs: pd.DataFrame) -> None:
+    """Temp tables ``win`` (one row per pair, ``pair_idx`` = rank of pair_key), ``win_hadm``, ``win_subj`` and
+    ``span``: per admission the union of its pairs' windows as disjoint [lo, hi] intervals, so that "is this row
+    inside any window" is an equi-join on hadm_id that matches at most once (a streaming probe, no fan-out)."""
     win = pairs[["pair_key", "subject_id", "hadm_id", "prev_time", "target_time"]].copy()
     win["prev_time"] = pd.to_datetime(win["prev_time"]).astype("datetime64[us]")
     win["target_time"] = pd.to_datetime(win["target_time"]).astype("datetime64[us]")
     con.register("win_df", win)
-    con.execute("""CREATE TEMP TABLE win AS SELECT CAST(pair_key AS VARCHAR) AS pair_key, CAST(subject_id AS BIGINT) AS subject_id,
-        CAST(hadm_id AS BIGINT) AS hadm_id, CAST(prev_time AS TIMESTAMP) AS prev_time,
-        CAST(target_time AS TIMESTAMP) AS target_time FROM win_df""")
+    con.execute("""CREATE TEMP TABLE win AS SELECT CAST(pair_key AS VARCHAR) AS pair_key,
+        CAST(dense_rank() OVER (ORDER BY CAST(pair_key AS VARCHAR)) - 1 AS INTEGER) AS pair_idx,
+        CAST(subject_id AS BIGINT) AS subject_id, CAST(hadm_id AS BIGINT) AS hadm_id,
+        CAST(prev_time AS TIMESTAMP) AS prev_time, CAST(target_time AS TIMESTAMP) AS target_time FROM win_df""")
+    con.unregister("win_df")
     con.execute("CREATE TEMP TABLE win_hadm AS SELECT DISTINCT hadm_id FROM win")
     con.execute("CREATE TEMP TABLE win_subj AS SELECT DISTINCT subject_id FROM win")
-    con.execute("""CREATE TEMP TABLE ev (pair_key VARCHAR, t TIMESTAMP, prev_time TIMESTAMP, table_ord INTEGER,
-        row_ord BIGINT, text VARCHAR)""")
-    if any(t in ("labevents",) for t in tables):
+    con.execute("""CREATE TEMP TABLE span AS
+        WITH o AS (SELECT hadm_id, prev_time, target_time, max(target_time) OVER (PARTITION BY hadm_id
+                     ORDER BY prev_time, target_time ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS reach
+                   FROM win WHERE hadm_id IS NOT NULL AND prev_time <= target_time),
+             g AS (SELECT *, sum(CASE WHEN reach IS NULL OR prev_time > reach THEN 1 ELSE 0 END) OVER (
+                     PARTITION BY hadm_id ORDER BY prev_time, target_time ROWS UNBOUNDED PRECEDING) AS grp FROM o)
+        SELECT hadm_id, min(prev_time) AS lo, max(target_time) AS hi FROM g GROUP BY hadm_id, grp""")
+
+
+def _scan_sql(table: str, cols: list[str], where: str, subj: str, tcol: str) -> str:
+    """Stage 1a, one streaming pass over a table: item filter + cohort semi-join pushed into the scan, and the
+    file-order number of each surviving row (a streaming ``row_number() OVER ()``: it streams, in file order,
+    only at the top of a statement, hence its own COPY)."""
+    return f"""
+        SELECT *, row_number() OVER () AS row_ord FROM (
+          SELECT TRY_CAST(v.hadm_id AS BIGINT) AS _hadm, {subj} AS _subj,
+                 TRY_CAST(v."{tcol}" AS TIMESTAMP) AS _time, {", ".join(f'v."{c}"' for c in cols)}
+          FROM ev_{table} v
+          WHERE {where} AND (TRY_CAST(v.hadm_id AS BIGINT) IN (SELECT hadm_id FROM win_hadm)
+                OR (v.hadm_id IS NULL AND {subj} IN (SELECT subject_id FROM win_subj))))"""
+
+
+def _rows_sql(table: str, cols: list[str], scan: str, label_join: str, text_style: str) -> str:
+    """Stage 1b, over the scanned cohort rows: itemid -> label, and the text of rows inside a window (NULL
+    elsewhere: those rows are only counted)."""
+    exprs = ['COALESCE(d._label, r."itemid")' if c == "itemid" and label_join else f'r."{c}"' for c in cols]
+    text = _collapse_sql(_text_sql(table, cols, text_style))
+    return f"""
+        SELECT _hadm, _subj, _time, row_ord, CASE WHEN _in THEN {text} END AS text FROM (
+          SELECT r._hadm, r._subj, r._time, r.row_ord, s.hadm_id IS NOT NULL AS _in, {_trimmed_sql(exprs)}
+          FROM read_parquet({sql_literal(scan)}) r
+          LEFT JOIN span s ON s.hadm_id = r._hadm AND r._time BETWEEN s.lo AND s.hi
+          {label_join})"""
+
+
+def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path, *,
+                          max_events: int = MAX_EVENTS, text_style: str = "plain", filter_inputevents: bool = True,
+                          tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
+                          threads: int | None = None, temp_directory: str | Path | None = None) -> Path:
+    """Events of every pair in ``pairs`` (columns pair_key, subject_id, hadm_id, prev_time, target_time), written
+    by DuckDB straight to parquet; nothing per event passes through Python, so the memory is DuckDB's
+    ``memory_limit`` (it spills sorts and joins to ``temp_directory``) plus the pairs.
+
+    Writes under ``out_dir``: ``events.parquet`` (pair_key, position, text_id, hours, table; ordered by
+    pair_key, position), ``event_texts.parquet`` (text, row i = text id i), ``event_pairs.parquet``
+    (pair_key, n_events), ``event_report.csv`` and ``event_meta.json``. Read them with :meth:`EventResult.read`
+    or stream them into the store with :func:`ehrxdiff.event_store.build_event_store`.
+
+    Stages: (1) per table one pass over the csv(.gz) → ``_work/rows_<table>.parquet`` (cohort rows: ids, time,
+    file order, text if inside a window); (2) all tables: rows × windows → the most recent ``max_events`` per pair
+    as integers (pair, table, row, position, hours) → ``_work/kept.parquet``; (3) the distinct texts of kept rows,
+    sorted → text ids; (4) events joined to their text ids and pair keys, ordered, → ``events.parquet``.
+    """
+    _check_args(pairs, max_events, text_style)
+    filters, drugs = load_item_filters()
+    out = Path(out_dir)
+    work = out / "_work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    con = connect(memory_limit=memory_limit, threads=threads, temp_directory=temp_directory)
+    # the small side (windows, dictionaries) must stay the hash table; DuckDB may flip it on bad estimates
+    con.execute("SET disabled_optimizers = 'build_side_probe_side'")
+    _load_windows(con, pairs)
+    if "labevents" in tables:
         register_table(con, "d_labitems", mimic_iv_dir, "hosp/d_labitems", ["itemid", "label", "category"], "hosp/d_labitems")
     if any(t in ITEM_DICTIONARY and t != "labevents" for t in tables):
         register_table(con, "d_items", mimic_iv_dir, "icu/d_items", ["itemid", "label", "linksto", "category"], "icu/d_items")
@@ -255,6 +345,11 @@ def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events:
     def add(table: str, what: str, n) -> None:
         report.append({"table": table, "what": what, "n": n})
 
+    def q(sql: str) -> int:
+        return int(con.execute(sql).fetchone()[0])
+
+    row_files: list[tuple[int, str]] = []
+    n_in_windows = 0
     for ord_, table in enumerate(tables):
         t0 = time.perf_counter()
         tcol = TIME_COLUMNS[table]
@@ -268,73 +363,104 @@ def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events:
         cols = event_columns(table, header)
         where = _filter_sql(table, filters, drugs, filter_inputevents, con)
         subj = 'TRY_CAST(v.subject_id AS BIGINT)' if "subject_id" in header else "NULL::BIGINT"
-        keep = ", ".join(f'v."{c}"' for c in cols)
-        # stage 1: one streaming scan; item filter + cohort semi-join pushed into it (file order preserved)
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE raw AS
-            SELECT TRY_CAST(v.hadm_id AS BIGINT) AS _hadm, {subj} AS _subj, TRY_CAST(v."{tcol}" AS TIMESTAMP) AS _time,
-                   {keep}
-            FROM ev_{table} v
-            WHERE {where} AND (TRY_CAST(v.hadm_id AS BIGINT) IN (SELECT hadm_id FROM win_hadm)
-                   OR (v.hadm_id IS NULL AND {subj} IN (SELECT subject_id FROM win_subj)))""")
-        t_scan = time.perf_counter()
-        add(table, "rows of cohort admissions passing the item filter", int(con.execute(
-            "SELECT count(*) FROM raw WHERE _hadm IS NOT NULL").fetchone()[0]))
-        add(table, "dropped: null hadm_id inside a pair window of the subject", int(con.execute("""
-            SELECT count(*) FROM raw r WHERE r._hadm IS NULL AND EXISTS (SELECT 1 FROM win w
-              WHERE w.subject_id = r._subj AND r._time BETWEEN w.prev_time AND w.target_time)""").fetchone()[0]))
-        add(table, f"dropped: null or unparseable {tcol}", int(con.execute(
-            "SELECT count(*) FROM raw WHERE _hadm IS NOT NULL AND _time IS NULL").fetchone()[0]))
-        # stage 2: window join (inclusive both ends), itemid -> label, text in SQL
         label_join = ""
         if table in ITEM_DICTIONARY:
             d = ITEM_DICTIONARY[table]
+            # the label replaces the itemid number (column name kept); an itemid missing from the dictionary keeps its number
             label_join = (f"LEFT JOIN (SELECT TRY_CAST(itemid AS BIGINT) AS _item, any_value(label) AS _label "
-                          f"FROM {d} GROUP BY 1) d ON d._item = TRY_CAST(r.itemid AS BIGINT)")
-        # the label replaces the itemid number (column name kept); an itemid missing from the dictionary keeps its number
-        exprs = ['COALESCE(d._label, r."itemid")' if c == "itemid" and label_join else f'r."{c}"' for c in cols]
-        text = _text_sql(table, cols, text_style)
-        # text once per row inside at least one window (windows of one admission overlap: all-earlier pairing)
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE rawtext AS
-            SELECT _hadm, _time, row_ord, {_collapse_sql("t")} AS text FROM (
-              SELECT _hadm, _time, row_ord, {text} AS t FROM (
-                SELECT r._hadm, r._time, r.rowid AS row_ord, {_trimmed_sql(exprs)}
-                FROM raw r {label_join}
-                WHERE EXISTS (SELECT 1 FROM win w WHERE w.hadm_id = r._hadm
-                              AND r._time BETWEEN w.prev_time AND w.target_time)))""")
-        t_text = time.perf_counter()
-        n_before = con.execute("SELECT count(*) FROM ev").fetchone()[0]
-        con.execute(f"""INSERT INTO ev
-            SELECT w.pair_key, x._time, w.prev_time, {ord_}, x.row_ord, x.text
-            FROM rawtext x JOIN win w ON x._hadm = w.hadm_id AND x._time BETWEEN w.prev_time AND w.target_time""")
-        add(table, "events in pair windows", int(con.execute("SELECT count(*) FROM ev").fetchone()[0] - n_before))
+                          f"FROM {d} GROUP BY 1) d ON d._item = TRY_CAST(r.\"itemid\" AS BIGINT)")
+        path = (work / f"rows_{table}.parquet").as_posix()
+        scan = (work / f"scan_{table}.parquet").as_posix()
+        con.execute(f"COPY ({_scan_sql(table, cols, where, subj, tcol)}) TO {sql_literal(scan)} (FORMAT parquet)")
+        con.execute(f"COPY ({_rows_sql(table, cols, scan, label_join, text_style)}) TO "
+                    f"{sql_literal(path)} (FORMAT parquet)")
+        Path(scan).unlink()
+        t_scan = time.perf_counter()
+        rows = f"read_parquet({sql_literal(path)})"
+        add(table, "rows of cohort admissions passing the item filter", q(f"SELECT count(*) FROM {rows} WHERE _hadm IS NOT NULL"))
+        add(table, "dropped: null hadm_id inside a pair window of the subject", q(f"""
+            SELECT count(*) FROM {rows} r WHERE r._hadm IS NULL AND EXISTS (SELECT 1 FROM win w
+              WHERE w.subject_id = r._subj AND r._time BETWEEN w.prev_time AND w.target_time)"""))
+        add(table, f"dropped: null or unparseable {tcol}", q(f"SELECT count(*) FROM {rows} WHERE _hadm IS NOT NULL AND _time IS NULL"))
+        n = q(f"""SELECT count(*) FROM {rows} r JOIN win w ON r._hadm = w.hadm_id
+                  AND r._time BETWEEN w.prev_time AND w.target_time WHERE r.text IS NOT NULL""")
+        n_in_windows += n
+        add(table, "events in pair windows", n)
         t_end = time.perf_counter()
-        add(table, "seconds: scan + item filter + cohort semi-join", round(t_scan - t0, 3))
-        add(table, "seconds: serialize rows in windows", round(t_text - t_scan, 3))
-        add(table, "seconds: window join", round(t_end - t_text, 3))
+        add(table, "seconds: scan + item filter + cohort semi-join + serialize rows in windows", round(t_scan - t0, 3))
+        add(table, "seconds: counts", round(t_end - t_scan, 3))
         add(table, "seconds", round(t_end - t0, 3))
-        con.execute("DROP TABLE raw; DROP TABLE rawtext")
+        row_files.append((ord_, path))
 
+    t0 = time.perf_counter()
+    union = " UNION ALL ".join(f"SELECT CAST({o} AS SMALLINT) AS table_ord, _hadm, _time, row_ord, text "
+                               f"FROM read_parquet({sql_literal(p)}) WHERE text IS NOT NULL" for o, p in row_files)
+    con.execute(f"CREATE TEMP VIEW rows_all AS {union}")
+    kept = (work / "kept.parquet").as_posix()
     # most recent max_events per pair; stable order: time, table order, file row order
-    con.execute(f"""CREATE TEMP TABLE kept AS SELECT * FROM (
-        SELECT *, row_number() OVER (PARTITION BY pair_key ORDER BY t DESC, table_ord DESC, row_ord DESC) AS rn
-        FROM ev) WHERE rn <= {int(max_events)}""")
-    n_all = con.execute("SELECT count(*) FROM ev").fetchone()[0]
-    n_kept = con.execute("SELECT count(*) FROM kept").fetchone()[0]
-    add("all", f"dropped: events beyond the most recent {max_events}", int(n_all - n_kept))
+    con.execute(f"""COPY (
+        SELECT pair_idx, table_ord, row_ord, CAST(least(cnt, {int(max_events)}) - rn AS INTEGER) AS position,
+               CAST((epoch(_time) - epoch(prev_time)) / 3600.0 AS FLOAT) AS hours
+        FROM (SELECT w.pair_idx, r.table_ord, r.row_ord, r._time, w.prev_time,
+                     row_number() OVER (PARTITION BY w.pair_idx ORDER BY r._time DESC, r.table_ord DESC, r.row_ord DESC) AS rn,
+                     count(*) OVER (PARTITION BY w.pair_idx) AS cnt
+              FROM rows_all r JOIN win w ON r._hadm = w.hadm_id AND r._time BETWEEN w.prev_time AND w.target_time)
+        WHERE rn <= {int(max_events)}) TO {sql_literal(kept)} (FORMAT parquet)""")
+    t_kept = time.perf_counter()
+    kept_rel = f"read_parquet({sql_literal(kept)})"
+    n_kept = q(f"SELECT count(*) FROM {kept_rel}")
+    add("all", f"dropped: events beyond the most recent {max_events}", int(n_in_windows - n_kept))
+    # texts of kept rows only, sorted -> ids (as the in-memory version: ORDER BY text)
+    con.execute(f"""CREATE TEMP TABLE row_text AS
+        SELECT r.table_ord, r.row_ord, r.text FROM rows_all r
+        SEMI JOIN (SELECT DISTINCT table_ord, row_ord FROM {kept_rel}) k
+          ON r.table_ord = k.table_ord AND r.row_ord = k.row_ord""")
     con.execute("""CREATE TEMP TABLE txt AS SELECT text, CAST(row_number() OVER (ORDER BY text) - 1 AS INTEGER) AS text_id
-                   FROM (SELECT DISTINCT text FROM kept)""")
-    events = con.execute("""
-        SELECT k.pair_key, CAST(row_number() OVER (PARTITION BY k.pair_key ORDER BY k.rn DESC) - 1 AS INTEGER) AS position,
-               x.text_id, CAST((epoch(k.t) - epoch(k.prev_time)) / 3600.0 AS FLOAT) AS hours, k.table_ord
-        FROM kept k JOIN txt x USING (text) ORDER BY k.pair_key, position""").df()
-    texts = [r[0] for r in con.execute("SELECT text FROM txt ORDER BY text_id").fetchall()]
+                   FROM (SELECT DISTINCT text FROM row_text)""")
+    con.execute(f"COPY (SELECT text FROM txt ORDER BY text_id) TO {sql_literal((out / 'event_texts.parquet').as_posix())} (FORMAT parquet)")
+    con.execute("""CREATE OR REPLACE TEMP TABLE row_text AS SELECT r.table_ord, r.row_ord, t.text_id
+                   FROM row_text r JOIN txt t USING (text)""")
+    n_texts = q("SELECT count(*) FROM txt")
+    con.execute("DROP TABLE txt")
+    t_text = time.perf_counter()
+    table_names = "CASE k.table_ord " + " ".join(f"WHEN {o} THEN {sql_literal(t)}" for o, t in enumerate(tables)) + " END"
+    con.execute(f"""COPY (
+        SELECT p.pair_key, k.position, x.text_id, k.hours, {table_names} AS "table"
+        FROM {kept_rel} k JOIN row_text x ON k.table_ord = x.table_ord AND k.row_ord = x.row_ord
+        JOIN (SELECT DISTINCT pair_idx, pair_key FROM win) p ON p.pair_idx = k.pair_idx
+        ORDER BY k.pair_idx, k.position) TO {sql_literal((out / 'events.parquet').as_posix())} (FORMAT parquet)""")
+    con.execute(f"""COPY (SELECT p.pair_key, CAST(n AS INTEGER) AS n_events FROM
+        (SELECT pair_idx, count(*) AS n FROM {kept_rel} GROUP BY pair_idx) k
+        JOIN (SELECT DISTINCT pair_idx, pair_key FROM win) p USING (pair_idx) ORDER BY pair_idx)
+        TO {sql_literal((out / 'event_pairs.parquet').as_posix())} (FORMAT parquet)""")
+    n_pairs_with = q(f"SELECT count(DISTINCT pair_idx) FROM {kept_rel}")
+    t_end = time.perf_counter()
     con.close()
-    events["table"] = pd.Categorical.from_codes(events.pop("table_ord").astype("int16"), categories=list(tables))
-    events["pair_key"] = events["pair_key"].astype("category")
-    n_pairs_with = events["pair_key"].nunique()
+    shutil.rmtree(work, ignore_errors=True)
     add("all", "dropped: pairs with no events", int(len(set(pairs["pair_key"])) - n_pairs_with))
     add("all", "pairs kept", int(n_pairs_with))
-    add("all", "events kept", int(len(events)))
-    add("all", "unique event texts", int(len(texts)))
-    return EventResult(events=events, texts=texts, report=pd.DataFrame(report, columns=["table", "what", "n"]),
-                       text_style=text_style)
+    add("all", "events kept", int(n_kept))
+    add("all", "unique event texts", int(n_texts))
+    add("all", "seconds: window join + most recent per pair", round(t_kept - t0, 3))
+    add("all", "seconds: unique texts", round(t_text - t_kept, 3))
+    add("all", "seconds: write events", round(t_end - t_text, 3))
+    pd.DataFrame(report, columns=["table", "what", "n"]).to_csv(out / "event_report.csv", index=False)
+    (out / "event_meta.json").write_text(json.dumps({"text_style": text_style, "tables": list(tables),
+                                                     "max_events": int(max_events)}))
+    return out
+
+
+def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
+                   text_style: str = "plain", filter_inputevents: bool = True,
+                   tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
+                   threads: int | None = None, temp_directory: str | Path | None = None) -> EventResult:
+    """Events of every pair in ``pairs`` as in-memory frames: :func:`extract_events_to_dir` into a temporary
+    folder, read back. At full MIMIC scale call :func:`extract_events_to_dir` and stream the files instead."""
+    _check_args(pairs, max_events, text_style)
+    with tempfile.TemporaryDirectory(prefix="ehrxdiff-events-") as tmp:
+        extract_events_to_dir(mimic_iv_dir, pairs, tmp, max_events=max_events, text_style=text_style,
+                              filter_inputevents=filter_inputevents, tables=tables, memory_limit=memory_limit,
+                              threads=threads, temp_directory=temp_directory)
+        res = EventResult.read(tmp)
+    res.root = None
+    return res

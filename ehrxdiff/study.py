@@ -109,9 +109,7 @@ def load_events(cfg: StudyConfig):
     ev_dir = cfg.path("run_dir") / "events"
     if not (ev_dir / "events.parquet").exists():
         raise FileNotFoundError(f"{ev_dir}/events.parquet not found: run notebook 02 first")
-    return EventResult(pd.read_parquet(ev_dir / "events.parquet"),
-                       pd.read_parquet(ev_dir / "event_texts.parquet")["text"].tolist(),
-                       pd.read_csv(ev_dir / "event_report.csv"), cfg.text_style)
+    return EventResult.read(ev_dir, cfg.text_style)
 
 
 def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) -> EventsStep:
@@ -120,21 +118,22 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
     ``pairs`` must be the whole cohort: the study's samples are re-split from it (``_resplit``). Readers
     that only need the events call :func:`load_events`."""
     from .event_store import EventStore, build_event_store
-    from .events import EventResult, extract_events
+    from .events import extract_events_to_dir
     ev_dir, store_dir = run_dir(cfg, "events"), cfg.path("run_dir") / "event_store"
     if not force and (ev_dir / "events.parquet").exists():
         ev = load_events(cfg)
     else:
         src = prepare_sources(cfg)
-        ev = extract_events(src["mimic_iv"], pairs, max_events=cfg.max_events, text_style=cfg.text_style,
-                            filter_inputevents=cfg.filter_inputevents, memory_limit=cfg.duckdb_memory_limit,
-                            threads=cfg.duckdb_threads)
-        ev.write(ev_dir)
+        # streamed by DuckDB to parquet (bounded memory at full MIMIC scale), then read back for the notebook
+        extract_events_to_dir(src["mimic_iv"], pairs, ev_dir, max_events=cfg.max_events, text_style=cfg.text_style,
+                              filter_inputevents=cfg.filter_inputevents, memory_limit=cfg.duckdb_memory_limit,
+                              threads=cfg.duckdb_threads)
+        ev = load_events(cfg)
     _resplit(cfg, pairs, ev.pair_keys)
     if not force and store_dir.exists():
         return EventsStep(ev, EventStore.open(store_dir), {})
     emb = make_embedder(cfg)
-    store = build_event_store(ev, emb, store_dir, progress=True)
+    store = build_event_store(ev_dir, emb, store_dir, progress=True)  # streams from the parquet files
     stats = dict(getattr(emb, "stats", {}) or {})
     emb.close()
     return EventsStep(ev, store, stats)

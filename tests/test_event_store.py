@@ -74,3 +74,15 @@ def test_write_validates(tmp_path):
         EventStore.write(tmp_path / "s", ["a"], np.zeros((1, 4)), {"p": (np.array([0, 0]), np.array([0.0]))})
     s = EventStore.write(tmp_path / "s", ["a", "b"], np.ones((2, 4)), {"p": (np.array([1, 0]), np.array([0.0, 1.0]))})
     assert s.texts("p") == ["b", "a"] and s.embeddings("p").dtype == np.float16
+
+
+def test_streamed_build_from_folder_equals_in_memory(tmp_path, store):
+    """build_event_store from the parquet folder (small batches, so pairs span batches) == from the frames."""
+    res = _result()
+    res.write(tmp_path / "ev")
+    s2 = build_event_store(tmp_path / "ev", HashingEmbedder(dim=32), tmp_path / "store2", chunk_size=2, batch_rows=3)
+    assert s2.pair_keys == store.pair_keys and s2.n_texts == store.n_texts and s2.n_events == store.n_events
+    for k in store.pair_keys:
+        np.testing.assert_array_equal(s2.embeddings(k), store.embeddings(k))
+        np.testing.assert_array_equal(s2.times(k), store.times(k))
+        assert s2.texts(k) == store.texts(k)

@@ -10,6 +10,8 @@ Shell: ``python -m ehrxdiff.synthetic --out DIR --n-patients N --seed S [--image
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 from multiprocessing import get_context
@@ -98,9 +100,29 @@ TIME_COLUMNS = {"admittime", "dischtime", "deathtime", "edregtime", "edouttime",
                 "starttime", "stoptime", "endtime", "intime", "outtime", "chartdate", "storedate"}
 
 
-def _frame(table: str, rows: list[tuple]) -> pd.DataFrame:
-    """Rows → typed frame: times from epoch seconds, integers as nullable Int64 (written without ``.0``)."""
+def _column_kinds(df: pd.DataFrame) -> dict[str, str]:
+    """How each object column is written: "int" (nullable Int64, no ``.0``), "float", or as is ("")."""
+    kinds = {}
+    for col in df.columns:
+        s = df[col]
+        if col in TIME_COLUMNS or col == "dod" or s.dtype != object:
+            continue
+        nn = s.dropna()
+        if len(nn) and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in nn.iloc[:50]):
+            kinds[col] = "int"
+        elif len(nn) and all(isinstance(x, (float, np.floating)) for x in nn.iloc[:50]):
+            kinds[col] = "float"
+        else:
+            kinds[col] = ""
+    return kinds
+
+
+def _frame(table: str, rows: list[tuple], kinds: dict[str, str] | None = None) -> pd.DataFrame:
+    """Rows → typed frame: times from epoch seconds, integers as nullable Int64 (written without ``.0``).
+
+    ``kinds`` (from :func:`_column_kinds` on the first chunk) keeps every chunk of a streamed table typed alike."""
     df = pd.DataFrame.from_records(rows, columns=list(COLUMNS[table]))
+    kinds = _column_kinds(df) if kinds is None else kinds
     for col in df.columns:
         s = df[col]
         if col in TIME_COLUMNS:
@@ -113,13 +135,43 @@ def _frame(table: str, rows: list[tuple]) -> pd.DataFrame:
                 df[col] = text.where(sec.isna(), text + frac)
         elif col == "dod":
             df[col] = pd.to_datetime(pd.to_numeric(s), unit="s").dt.strftime("%Y-%m-%d")
-        elif s.dtype == object:
-            nn = s.dropna()
-            if len(nn) and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in nn.iloc[:50]):
-                df[col] = s.astype("Int64")
-            elif len(nn) and all(isinstance(x, (float, np.floating)) for x in nn.iloc[:50]):
-                df[col] = s.astype("float64")
+        elif kinds.get(col) == "int":
+            df[col] = s.astype("Int64")
+        elif kinds.get(col) == "float":
+            df[col] = s.astype("float64")
     return df
+
+
+# Tables written chunk by chunk as the patients come in (chartevents: ≥ 10 M rows in benchmark worlds), so a
+# big world never holds them whole; the others are small and written at the end.
+STREAMED_TABLES = ("icu/chartevents",)
+CHUNK_ROWS = 250_000
+
+
+class _ChunkedCsv:
+    """One csv.gz written in chunks of whole patients; byte-identical to writing the table in one go."""
+
+    def __init__(self, path: Path, table: str, chunk_rows: int = CHUNK_ROWS) -> None:
+        self.table, self.chunk_rows, self.buf, self.kinds, self.n, self.started = table, chunk_rows, [], None, 0, False
+        self._gz = gzip.GzipFile(filename=str(path), mode="wb", compresslevel=GZ["compresslevel"], mtime=GZ["mtime"])
+        self._fh = io.TextIOWrapper(self._gz, encoding="utf-8", newline="")
+
+    def add(self, rows: list[tuple]) -> None:
+        self.buf.extend(rows)
+        if len(self.buf) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf and self.started:
+            return
+        if self.kinds is None and self.buf:  # typed by the first chunk, as the one-go writer types the table
+            self.kinds = _column_kinds(pd.DataFrame.from_records(self.buf, columns=list(COLUMNS[self.table])))
+        _frame(self.table, self.buf, self.kinds).to_csv(self._fh, index=False, header=not self.started)
+        self.started, self.n, self.buf = True, self.n + len(self.buf), []
+
+    def close(self) -> None:
+        self.flush()
+        self._fh.close()
 
 
 def generate_world(out_dir: str | Path = "data/synthetic", n_patients: int = 1000, seed: int = 0,
@@ -144,25 +196,37 @@ def generate_world(out_dir: str | Path = "data/synthetic", n_patients: int = 100
     jobs = [(seed, i, int(s), image_size, str(cxr), chart_sets_per_hour, render) for i, s in enumerate(subjects)]
     workers = workers or min(os.cpu_count() or 1, 4)
     from tqdm.auto import tqdm
-    with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-        results = list(tqdm(pool.imap(_one_patient, jobs, chunksize=8), total=len(jobs), disable=not progress,
-                            desc="synthetic patients"))
-    tables: dict[str, list] = {}
-    for r in results:
-        for k, v in r["rows"].items():
-            tables.setdefault(k, []).extend(v)
     for d in (iv / "hosp", iv / "icu", cxr):
         d.mkdir(parents=True, exist_ok=True)
+    streamed = {t: _ChunkedCsv(iv / f"{t}.csv.gz", t) for t in STREAMED_TABLES}
+    tables: dict[str, list] = {}
+    results: list[dict] = []   # per patient, everything but the streamed tables
+    bar = tqdm(total=len(jobs), disable=not progress, desc="synthetic patients")
+    step = 32 * workers  # patients in flight: bounds the rows waiting in the pool while a chunk is written
+    with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
+        for lo in range(0, len(jobs), step):
+            for r in pool.imap(_one_patient, jobs[lo:lo + step], chunksize=4):
+                for k, v in r.pop("rows").items():
+                    if k in streamed:
+                        streamed[k].add(v)
+                    else:
+                        tables.setdefault(k, []).extend(v)
+                results.append(r)
+                bar.update()
+    bar.close()
+    for w in streamed.values():
+        w.close()
     tables["hosp/d_labitems"] = D_LABITEMS
     tables["icu/d_items"] = D_ITEMS
     ids = {"hosp/labevents": "labevent_id", "hosp/microbiologyevents": "microevent_id"}
     for table in COLUMNS:
-        if not table.startswith(("hosp/", "icu/")):
+        if not table.startswith(("hosp/", "icu/")) or table in streamed:
             continue
-        df = _frame(table, tables.get(table, []))
+        df = _frame(table, tables.pop(table, []))
         if table in ids:
             df[ids[table]] = np.arange(1, len(df) + 1)
         df.to_csv(iv / f"{table}.csv.gz", index=False, compression=GZ)
+        del df
     meta = pd.DataFrame.from_records([m for r in results for m in r["meta"]], columns=list(COLUMNS["cxr/metadata"]))
     meta = meta.sort_values(["subject_id", "study_id"], kind="stable")
     meta.to_csv(cxr / CXR_FILES["cxr/metadata"], index=False, compression=GZ)
