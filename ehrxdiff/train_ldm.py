@@ -102,6 +102,7 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     if resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(accelerator, ckpt)
         step, seen = int(state["step"]), int(state.get("batch_in_epoch", 0))
+        ema.to(accelerator.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
         trim_history(history, step)
     if len(train_loader) == 0:
         raise ValueError("LDM train_loader is empty")
