@@ -156,40 +156,52 @@ def _bench_ldm(a) -> int:
     cfg = load_config(a.profile)
     torch.manual_seed(0)
     vae = build_vae(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
-                    layers_per_block=1, image_size=cfg.image_size, norm_num_groups=study._groups(cfg.vae_channels))
+                    layers_per_block=cfg.vae_layers_per_block, image_size=cfg.image_size, norm_num_groups=study._groups(cfg.vae_channels))
     clip = EHRCLIP.from_config(study.clip_model_config(cfg, a.event_dim))
     model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(clip),
                            max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
-                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=1,
+                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=cfg.unet_layers_per_block,
                            norm_num_groups=study._groups(cfg.unet_channels))
-    b, n = cfg.ldm_batch_size, cfg.max_events
+    b, n = a.batch_size or cfg.ldm_batch_size, cfg.max_events
+    dev = torch.device(a.device)
+    model.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     batch = {"prev_image": torch.rand(b, 3, cfg.image_size, cfg.image_size) * 2 - 1,
              "target_image": torch.rand(b, 3, cfg.image_size, cfg.image_size) * 2 - 1,
              "events": torch.randn(b, n, a.event_dim), "event_mask": torch.ones(b, n, dtype=torch.bool),
              "is_null": torch.zeros(b, dtype=torch.bool), "pair_key": [str(i) for i in range(b)]}
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
     params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     model(batch).backward()   # warm-up step, not timed
     opt.step()
     opt.zero_grad()
+    sync()
     t0 = time.perf_counter()
     for _ in range(a.train_steps):
         model(batch).backward()
         opt.step()
         opt.zero_grad()
+    sync()
     train_s = (time.perf_counter() - t0) / a.train_steps
     print(f"profile {cfg.profile}: image {cfg.image_size} px, UNet {cfg.unet_channels}, context {cfg.context_tokens} "
-          f"tokens x {cfg.clip_width}, {n} events, torch threads {torch.get_num_threads()}")
+          f"tokens x {cfg.clip_width}, {n} events, fp32 on {dev}"
+          + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", torch threads {torch.get_num_threads()}"))
+    print(f"parameters: " + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M"
+                                      for k, m in model.trainable_modules().items()))
     print(f"train: {train_s:.3f} s/step at batch {b} = {b / train_s:.1f} samples/s")
     pipe = EHRXDiffPipeline.from_model(model.eval(), sampler="ddim", image_size=cfg.image_size, max_events=n)
     k = a.sample_batch
     for kind, steps in (("ddim", 100), ("dpm++", a.fast_steps)):
         pipe.use_sampler(kind)
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=dev).manual_seed(0)
+        sync()
         t0 = time.perf_counter()
-        pipe.generate(batch["prev_image"][:k], batch["events"][:k], batch["event_mask"][:k],
-                      num_inference_steps=steps, eta=1.0, generator=g)
+        with torch.no_grad():
+            pipe.generate(batch["prev_image"][:k], batch["events"][:k], batch["event_mask"][:k],
+                          num_inference_steps=steps, eta=1.0, generator=g)
+        sync()
         dt = time.perf_counter() - t0
         print(f"sampling {kind}-{steps}: {dt / k:.3f} s/image (batch {k})")
     return 0
@@ -218,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--fast-steps", type=int, default=20)
     m.add_argument("--sample-batch", type=int, default=8)
     m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (timings synchronise the GPU)")
+    m.add_argument("--batch-size", type=int, default=None, help="training batch (default: the profile's ldm_batch_size)")
     m.set_defaults(func=_bench_ldm)
     a = ap.parse_args(argv)
     return a.func(a)

@@ -86,6 +86,7 @@ class StudyConfig:
     # -- VAE (D10) ---------------------------------------------------------------------------------------
     vae_channels: list = field(default_factory=lambda: [32, 64, 64])
     vae_latent_channels: int = 3
+    vae_layers_per_block: int = 2            # res blocks per level (Cheff: 2); CPU profiles use 1
     vae_steps: int = 300
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
@@ -94,6 +95,7 @@ class StudyConfig:
     # -- LDM (§II-C, Eq. 2, D3, D4, D6) ------------------------------------------------------------------
     unet_channels: list = field(default_factory=lambda: [64, 128, 128])
     unet_heads: int = 4
+    unet_layers_per_block: int = 2           # res blocks per level (paper num_res_blocks 2); CPU profiles use 1
     context_tokens: int = 64                 # C_fusion (paper 1024)
     ldm_steps: int = 300                     # optimizer steps per variant
     ldm_batch_size: int = 16
@@ -120,6 +122,19 @@ class StudyConfig:
     eval_image_size: int = 64
     xrv_weights: str | None = None           # local torchxrayvision DenseNet-121 weights
     age_model_weights: str | None = None     # local Riken age model
+    # -- beyond the paper: notebook 07 (issue 7; what-if, uncertainty, rollout, sampler study; ehrxdiff/simulation.py)
+    simulation_model: str = "EHRXDiff_w_null"   # the notebook-04 model notebook 07 simulates with
+    whatif_interventions: list = field(default_factory=lambda: ["diuretic", "antibiotic"])  # whatif.INTERVENTIONS
+    whatif_pairs: int = 100                  # test pairs each intervention is added to (agreement with the world)
+    whatif_seeds: int = 2                    # sampling seeds per history (the same ones for factual and edited)
+    uncertainty_pairs: int = 16              # test pairs sampled uncertainty_samples times
+    uncertainty_samples: int = 16
+    rollout_chains: int = 32                 # chains of consecutive test pairs rolled out
+    rollout_max_steps: int = 5
+    rollout_seeds: int = 2
+    sampler_study_pairs: int = 100           # scored test pairs generated per (sampler, steps)
+    sampler_study_samplers: list = field(default_factory=lambda: ["ddim", "dpm"])
+    sampler_study_steps: list = field(default_factory=lambda: [10, 20, 50, 100])
 
     # ---------------------------------------------------------------------------------------------------
     def path(self, key: str) -> Path:

@@ -238,8 +238,8 @@ def train_vae(cfg: StudyConfig, ds: dict):
     kw = dict(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
               image_size=cfg.image_size, norm_num_groups=_groups(cfg.vae_channels))
     if cfg.vae_weights:
-        return load_cheff_checkpoint(cfg.vae_weights, layers_per_block=2, **kw)
-    vae = build_vae(layers_per_block=1, **kw)
+        return load_cheff_checkpoint(cfg.vae_weights, layers_per_block=cfg.vae_layers_per_block, **kw)
+    vae = build_vae(layers_per_block=cfg.vae_layers_per_block, **kw)
     return fit(vae, _loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),
                output_dir=run_dir(cfg, "vae"), max_steps=cfg.vae_steps, learning_rate=cfg.vae_lr,
                kl_weight=cfg.vae_kl_weight, image_keys=("prev_image", "target_image"),
@@ -268,7 +268,7 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(copy.deepcopy(clip)),
                            vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
                            max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
-                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=1,
+                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=cfg.unet_layers_per_block,
                            norm_num_groups=_groups(cfg.unet_channels))
     train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
     return train_ldm(model, _loader(cfg, train, shuffle=True), output_dir=run_dir(cfg, "ldm", name),
