@@ -60,3 +60,12 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert {"GT", "previous image", "previous label", "EHRXDiff", "EHRXDiff_w_null"} <= set(t2.index)
     for fig in ("fig_qualitative", "fig_difference_maps", "fig_table2_auroc_bars"):
         assert (tmp_path / "fig" / f"{fig}.png").exists() and (tmp_path / "fig" / f"{fig}.pdf").exists()
+    # 07: what-if, uncertainty, rollout and sampler study write their CSVs and figures
+    sim = tmp_path / "run" / "simulation"
+    for name in ("whatif_effects", "whatif_agreement", "uncertainty_spread", "calibration", "rollout", "sampler_study"):
+        assert len(pd.read_csv(sim / f"{name}.csv")) > 0, name
+    for fig in ("fig_whatif_example", "fig_whatif_effects", "fig_uncertainty", "fig_calibration", "fig_rollout",
+                "fig_sampler_study"):
+        assert (tmp_path / "fig" / f"{fig}.png").exists() and (tmp_path / "fig" / f"{fig}.pdf").exists(), fig
+    effects = pd.read_csv(sim / "whatif_effects.csv")
+    assert effects["delta_true"].notna().all()       # the synthetic world's truth next to every model effect

@@ -1,0 +1,153 @@
+"""Long-horizon rollout: chain predictions across an admission (the paper's future work, §V).
+
+EHRXDiff predicts one step: I_trg from I_prev and the events in between (§II-A). To forecast further, a rollout
+feeds each prediction back as the next I_prev, with the events of the next interval:
+
+    step 1: Î_1 = f(I_0, S_0→1)      step 2: Î_2 = f(Î_1, S_1→2)      …
+
+:func:`admission_chains` finds runs of consecutive pairs (image k-1 → image k of one admission, each a study
+pair with events); :func:`rollout` predicts them step by step for a batch of chains, and also the one-step
+prediction from the *true* previous image, so error that accumulates through the chain can be told apart from a
+later step simply being harder. :func:`step_metrics` scores, per step, the rollout, the one-step prediction, the
+baseline that carries the chain's first image forward (what is known without any new film), and the true image,
+against the true later image's labels (Brier score, pooled AUROC) and pixels (mean absolute error).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from .whatif import EventList, finding_probabilities, predict
+
+
+def admission_chains(pairs: pd.DataFrame, *, max_steps: int, max_chains: int | None = None) -> pd.DataFrame:
+    """Chains of consecutive pairs: rows of ``pairs`` with ``chain`` (id) and ``step`` (1…), longest first.
+
+    A pair is consecutive when its previous image is the latest earlier image paired with that target (the
+    all-earlier pairing, D1, also pairs I_0 → I_2; those are skipped). A chain follows target → next prev."""
+    p = pairs.sort_values(["target_dicom_id", "prev_time"])
+    cons = p.groupby("target_dicom_id", sort=False).tail(1)
+    nxt = dict(zip(cons["prev_dicom_id"], cons.index))
+    targets = set(cons["target_dicom_id"])
+    chains = []
+    for idx in cons.sort_values(["hadm_id", "prev_time"]).index:
+        if cons.at[idx, "prev_dicom_id"] in targets:
+            continue                                  # not a chain start
+        run = [idx]
+        while len(run) < max_steps and cons.at[run[-1], "target_dicom_id"] in nxt:
+            run.append(nxt[cons.at[run[-1], "target_dicom_id"]])
+        chains.append(run)
+    chains.sort(key=lambda r: (-len(r), str(cons.at[r[0], "pair_key"])))
+    chains = chains[:max_chains] if max_chains else chains
+    out = [cons.loc[run].assign(chain=c, step=np.arange(1, len(run) + 1)) for c, run in enumerate(chains)]
+    return pd.concat(out, ignore_index=True) if out else pairs.iloc[:0].assign(chain=[], step=[])
+
+
+def rollout(pipe, dataset, chains: pd.DataFrame, *, seeds: Sequence[int], num_inference_steps: int,
+            eta: float = 1.0) -> dict[str, dict]:
+    """Predictions per (chain, step): {"rollout": {(chain, step): [S, 3, H, W]}, "one_step": {...}}.
+
+    ``dataset``: a :class:`ehrxdiff.data.PairDataset` holding the chains' pairs. All chains advance together,
+    one ``generate`` call per step for the rollout and one for the one-step predictions."""
+    index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
+    out: dict[str, dict] = {"rollout": {}, "one_step": {}}
+    for step in sorted(chains["step"].unique()):
+        rows = chains[chains["step"] == step]
+        keys = rows["pair_key"].tolist()
+        events = [EventList.from_store(dataset.store, k) for k in keys]
+        true_prev = torch.stack([dataset[index[k]]["prev_image"] for k in keys])
+        kw = dict(num_inference_steps=num_inference_steps, eta=eta)
+        one = predict(pipe, true_prev, events, keys, seeds, **kw)
+        if step == 1:
+            roll = one
+        else:   # each seed's chain continues from that seed's own previous prediction
+            prev = torch.stack([out["rollout"][(c, step - 1)] for c in rows["chain"]])          # [B, S, 3, H, W]
+            roll = torch.stack([predict(pipe, prev[:, j], events, keys, [seed], **kw)[:, 0]
+                                for j, seed in enumerate(seeds)], dim=1)
+        for i, c in enumerate(rows["chain"]):
+            out["one_step"][(c, step)] = one[i]
+            out["rollout"][(c, step)] = roll[i]
+    return out
+
+
+def step_metrics(evaluator, dataset, chains: pd.DataFrame, preds: dict[str, dict], label_rows: pd.DataFrame,
+                 seeds: Sequence[int]) -> pd.DataFrame:
+    """Tidy (method, seed, step, metric, value, n): Brier score and pooled AUROC against I_trg's labels, pixel MAE
+    against I_trg, for "rollout", "one-step (true I_prev)", "first image carried forward" and "GT" (I_trg)."""
+    index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
+    first = {c: dataset[index[g.sort_values("step")["pair_key"].iloc[0]]]["prev_image"]
+             for c, g in chains.groupby("chain")}
+    labels = list(evaluator.labels)
+    lab = label_rows.pivot_table(index="pair_key", columns="label", values="relation", aggfunc="max")
+    lab = lab.reindex(columns=labels)
+    rows = []
+    for step, g in chains.groupby("step"):
+        keys, cs = g["pair_key"].tolist(), g["chain"].tolist()
+        target = torch.stack([dataset[index[k]]["target_image"] for k in keys])
+        y = lab.reindex(keys).to_numpy(float)
+        cands = {"GT": {0: target}, "first image carried forward": {0: torch.stack([first[c] for c in cs])}}
+        for j, seed in enumerate(seeds):
+            cands.setdefault("rollout", {})[seed] = torch.stack([preds["rollout"][(c, step)][j] for c in cs])
+            cands.setdefault("one-step (true I_prev)", {})[seed] = torch.stack(
+                [preds["one_step"][(c, step)][j] for c in cs])
+        for method, by_seed in cands.items():
+            for seed, imgs in by_seed.items():
+                p = finding_probabilities(evaluator, imgs)
+                known = ~np.isnan(y)
+                yk, pk = y[known], p[known]
+                auc = roc_auc_score(yk, pk) if np.unique(yk).size == 2 else np.nan
+                mae = float((imgs[:, 0] - target[:, 0]).abs().mean())
+                for metric, v in (("Brier", float(((pk - yk) ** 2).mean()) if yk.size else np.nan),
+                                  ("AUROC (pooled)", float(auc)), ("pixel MAE", mae)):
+                    rows.append({"method": method, "seed": seed, "step": int(step), "metric": metric, "value": v,
+                                 "n_pairs": len(keys)})
+    return pd.DataFrame(rows)
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+def plot_rollout(metrics: pd.DataFrame, path_stem=None):
+    """Each metric against the step, mean over seeds, one line per method."""
+    import matplotlib.pyplot as plt
+
+    from .plots import _finish
+    names = list(dict.fromkeys(metrics["metric"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.3), squeeze=False)
+    for ax, metric in zip(axes[0], names):
+        m = metrics[metrics["metric"] == metric].groupby(["method", "step"])["value"].mean().unstack(0)
+        for method in m.columns:
+            ax.plot(m.index, m[method], marker="o", ms=3, label=method)
+        ax.set_xlabel("step along the admission")
+        ax.set_title(metric + (" (↓)" if metric != "AUROC (pooled)" else " (↑)"), fontsize=9)
+        ax.set_xticks(m.index)
+    axes[0][0].legend(fontsize=7)
+    n = metrics.groupby("step")["n_pairs"].max()
+    fig.suptitle("rollout vs one-step vs carrying the first image forward; pairs per step: "
+                 + ", ".join(f"{s}: {v}" for s, v in n.items()), fontsize=8)
+    return _finish(fig, path_stem)
+
+
+def plot_rollout_example(dataset, chains: pd.DataFrame, preds: dict[str, dict], chain: int, path_stem=None):
+    """One chain: the true films on top, the rollout (seed 0) below, starting from the true I_0."""
+    import matplotlib.pyplot as plt
+
+    from .plots import _finish
+    index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
+    g = chains[chains["chain"] == chain].sort_values("step")
+    n = len(g) + 1
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.0), squeeze=False)
+    first = dataset[index[g["pair_key"].iloc[0]]]["prev_image"]
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0][0].imshow(first[0].numpy(), cmap="gray", vmin=-1, vmax=1)
+    axes[0][0].set_title("I_0", fontsize=8)
+    for j, (_, r) in enumerate(g.iterrows(), start=1):
+        axes[0][j].imshow(dataset[index[r["pair_key"]]]["target_image"][0].numpy(), cmap="gray", vmin=-1, vmax=1)
+        axes[0][j].set_title(f"true I_{j}", fontsize=8)
+        axes[1][j].imshow(preds["rollout"][(chain, r["step"])][0, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
+        axes[1][j].set_title(f"rollout Î_{j}", fontsize=8)
+    return _finish(fig, path_stem)

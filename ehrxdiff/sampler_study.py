@@ -1,0 +1,91 @@
+"""Sampler study: quality against the number of denoising steps, for DDIM and DPM-Solver++, with wall time.
+
+The paper samples with DDIM, 100 steps, eta = 1 (§III-A; paper-reference §9); the pipeline also offers
+DPM-Solver++ (2nd-order multistep, D6), which is meant to reach the same quality in ≤ 20 steps. Which to use is a
+trade-off between minutes and AUROC that depends on the hardware, so this study measures it in one run on the
+same test pairs, seed and evaluator as Table II: for each (sampler, steps) the images are generated in memory,
+scored by the evaluator, and reported as weighted-macro AUROC on all / diff / same (§10.3), FID against the true
+targets' features, and seconds per image (generation only, after an untimed one-image warm-up; on a shared
+machine the times carry the load of whatever else runs).
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .metrics import fid, score_method
+from .whatif import EventList, finding_probabilities, predict, quantize
+
+
+@torch.no_grad()
+def _features(evaluator, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    x = quantize(images)[:, :1]
+    return torch.cat([evaluator(x[i:i + batch_size])["features"] for i in range(0, len(x), batch_size)]).numpy()
+
+
+def sampler_study(pipe, evaluator, dataset, label_rows: pd.DataFrame, *, samplers: Sequence[str],
+                  steps: Sequence[int], seed: int, eta: float = 1.0, clip_x0: float | None = None,
+                  batch_size: int = 32) -> pd.DataFrame:
+    """Tidy rows (sampler, steps, metric, value, n_pairs) for every pair of ``dataset`` (a PairDataset).
+
+    metrics: ``AUROC all/diff/same`` (weighted macro), ``FID`` (evaluator features of I_pred vs I_trg; small sets
+    bias FID upwards, so compare rows with each other, not with published numbers), ``seconds per image``.
+    The pipeline's sampler is restored afterwards."""
+    keys = dataset.pairs["pair_key"].tolist()
+    items = [dataset[i] for i in range(len(dataset))]
+    prev = torch.stack([it["prev_image"] for it in items])
+    target = torch.stack([it["target_image"] for it in items])
+    events = [EventList.from_store(dataset.store, k) for k in keys]
+    real = _features(evaluator, target)
+    rows = label_rows[label_rows["pair_key"].isin(set(keys))]
+    original = pipe.scheduler
+    out = []
+    try:
+        for sampler in samplers:
+            for n in steps:
+                pipe.use_sampler("dpm++" if sampler == "dpm" else sampler, clip_x0=clip_x0)
+                predict(pipe, prev[:1], events[:1], keys[:1], [seed], num_inference_steps=1, eta=eta)  # warm-up
+                t0 = time.perf_counter()
+                imgs = torch.cat([predict(pipe, prev[i:i + batch_size], events[i:i + batch_size],
+                                          keys[i:i + batch_size], [seed], num_inference_steps=n, eta=eta)[:, 0]
+                                  for i in range(0, len(keys), batch_size)])
+                secs = (time.perf_counter() - t0) / max(len(keys), 1)
+                probs = pd.DataFrame(finding_probabilities(evaluator, imgs), index=pd.Index(keys, name="pair_key"),
+                                     columns=list(evaluator.labels))
+                summary, _ = score_method(rows, probs, method=f"{sampler}-{n}", seed=seed)
+                tags = {"sampler": sampler, "steps": int(n), "n_pairs": len(keys)}
+                out += [{**tags, "metric": f"AUROC {s}", "value": float(a)}
+                        for s, a in zip(summary["subset"], summary["auroc"])]
+                out.append({**tags, "metric": "FID", "value": fid(real, _features(evaluator, imgs))
+                            if len(keys) > 2 else np.nan})
+                out.append({**tags, "metric": "seconds per image", "value": secs})
+    finally:
+        pipe.scheduler = original
+    return pd.DataFrame(out)
+
+
+def plot_sampler_study(table: pd.DataFrame, path_stem=None, *, reference: dict | None = None):
+    """AUROC all/diff/same, FID and seconds per image against steps, one line per sampler.
+
+    ``reference``: optional {metric: value} drawn as dashed lines (e.g. the previous-image baseline's AUROC)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import _finish
+    metrics = list(dict.fromkeys(table["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.9 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for sampler, g in table[table["metric"] == metric].groupby("sampler", sort=False):
+            g = g.sort_values("steps")
+            ax.plot(g["steps"], g["value"], marker="o", ms=3, label=sampler)
+        if reference and metric in reference and np.isfinite(reference[metric]):
+            ax.axhline(reference[metric], color="grey", ls="--", lw=0.8, label="previous image")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(table["steps"].unique()), [str(s) for s in sorted(table["steps"].unique())])
+        ax.set_xlabel("steps")
+        ax.set_title(metric, fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    return _finish(fig, path_stem)

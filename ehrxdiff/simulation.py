@@ -1,0 +1,306 @@
+"""Notebook 07's steps: the study config mapped onto what-if, uncertainty, rollout and the sampler study.
+
+Beyond the paper (issue 7): the paper closes by calling EHRXDiff a potential clinical simulation tool and names
+long-term forecasting as future work (§V). These steps use the model notebook 04 trained
+(``simulation_model``), the evaluator notebook 05 trained, and the study's test split; each writes a tidy CSV
+under ``run_dir/simulation`` and its figure (PNG + PDF) under ``figures_dir``:
+
+    whatif_effects.csv / whatif_agreement.csv   fig_whatif_example, fig_whatif_effects      (:mod:`whatif`)
+    uncertainty_spread.csv / calibration.csv    fig_uncertainty, fig_calibration            (:mod:`uncertainty`)
+    rollout.csv                                 fig_rollout, fig_rollout_example            (:mod:`rollout`)
+    sampler_study.csv                           fig_sampler_study                           (:mod:`sampler_study`)
+
+Sizes come from the config block "beyond the paper" (``whatif_pairs``, ``uncertainty_samples``, …); sampling
+uses the study's ``sampler``, ``sample_steps``, ``sample_eta`` and ``sample_clip_x0``, as notebook 04 does.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import study
+from .config import ConfigError, StudyConfig
+
+log = logging.getLogger(__name__)
+
+
+def sim_dir(cfg: StudyConfig) -> Path:
+    return study.run_dir(cfg, "simulation")
+
+
+def load_evaluator(cfg: StudyConfig):
+    """The evaluator notebook 05 trained (D9)."""
+    from .evaluators import CXREvaluator
+    best = cfg.path("run_dir") / "eval" / "evaluator" / "best"
+    if not best.is_dir():
+        raise FileNotFoundError(f"{best} not found: run notebook 05 first")
+    return CXREvaluator.from_pretrained(best)
+
+
+@dataclass
+class Context:
+    """What every step needs, loaded once: the model, the evaluator, the test pairs and their labels."""
+    cfg: StudyConfig
+    pipe: object                 # EHRXDiffPipeline (EMA weights, the study's sampler)
+    evaluator: object            # CXREvaluator
+    test: object                 # PairDataset: the whole test split
+    scored: object               # PairDataset: the test pairs notebooks 04-05 generated and scored
+    label_rows: pd.DataFrame     # Table II rows (pair_key, label, relation, prev_relation) of every sample
+    timings: dict
+
+    @property
+    def steps(self) -> dict:
+        c = self.cfg
+        return dict(num_inference_steps=c.sample_steps, eta=c.sample_eta)
+
+    def subset(self, n: int, *, pool=None):
+        """The first ``n`` of a fixed random order of the test pairs (``pool`` defaults to the whole split)."""
+        from .data import PairDataset
+        ds = pool or self.test
+        keep = ds.pairs.sample(frac=1.0, random_state=self.cfg.seed).head(n).sort_values("pair_key")
+        return PairDataset(keep, ds.image_root, ds.store, image_size=ds.image_size, max_events=ds.max_events)
+
+
+def check_config(cfg: StudyConfig) -> None:
+    """The notebook-07 keys, checked before anything loads (unknown intervention or sampler, empty lists)."""
+    from .whatif import INTERVENTIONS
+    for iv in cfg.whatif_interventions:
+        if iv not in INTERVENTIONS:
+            raise ConfigError(f"whatif_interventions: unknown {iv!r} (known: {', '.join(INTERVENTIONS)})")
+    for s in cfg.sampler_study_samplers:
+        if s not in ("ddim", "dpm"):
+            raise ConfigError(f"sampler_study_samplers: {s!r} is not ddim or dpm")
+    if any(int(n) <= 0 for n in cfg.sampler_study_steps):
+        raise ConfigError("sampler_study_steps must be positive")
+
+
+def context(cfg: StudyConfig) -> Context:
+    from .evaluation import label_rows
+    check_config(cfg)
+    pipe = study.load_pipeline(cfg, cfg.simulation_model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.use_sampler("dpm++" if cfg.sampler == "dpm" else "ddim", clip_x0=cfg.sample_clip_x0)
+    ds = study.datasets(cfg, ("test",))
+    samples, _ = study.load_pairs_with_events(cfg)
+    _, rows = label_rows(cfg, samples)
+    return Context(cfg, pipe, load_evaluator(cfg), ds["test"], study.test_pairs(cfg, ds), rows, {})
+
+
+def _timed(ctx: Context, name: str, t0: float) -> None:
+    ctx.timings[name] = round(time.perf_counter() - t0, 1)
+    log.info("%s: %.1f s", name, ctx.timings[name])
+
+
+# ---------------------------------------------------------------------------------------------------- what-if
+def added_hours(events) -> float:
+    """When a scripted edit adds its events: at the oldest event the model still sees (inside the max_events
+    window, so the edit is not truncated away), never before I_prev."""
+    return max(float(events.hours[0]), 0.0) if len(events) else 0.0
+
+
+def what_if_example(ctx: Context, intervention: str = "diuretic", pair_key: str | None = None):
+    """One pair's what-if (figure ``fig_whatif_example``). Default pair: on the synthetic world, the scored test
+    pair whose I_prev has the most edema (where a diuretic matters); otherwise the first scored pair."""
+    from .whatif import EventList, plot_what_if, what_if
+    cfg = ctx.cfg
+    pairs = ctx.scored.pairs
+    if pair_key is None:
+        pair_key = pairs["pair_key"].iloc[0]
+        gt = study.ground_truth_images(cfg)
+        if gt is not None:
+            sev = gt["pulmonary edema/hazy opacity"].reindex(pairs["prev_dicom_id"]).to_numpy()
+            pair_key = pairs["pair_key"].iloc[int(np.nanargmax(sev))] if np.isfinite(sev).any() else pair_key
+    i = int(np.flatnonzero(pairs["pair_key"].to_numpy() == pair_key)[0])
+    item = ctx.scored[i]
+    factual = EventList.from_store(ctx.scored.store, pair_key)
+    emb = study.make_embedder(cfg)
+    edited = factual.add_intervention(intervention, added_hours(factual), embedder=emb.embed,
+                                      text_style=cfg.text_style)
+    emb.close()
+    res = what_if(ctx.pipe, item["prev_image"], factual, edited, pair_key=pair_key,
+                  seeds=cfg.sample_seeds[:max(cfg.whatif_seeds, 1)], evaluator=ctx.evaluator, **ctx.steps)
+    plot_what_if(res, study.figures_dir(cfg) / "fig_whatif_example",
+                 title=f"{pair_key[:8]}…: + {intervention} at +{added_hours(factual):.1f} h after I_prev")
+    return res
+
+
+def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each configured intervention added to ``whatif_pairs`` test pairs: the model's change in P(finding) next
+    to the world's true severity change (synthetic data only; on real data the truth columns are NaN)."""
+    from .synthetic.counterfactual import pair_true_effects
+    from .whatif import INTERVENTIONS, EventList, agreement, intervention_effects, plot_effects
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    ds = ctx.subset(cfg.whatif_pairs)
+    keys = ds.pairs["pair_key"].tolist()
+    hours = {k: added_hours(EventList.from_store(ds.store, k)) for k in keys}
+    emb = study.make_embedder(cfg)
+    course = (pd.read_parquet(cfg.synthetic_root / "ground_truth" / "course.parquet") if cfg.synthetic else None)
+    parts = []
+    for iv in cfg.whatif_interventions:
+        eff = intervention_effects(ctx.pipe, ctx.evaluator, ds, keys, iv, hours=hours, embedder=emb.embed,
+                                   seeds=cfg.sample_seeds[:max(cfg.whatif_seeds, 1)], text_style=cfg.text_style,
+                                   batch_size=cfg.sample_batch_size, **ctx.steps)
+        if course is not None:
+            truth = pair_true_effects(course, ds.pairs, INTERVENTIONS[iv]["action"], hours, seed=cfg.seed)
+            eff = eff.merge(truth, on=["pair_key", "label"], how="left")
+        else:
+            eff = eff.assign(delta_true=np.nan, replay_error=np.nan, interval_hours=np.nan)
+        parts.append(eff)
+    emb.close()
+    effects = pd.concat(parts, ignore_index=True)
+    summary = agreement(effects)
+    effects.to_csv(sim_dir(cfg) / "whatif_effects.csv", index=False)
+    summary.to_csv(sim_dir(cfg) / "whatif_agreement.csv", index=False)
+    plot_effects(effects, summary, study.figures_dir(cfg) / "fig_whatif_effects")
+    _timed(ctx, "what-if", t0)
+    return effects, summary
+
+
+# ---------------------------------------------------------------------------------------------- uncertainty
+def run_uncertainty(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``uncertainty_samples`` predictions for ``uncertainty_pairs`` test pairs (pixel std, P spread), and the
+    calibration of P(finding) on the scored test pairs, from the images notebook 04 generated (every seed)."""
+    from .baselines import generated_image_table, pair_image_table
+    from .evaluation import score_images
+    from .uncertainty import calibration_table, plot_calibration, plot_uncertainty, probability_spread, sample_many
+    from .whatif import EventList
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    ds = ctx.subset(cfg.uncertainty_pairs, pool=ctx.scored)
+    keys = ds.pairs["pair_key"].tolist()
+    items = [ds[i] for i in range(len(ds))]
+    prev = torch.stack([it["prev_image"] for it in items])
+    samples = sample_many(ctx.pipe, prev, [EventList.from_store(ds.store, k) for k in keys], keys,
+                          n_samples=cfg.uncertainty_samples, **ctx.steps)
+    spread = probability_spread(ctx.evaluator, samples, keys)
+    spread.to_csv(sim_dir(cfg) / "uncertainty_spread.csv", index=False)
+    plot_uncertainty(prev, samples, torch.stack([it["target_image"] for it in items]), spread, keys,
+                     study.figures_dir(cfg) / "fig_uncertainty")
+    # calibration on every scored test pair: the model's images (all seeds pooled), I_trg and I_prev for reference
+    pairs, root = ctx.scored.pairs, cfg.source_dirs()["mimic_cxr"]
+    rows = ctx.label_rows[ctx.label_rows["pair_key"].isin(set(pairs["pair_key"]))][["pair_key", "label", "relation"]]
+    scored = []
+    for seed in cfg.sample_seeds:
+        d = study.sample_dir(cfg, cfg.simulation_model, seed)
+        try:
+            table = generated_image_table(pairs["pair_key"], d)
+        except FileNotFoundError:
+            continue
+        scored.append((cfg.simulation_model, score_images(cfg, ctx.evaluator, table, d).table))
+    scored.append(("I_trg (evaluator on the truth)", score_images(cfg, ctx.evaluator, pair_image_table(pairs, "target"),
+                                                                 root).table))
+    scored.append(("I_prev (previous image)", score_images(cfg, ctx.evaluator, pair_image_table(pairs, "prev"),
+                                                           root).table))
+    long = []
+    for method, table in scored:
+        t = table[list(ctx.evaluator.labels)].rename_axis("pair_key").reset_index()
+        t = t.melt(id_vars="pair_key", var_name="label", value_name="score")
+        long.append(rows.merge(t, on=["pair_key", "label"]).assign(method=method))
+    calib = calibration_table(pd.concat(long, ignore_index=True))
+    calib.to_csv(sim_dir(cfg) / "calibration.csv", index=False)
+    plot_calibration(calib, study.figures_dir(cfg) / "fig_calibration")
+    _timed(ctx, "uncertainty", t0)
+    return spread, calib
+
+
+# --------------------------------------------------------------------------------------------------- rollout
+def run_rollout(ctx: Context) -> pd.DataFrame:
+    """Up to ``rollout_chains`` chains of ≤ ``rollout_max_steps`` consecutive test pairs, rolled out."""
+    from .rollout import admission_chains, plot_rollout, plot_rollout_example, rollout, step_metrics
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    chains = admission_chains(ctx.test.pairs, max_steps=cfg.rollout_max_steps, max_chains=cfg.rollout_chains)
+    seeds = cfg.sample_seeds[:max(cfg.rollout_seeds, 1)]
+    if chains.empty:
+        log.warning("no chain of consecutive test pairs: rollout skipped")
+        return pd.DataFrame()
+    preds = rollout(ctx.pipe, ctx.test, chains, seeds=seeds, **ctx.steps)
+    metrics = step_metrics(ctx.evaluator, ctx.test, chains, preds, ctx.label_rows, seeds)
+    metrics.to_csv(sim_dir(cfg) / "rollout.csv", index=False)
+    chains.to_csv(sim_dir(cfg) / "rollout_chains.csv", index=False)
+    plot_rollout(metrics, study.figures_dir(cfg) / "fig_rollout")
+    plot_rollout_example(ctx.test, chains, preds, int(chains["chain"].iloc[0]),
+                         study.figures_dir(cfg) / "fig_rollout_example")
+    _timed(ctx, "rollout", t0)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- sampler study
+def run_sampler_study(ctx: Context) -> pd.DataFrame:
+    """DDIM and DPM-Solver++ at each of ``sampler_study_steps`` on ``sampler_study_pairs`` scored test pairs."""
+    from .metrics import score_method
+    from .evaluation import score_images
+    from .baselines import pair_image_table
+    from .sampler_study import plot_sampler_study, sampler_study
+    t0 = time.perf_counter()
+    cfg = ctx.cfg
+    ds = ctx.subset(cfg.sampler_study_pairs, pool=ctx.scored)
+    table = sampler_study(ctx.pipe, ctx.evaluator, ds, ctx.label_rows, samplers=cfg.sampler_study_samplers,
+                          steps=cfg.sampler_study_steps, seed=cfg.sample_seeds[0], eta=cfg.sample_eta,
+                          clip_x0=cfg.sample_clip_x0, batch_size=cfg.sample_batch_size)
+    table.to_csv(sim_dir(cfg) / "sampler_study.csv", index=False)
+    prev = score_images(cfg, ctx.evaluator, pair_image_table(ds.pairs, "prev"), cfg.source_dirs()["mimic_cxr"])
+    rows = ctx.label_rows[ctx.label_rows["pair_key"].isin(set(ds.pairs["pair_key"]))]
+    summary, _ = score_method(rows, prev.table, method="previous image")
+    ref = {f"AUROC {s}": a for s, a in zip(summary["subset"], summary["auroc"])}
+    plot_sampler_study(table, study.figures_dir(cfg) / "fig_sampler_study", reference=ref)
+    _timed(ctx, "sampler study", t0)
+    return table
+
+
+# ------------------------------------------------------------------------------------------ interactive panel
+def widgets_available() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def what_if_panel(ctx: Context):
+    """JupyterLab panel: pick a scored test pair, untick events to drop them, add an intervention at an hour,
+    press *predict*. Under papermill the widgets are built but no callback runs (nothing is predicted)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from .whatif import INTERVENTIONS, EventList, plot_what_if, what_if
+    cfg, pairs = ctx.cfg, ctx.scored.pairs
+    pick = w.Dropdown(options=pairs["pair_key"].tolist(), description="pair")
+    events = w.SelectMultiple(rows=10, description="events on", layout=w.Layout(width="95%"))
+    add = w.Dropdown(options=["(none)", *INTERVENTIONS], description="add")
+    hours = w.FloatText(value=0.0, description="at hour")
+    go = w.Button(description="predict", button_style="primary")
+    out = w.Output()
+
+    def load(_=None):
+        lst = EventList.from_store(ctx.scored.store, pick.value)
+        events.options = [(f"{i:3d} +{e.hours:5.1f} h  {e.text[:110]}", i) for i, e in enumerate(lst.events)]
+        events.value = tuple(range(len(lst)))
+        hours.value = added_hours(lst)
+
+    def predict(_=None):
+        factual = EventList.from_store(ctx.scored.store, pick.value)
+        edited = factual.drop([i for i in range(len(factual)) if i not in set(events.value)])
+        if add.value != "(none)":
+            emb = study.make_embedder(cfg)
+            edited = edited.add_intervention(add.value, hours.value, embedder=emb.embed, text_style=cfg.text_style)
+            emb.close()
+        i = int(np.flatnonzero(pairs["pair_key"].to_numpy() == pick.value)[0])
+        with out:
+            out.clear_output(wait=True)
+            res = what_if(ctx.pipe, ctx.scored[i]["prev_image"], factual, edited, pair_key=pick.value,
+                          seeds=cfg.sample_seeds[:max(cfg.whatif_seeds, 1)], evaluator=ctx.evaluator, **ctx.steps)
+            plot_what_if(res, title=f"{pick.value[:8]}…: {len(factual)} factual events → {len(edited)} edited")
+            plt.show()
+
+    pick.observe(load, names="value")
+    go.on_click(predict)
+    load()
+    return w.VBox([pick, events, w.HBox([add, hours, go]), out])
