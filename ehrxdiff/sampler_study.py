@@ -85,6 +85,7 @@ def plot_sampler_study(table: pd.DataFrame, path_stem=None, *, reference: dict |
             ax.axhline(reference[metric], color="grey", ls="--", lw=0.8, label="previous image")
         ax.set_xscale("log")
         ax.set_xticks(sorted(table["steps"].unique()), [str(s) for s in sorted(table["steps"].unique())])
+        ax.minorticks_off()
         ax.set_xlabel("steps")
         ax.set_title(metric, fontsize=9)
     axes[0][0].legend(fontsize=7)

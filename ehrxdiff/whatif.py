@@ -312,7 +312,7 @@ def plot_what_if(result: WhatIf, path_stem=None, *, labels=IMAGENOME_LABELS, tit
     d = result.difference.numpy()
     lim = max(float(np.abs(d).max()), 1e-6)
     ax.imshow(d, cmap="RdBu_r", vmin=-lim, vmax=lim)
-    ax.set_title(f"cf − f (mean of {len(result.factual)} seeds)\n±{lim:.2f}", fontsize=9)
+    ax.set_title(f"cf − f (mean of {len(result.factual)} seed(s))\nscale ±{lim:.2g}", fontsize=9)
     ax.axis("off")
     ax = fig.add_subplot(grid[0, 4])
     if len(result.probabilities):
