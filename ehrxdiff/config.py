@@ -39,6 +39,10 @@ class StudyConfig:
     mimic_iv_dir: str | None = None          # real MIMIC-IV v2.2 root (…/mimiciv/2.2); unset → synthetic
     mimic_cxr_dir: str | None = None         # real MIMIC-CXR-JPG v2.0.0 root
     imagenome_dir: str | None = None         # real Chest ImaGenome v1.0.0 root
+    own_images: str | None = None            # your own cohort (README "Your own cohort", ehrxdiff.own_cohort):
+    own_events: str | None = None            #   images + events tables, instead of MIMIC and the synthetic world
+    own_image_root: str | None = None        #   where relative image paths start (unset → the images table's folder)
+    own_check_images: str = "decode"         #   decode | header | none: how hard image files are checked
     synthetic_n_patients: int = 1000
     synthetic_seed: int = 0
     synthetic_image_size: int = 256          # stored resolution (the reference stores 256 px, §4)
@@ -86,6 +90,7 @@ class StudyConfig:
     # -- VAE (D10) ---------------------------------------------------------------------------------------
     vae_channels: list = field(default_factory=lambda: [32, 64, 64])
     vae_latent_channels: int = 3
+    latent_scale: float | None = 0.18215      # Cheff's scale_factor [R]; None → measured 1/std (LDM's scale_by_std)
     vae_layers_per_block: int = 2            # res blocks per level (Cheff: 2); CPU profiles use 1
     vae_steps: int = 300
     vae_batch_size: int = 32
@@ -148,7 +153,12 @@ class StudyConfig:
     @property
     def synthetic(self) -> bool:
         """True when the study runs on the generated world (no real data path set)."""
-        return self.mimic_iv_dir is None and self.mimic_cxr_dir is None
+        return self.mimic_iv_dir is None and self.mimic_cxr_dir is None and self.own_images is None
+
+    @property
+    def own_cohort(self) -> bool:
+        """True when the study runs on the user's own images/events tables (no MIMIC, no ImaGenome)."""
+        return self.own_images is not None
 
     @property
     def synthetic_root(self) -> Path:
@@ -157,6 +167,9 @@ class StudyConfig:
     def source_dirs(self) -> dict[str, Path]:
         """Release roots: the real downloads when given, otherwise the synthetic world's tree."""
         from .schemas import IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
+        if self.own_cohort:
+            root = self.path("own_image_root") if self.own_image_root else self.path("own_images").parent
+            return {"mimic_cxr": root}
         if self.synthetic:
             r = self.synthetic_root
             return {"mimic_iv": r / MIMIC_IV_SUBDIR, "mimic_cxr": r / MIMIC_CXR_SUBDIR, "imagenome": r / IMAGENOME_SUBDIR}
@@ -240,7 +253,7 @@ def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
                "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"),
-               "evaluator_arch": ("demo", "densenet121")}
+               "evaluator_arch": ("demo", "densenet121"), "own_check_images": ("decode", "header", "none")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
             raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")
@@ -255,6 +268,10 @@ def _validate(c: StudyConfig) -> None:
     for v in c.ablation_variants:
         if v not in TABLE_IV_VARIANTS:
             raise ConfigError(f"ablation_variants: unknown variant {v!r} (known: {', '.join(TABLE_IV_VARIANTS)})")
+    if (c.own_images is None) != (c.own_events is None):
+        raise ConfigError("an own cohort needs both own_images and own_events")
+    if c.own_images is not None and (c.mimic_iv_dir or c.mimic_cxr_dir):
+        raise ConfigError("set either own_images/own_events or mimic_iv_dir/mimic_cxr_dir, not both")
     if not 0 <= c.test_fraction + c.valid_fraction < 1:
         raise ConfigError("test_fraction + valid_fraction must be in [0, 1)")
 

@@ -30,6 +30,13 @@ def eval_dir(cfg: StudyConfig) -> Path:
 def label_rows(cfg: StudyConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(image-level labels, Table II rows) from the Chest ImaGenome relations file (§10.1)."""
     from .labels import image_labels, pair_label_rows, read_relations
+    if cfg.own_cohort:  # labels come with the images table (own_cohort writes them in labels.image_labels' layout)
+        path = cfg.path("run_dir") / "cohort" / "image_labels.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: the evaluation needs finding columns in {cfg.own_images} "
+                                    "(README, \"Your own cohort\")")
+        labels = pd.read_parquet(path)
+        return labels, pair_label_rows(pairs, labels)
     src = cfg.source_dirs()
     if "imagenome" not in src:
         raise FileNotFoundError("the evaluation needs Chest ImaGenome: set imagenome_dir")

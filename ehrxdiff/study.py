@@ -38,6 +38,10 @@ def figures_dir(cfg: StudyConfig) -> Path:
 # ---------------------------------------------------------------------------------------------------- 01
 def prepare_sources(cfg: StudyConfig) -> dict[str, Path]:
     """The release roots: real downloads when configured, otherwise the synthetic world (generated once)."""
+    if cfg.own_cohort:
+        for key in ("own_images", "own_events"):
+            if not cfg.path(key).is_file():
+                raise FileNotFoundError(f"{key}: {cfg.path(key)} does not exist")
     if cfg.synthetic:
         from .synthetic import generate_world
         t0 = time.perf_counter()
@@ -58,6 +62,15 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
     if not force and (out / "pairs.parquet").exists() and (out / "cohort_report.csv").exists():
         return cohort.CohortResult(pd.read_parquet(out / "pairs.parquet"), pd.read_csv(out / "cohort_report.csv"))
     src = prepare_sources(cfg)
+    if cfg.own_cohort:
+        from .own_cohort import build_own_cohort
+        res = build_own_cohort(cfg.path("own_images"), image_root=src["mimic_cxr"], pairing=cfg.pairing,
+                               max_interval_hours=cfg.max_interval_hours, split_seed=cfg.split_seed,
+                               test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction,
+                               split_file=cfg.split_file, check_images=cfg.own_check_images,
+                               threads=cfg.duckdb_threads)
+        res.write(out)
+        return res
     res = cohort.build_cohort(src["mimic_iv"], src["mimic_cxr"], pairing=cfg.pairing,
                               max_interval_hours=cfg.max_interval_hours, min_age=cfg.min_age,
                               split_seed=cfg.split_seed, test_fraction=cfg.test_fraction,
@@ -124,10 +137,14 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
         ev = load_events(cfg)
     else:
         src = prepare_sources(cfg)
-        # streamed by DuckDB to parquet (bounded memory at full MIMIC scale), then read back for the notebook
-        extract_events_to_dir(src["mimic_iv"], pairs, ev_dir, max_events=cfg.max_events, text_style=cfg.text_style,
-                              filter_inputevents=cfg.filter_inputevents, memory_limit=cfg.duckdb_memory_limit,
-                              threads=cfg.duckdb_threads)
+        if cfg.own_cohort:
+            from .own_cohort import extract_own_events
+            extract_own_events(cfg.path("own_events"), pairs, max_events=cfg.max_events, text_style=cfg.text_style,
+                               threads=cfg.duckdb_threads).write(ev_dir)
+        else:  # streamed by DuckDB to parquet (bounded memory at full MIMIC scale), then read back
+            extract_events_to_dir(src["mimic_iv"], pairs, ev_dir, max_events=cfg.max_events,
+                                  text_style=cfg.text_style, filter_inputevents=cfg.filter_inputevents,
+                                  memory_limit=cfg.duckdb_memory_limit, threads=cfg.duckdb_threads)
         ev = load_events(cfg)
     _resplit(cfg, pairs, ev.pair_keys)
     if not force and store_dir.exists():
@@ -232,7 +249,21 @@ def _loader(cfg: StudyConfig, dataset, *, shuffle: bool, batch_size: int | None 
 
 
 def train_vae(cfg: StudyConfig, ds: dict):
-    """The first stage (D10): a local Cheff checkpoint when given, else an f=4 KL-VAE trained on the cohort."""
+    """The first stage (D10): a local Cheff checkpoint when given, else an f=4 KL-VAE trained on the cohort.
+
+    Its ``config.scaling_factor`` is the latent scale the LDMs use: ``cfg.latent_scale`` (Cheff's 0.18215), or
+    measured on train images when that is None (:func:`ehrxdiff.vae.measure_latent_scale`)."""
+    vae = _first_stage(cfg, ds)
+    scale = cfg.latent_scale
+    if scale is None:
+        from .vae import measure_latent_scale
+        scale = measure_latent_scale(vae, _loader(cfg, ds["train"], shuffle=False, batch_size=cfg.vae_batch_size),
+                                     image_keys=("prev_image", "target_image"))
+    vae.register_to_config(scaling_factor=float(scale))
+    return vae
+
+
+def _first_stage(cfg: StudyConfig, ds: dict):
     from .vae import build_vae, load_cheff_checkpoint
     from .vae import train_vae as fit
     kw = dict(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
@@ -269,7 +300,7 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
                            vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
                            max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
                            unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=cfg.unet_layers_per_block,
-                           norm_num_groups=_groups(cfg.unet_channels))
+                           norm_num_groups=_groups(cfg.unet_channels), latent_scale=vae.config.scaling_factor)
     train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
     return train_ldm(model, _loader(cfg, train, shuffle=True), output_dir=run_dir(cfg, "ldm", name),
                      max_steps=cfg.ldm_steps, valid_loader=_loader(cfg, ds["valid"], shuffle=False),

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from ehrxdiff.adaptor import TABLE_IV_VARIANTS, FusionAdaptor
 from ehrxdiff.data import collate_pairs
 from ehrxdiff.ldm import PAPER_UNET_CHANNELS, ClipConditioner, build_ehrxdiff, build_noise_scheduler, build_unet, widen_conv_in
-from ehrxdiff.vae import build_vae, load_cheff_checkpoint, psnr, train_vae
+from ehrxdiff.vae import build_vae, load_cheff_checkpoint, measure_latent_scale, psnr, train_vae
 from ehrxdiff.wnull import NULL_SUFFIX, NullTargetAugmentation, WithNullSamples
 
 torch.set_num_threads(1)
@@ -285,3 +285,19 @@ def test_clip_x0_switch_is_off_by_default_and_clips_when_set():
     clipped = make_inference_scheduler("ddim", cfg, clip_x0=2.0)
     assert clipped.config.clip_sample is True and clipped.config.clip_sample_range == 2.0
     assert make_inference_scheduler("dpm++", cfg, clip_x0=2.0).config.thresholding is True
+
+
+def test_measured_latent_scale_gives_unit_variance_targets():
+    """LDM's scale_by_std: 1/std of posterior samples, so scale * z has std 1 on the measured batches."""
+    torch.manual_seed(0)
+    vae = build_vae(block_out_channels=(8, 16), latent_channels=3, layers_per_block=1, image_size=16,
+                    norm_num_groups=8)
+    batches = [{"target_image": torch.rand(4, 3, 16, 16) * 2 - 1} for _ in range(3)]
+    scale = measure_latent_scale(vae, batches, max_batches=2, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(b["target_image"]).latent_dist.sample(generator=gen).flatten() for b in batches[:2]])
+    assert scale == pytest.approx(1 / z.std().item(), rel=1e-5)
+    assert (scale * z).std().item() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="empty"):
+        measure_latent_scale(vae, [])

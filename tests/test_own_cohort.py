@@ -184,3 +184,35 @@ def test_overlapping_episodes_are_an_error(tmp_path):
                   "path": ["a.png", "b.png", "c.png"], "view": "PA"}).to_csv(path, index=False)
     with pytest.raises(ValueError, match="episode e2 starts .* must not overlap"):
         build_own_cohort(path, check_images="none")
+
+
+def test_study_glue_runs_the_own_cohort(cohort_files, cohort, tmp_path):
+    """Config keys own_images/own_events route notebooks 01-05's glue to the own cohort (same files downstream)."""
+    from ehrxdiff import evaluation, study
+    from ehrxdiff.config import load_config
+    cfg = load_config("smoke", {"own_images": str(cohort_files / "images.csv"),
+                                "own_events": str(cohort_files / "events.parquet"),
+                                "run_dir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"),
+                                "figures_dir": str(tmp_path / "fig"), "embedding_backend": "hashing"})
+    assert cfg.own_cohort and not cfg.synthetic
+    assert cfg.source_dirs() == {"mimic_cxr": cohort_files}
+    res = study.build_cohort(cfg)
+    assert _pairs(res) == _pairs(cohort)
+    step = study.build_events(cfg, res.pairs)
+    samples, store = study.load_pairs_with_events(cfg)
+    assert set(samples["pair_key"]) == set(step.events.pair_keys) == set(store.pair_keys)
+    ds = study.datasets(cfg, ("train", "valid", "test"))
+    assert sum(len(d) for d in ds.values()) == len(samples)
+    item = next(d for d in ds.values() if len(d))[0]
+    assert item["prev_image"].shape[-1] == cfg.image_size
+    labels, rows = evaluation.label_rows(cfg, samples)   # from the images table's finding columns
+    assert set(labels["label"]) == {"pleural effusion"}
+    assert set(rows["pair_key"]) <= set(samples["pair_key"]) and len(rows) > 0
+
+
+def test_own_cohort_config_needs_both_tables():
+    from ehrxdiff.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="own_images and own_events"):
+        load_config("smoke", {"own_images": "x.csv"})
+    with pytest.raises(ConfigError, match="not both"):
+        load_config("smoke", {"own_images": "x.csv", "own_events": "y.csv", "mimic_iv_dir": "m"})
