@@ -156,8 +156,10 @@ class EventStore:
 
 
 def _event_batches(source, batch_rows: int):
-    """(pair_key, text_id, hours) arrays in store order, a batch at a time: from ``events.parquet`` when the
-    source is a folder (or an EventResult read from one), else from the in-memory frame."""
+    """(pair_key as an Arrow string array, text_id, hours arrays) in store order, a batch at a time: from
+    ``events.parquet`` when the source is a folder (or an EventResult read from one), else from the in-memory
+    frame. The keys stay Arrow strings (compared in C++), never a numpy unicode array."""
+    import pyarrow as pa
     root = source if isinstance(source, (str, Path)) else getattr(source, "root", None)
     if root is not None and (Path(root) / "events.parquet").is_file():
         import pyarrow.parquet as pq
@@ -166,12 +168,14 @@ def _event_batches(source, batch_rows: int):
 
         def gen():
             for b in f.iter_batches(batch_size=batch_rows, columns=["pair_key", "text_id", "hours"]):
-                yield (b.column(0).to_numpy(zero_copy_only=False).astype(str), b.column(1).to_numpy().astype(np.int64),
+                k = b.column(0)
+                k = k.dictionary_decode() if pa.types.is_dictionary(k.type) else k
+                yield (k, b.column(1).to_numpy().astype(np.int64),
                        b.column(2).to_numpy().astype(np.float32))
         return total, gen()
     ev = source.events
-    return len(ev), iter([(ev["pair_key"].astype(str).to_numpy(), ev["text_id"].to_numpy(np.int64),
-                           ev["hours"].to_numpy(np.float32))])
+    return len(ev), iter([(pa.array(ev["pair_key"].astype(str).tolist(), pa.string()),
+                           ev["text_id"].to_numpy(np.int64), ev["hours"].to_numpy(np.float32))])
 
 
 def _text_batches(source, batch_rows: int):
@@ -203,6 +207,7 @@ def build_event_store(event_result, embedder, out_dir: str | Path, *, chunk_size
     mm = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(n_texts, embedder.dim))
     i = 0
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     schema = pa.schema([("text", pa.string())])
     with pq.ParquetWriter(tmp / "texts.parquet", schema) as tw:
@@ -227,10 +232,14 @@ def build_event_store(event_result, embedder, out_dir: str | Path, *, chunk_size
         hours[pos:pos + n] = h
         pos += n
         # events are ordered by pair then position: split at pair boundaries (a pair may span two batches)
-        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]]) if n else np.zeros(0, np.int64)
+        if n:
+            change = pc.not_equal(k.slice(1), k.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+            starts = np.flatnonzero(np.r_[True, change])
+        else:
+            starts = np.zeros(0, np.int64)
         ends = np.r_[starts[1:], n]
-        for s_, e_ in zip(starts, ends):
-            key = str(k[s_])
+        run_keys = k.take(pa.array(starts, pa.int64())).to_pylist()
+        for s_, e_, key in zip(starts, ends, run_keys):
             if keys and keys[-1] == key and s_ == 0:
                 counts[-1] += int(e_ - s_)
                 continue

@@ -286,3 +286,21 @@ def test_streamed_files_read_back_identically(mimic_iv, result, tmp_path):
     pd.testing.assert_frame_equal(back.events, result.events)
     assert back.texts == result.texts and back.root == out
     assert pd.read_parquet(out / "event_pairs.parquet")["pair_key"].tolist() == ["t_p"]
+
+
+def test_gunzip_thread_gives_identical_files_and_raises_on_a_truncated_gzip(mimic_iv, result, tmp_path):
+    """Inflating the .csv.gz on a second thread into a named pipe changes nothing in the output; a truncated
+    gzip stream is an error, never a silently shorter table."""
+    import shutil
+    from ehrxdiff.events import EventResult, extract_events_to_dir
+    out = extract_events_to_dir(mimic_iv, _pairs(), tmp_path / "ev", threads=2, gunzip_thread=True)
+    back = EventResult.read(out)
+    pd.testing.assert_frame_equal(back.events, result.events)
+    assert back.texts == result.texts
+    assert not (out / "_work").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(mimic_iv, broken)
+    gz = broken / "icu" / "chartevents.csv.gz"
+    gz.write_bytes(gz.read_bytes()[:-12])  # drop the gzip trailer and the end of the deflate stream
+    with pytest.raises(RuntimeError, match="chartevents.csv.gz"):
+        extract_events_to_dir(broken, _pairs(), tmp_path / "ev2", tables=("chartevents",), threads=2, gunzip_thread=True)
