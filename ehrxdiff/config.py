@@ -107,6 +107,8 @@ class StudyConfig:
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
     ema_decay: float = 0.999                 # paper 0.9999
+    beta_start: float = 0.0015               # noise schedule (§II-C; sqrt-linear, 1000 steps) [R configs]
+    beta_end: float = 0.0295
     null_events: str = "learned_token"       # learned_token (D3) | zeros (reference)
     augment_targets: str = "null_only"       # null_only (paper, D4) | all (reference)
     ablation_variants: list = field(default_factory=list)   # Table IV rows (adaptor.TABLE_IV_VARIANTS) besides the final model

@@ -300,7 +300,8 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
                            vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
                            max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
                            unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=cfg.unet_layers_per_block,
-                           norm_num_groups=_groups(cfg.unet_channels), latent_scale=vae.config.scaling_factor)
+                           norm_num_groups=_groups(cfg.unet_channels), latent_scale=vae.config.scaling_factor,
+                           beta_start=cfg.beta_start, beta_end=cfg.beta_end)
     train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
     return train_ldm(model, _loader(cfg, train, shuffle=True), output_dir=run_dir(cfg, "ldm", name),
                      max_steps=cfg.ldm_steps, valid_loader=_loader(cfg, ds["valid"], shuffle=False),
