@@ -124,12 +124,14 @@ def write_table(df: pd.DataFrame, name: str, figures_dir: str | Path, *, caption
 # --- figures ---------------------------------------------------------------------------------------
 
 def save_figure(fig, path_stem: str | Path, dpi: int = 200) -> list[Path]:
-    """Save ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` (publication copies of every figure)."""
+    """Save ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` (publication copies of every figure).
+
+    No creation date is written into the PDF, so an unchanged figure gives an unchanged file (clean diffs)."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, dpi=dpi, bbox_inches="tight")
+        fig.savefig(p, dpi=dpi, bbox_inches="tight", metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
     return paths
 
 

@@ -243,7 +243,9 @@ def retrieval_metrics(model: EHRCLIP, dataset: Dataset, *, batch_size: int = 64,
 def retrieval_from_similarity(sim: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> pd.DataFrame:
     """Recall@k from an [N, N] image x events similarity matrix whose diagonal holds the true pairs.
 
-    Columns: direction ("image→events", "events→image"), k, recall, chance, n. The rank of the true partner
+    Columns: direction ("image→events", "events→image"), k, recall, chance, n, z. ``z`` is the margin over chance
+    in standard deviations of the hit count under random ranking (a Poisson-binomial over the queries' own chance
+    probabilities, normal approximation): z > 3 is a margin that random rankings give less than once in 700. The rank of the true partner
     counts only candidates scoring *strictly* higher, so exact ties (the same previous image appears in
     several pairs of one admission, reference §2.3) count as found; chance accounts for it: with m
     tied-correct candidates among N, a random ranking puts one in the top k with probability
@@ -259,7 +261,8 @@ def retrieval_from_similarity(sim: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -
         rank = (scores > correct).sum(axis=1)              # 0 = best
         ties = (scores == correct).sum(axis=1)             # >= 1 (the partner itself)
         for k in ks:
-            chance = np.mean([1.0 - (math.comb(n - m, k) / math.comb(n, k) if k <= n else 0.0) for m in ties])
-            rows.append(dict(direction=direction, k=int(k), recall=float((rank < k).mean()),
-                             chance=float(chance), n=n))
+            p = np.array([1.0 - (math.comb(n - m, k) / math.comb(n, k) if k <= n else 0.0) for m in ties])
+            hits, sd = float((rank < k).sum()), float(np.sqrt((p * (1 - p)).sum()))
+            rows.append(dict(direction=direction, k=int(k), recall=hits / n, chance=float(p.mean()), n=n,
+                             z=(hits - p.sum()) / sd if sd > 0 else float("nan")))
     return pd.DataFrame(rows)

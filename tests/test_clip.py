@@ -316,6 +316,8 @@ def test_train_clip_loads_a_finished_run(tmp_path):
 def test_retrieval_from_similarity_recall_and_chance():
     table = retrieval_from_similarity(np.eye(10), ks=(1, 5))
     assert (table["recall"] == 1.0).all()
+    # z: 10 hits against 10 x 0.5 expected at k=5, sd sqrt(10 x 0.25)
+    np.testing.assert_allclose(table.set_index(["direction", "k"])["z"].xs(5, level="k"), 5 / np.sqrt(2.5))
     np.testing.assert_allclose(table.set_index(["direction", "k"])["chance"].xs(5, level="k"), 0.5)
     # reversed ranking: the partner is always last
     worst = retrieval_from_similarity(-np.eye(10), ks=(1, 9, 10)).set_index(["direction", "k"])["recall"]
