@@ -336,7 +336,7 @@ def test_retrieval_metrics_and_embed_images_run_on_a_model():
     data.items.insert(3, null)                                   # w_null samples are skipped
     model = tiny_clip()
     table = retrieval_metrics(model, data, batch_size=4, collate_fn=collate, ks=(1, 5))
-    assert list(table.columns) == ["direction", "k", "recall", "chance", "n"] and (table["n"] == 6).all()
+    assert list(table.columns) == ["direction", "k", "recall", "chance", "n", "z"] and (table["n"] == 6).all()
     keys, emb = embed_images(model, data, batch_size=4, collate_fn=collate)
     assert keys == [f"t{i}_p{i}" for i in range(6)] and emb.shape == (6, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
