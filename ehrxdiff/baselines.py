@@ -113,13 +113,8 @@ class PairEvents(torch.utils.data.Dataset):
 
 def collate_events(items: list[dict]) -> dict:
     """Zero-pad events to the longest row and build the mask (True = real event), as data.collate_pairs."""
-    n = max([it["events"].shape[0] for it in items] + [1])
-    dim = items[0]["events"].shape[1]
-    events = torch.zeros(len(items), n, dim)
-    mask = torch.zeros(len(items), n, dtype=torch.bool)
-    for i, it in enumerate(items):
-        k = it["events"].shape[0]
-        events[i, :k], mask[i, :k] = it["events"], True
+    from .data import pad_events
+    events, mask = pad_events([it["events"] for it in items])
     return {"pair_key": [it["pair_key"] for it in items], "events": events, "event_mask": mask,
             "labels": torch.stack([it["labels"] for it in items]),
             "prev_labels": torch.stack([it["prev_labels"] for it in items])}

@@ -42,6 +42,10 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def with_pairs(self, pairs: pd.DataFrame) -> "PairDataset":
+        """The same images, store and sizes over other ``pairs`` (e.g. a fixed subset of the test split)."""
+        return PairDataset(pairs, self.image_root, self.store, image_size=self.image_size, max_events=self.max_events)
+
     def _load_uncached(self, relpath: str) -> torch.Tensor:
         return load_image(self.image_root / relpath, self.image_size)
 
@@ -63,13 +67,14 @@ class PairDataset(Dataset):
         }
 
 
-def collate_pairs(items: list[dict], max_events: int | None = None, pad_to: int | None = None) -> dict:
-    """Stack images, pad events with zeros and build the key-padding mask (True = real event).
+def pad_events(rows, max_events: int | None = None, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded events [B, N, D] float32 and the key-padding mask [B, N] (True = real event).
 
-    ``pad_to`` fixes the token count (the reference pads every row to 1024, §6); otherwise rows are padded
-    to the longest in the batch, which is what makes the demo fast on a CPU.
+    ``rows``: per-row event arrays [n_i, D] (tensors or arrays; an empty row may be [0, 1]). ``max_events`` keeps
+    each row's most recent events; ``pad_to`` fixes N (the reference pads every row to 1024, §6), otherwise rows
+    are padded to the longest, which is what makes the demo fast on a CPU.
     """
-    evs = [it["events"] if torch.is_tensor(it["events"]) else torch.as_tensor(it["events"]) for it in items]
+    evs = [e if torch.is_tensor(e) else torch.as_tensor(e) for e in rows]
     if max_events is not None:
         evs = [e[-max_events:] for e in evs]
     dim = max(e.shape[1] for e in evs)
@@ -78,12 +83,18 @@ def collate_pairs(items: list[dict], max_events: int | None = None, pad_to: int 
         if n > pad_to:
             raise ValueError(f"a row has {n} events, more than pad_to={pad_to}")
         n = pad_to
-    events = torch.zeros(len(items), n, dim, dtype=torch.float32)
-    mask = torch.zeros(len(items), n, dtype=torch.bool)
+    events = torch.zeros(len(evs), n, dim, dtype=torch.float32)
+    mask = torch.zeros(len(evs), n, dtype=torch.bool)
     for i, e in enumerate(evs):
         if e.shape[0]:
             events[i, : e.shape[0]] = e.float()
             mask[i, : e.shape[0]] = True
+    return events, mask
+
+
+def collate_pairs(items: list[dict], max_events: int | None = None, pad_to: int | None = None) -> dict:
+    """Stack images, pad events with zeros and build the key-padding mask (:func:`pad_events`)."""
+    events, mask = pad_events([it["events"] for it in items], max_events=max_events, pad_to=pad_to)
     batch = {
         "prev_image": torch.stack([it["prev_image"] for it in items]),
         "target_image": torch.stack([it["target_image"] for it in items]),

@@ -253,6 +253,7 @@ class EHRXDiff(nn.Module):
 
 
 SAMPLERS = ("ddim", "dpm++")
+SAMPLER_ALIASES = {"dpm": "dpm++"}   # the config's name (StudyConfig.sampler) for DPM-Solver++
 
 
 def make_inference_scheduler(kind: str, train_scheduler_config, clip_x0: float | None = None
@@ -262,7 +263,7 @@ def make_inference_scheduler(kind: str, train_scheduler_config, clip_x0: float |
     ``"ddim"``: the paper's DDIM (use 100 steps, eta = 1 at call time), with LDM's uniform "leading" timesteps
     offset by one (991, 981, ..., 1) and alpha_prev of the last step = alphas_cumprod[0], exactly as LDM's
     ``DDIMSampler`` [R cheff/ldm/models/diffusion/ddim.py]. ``"dpm++"``: DPM-Solver++ (2nd order multistep), a
-    fast switch for <= 20 steps; not in the paper.
+    fast switch for <= 20 steps; not in the paper (``"dpm"``, the config's name, is accepted for it).
 
     ``clip_x0`` (not in the paper; off by default) clips each step's predicted clean latent to
     [-clip_x0, clip_x0]. LDM's schedule ends at alpha_bar_T ~ 4e-6, so an eps error e at high t becomes an x0
@@ -272,6 +273,7 @@ def make_inference_scheduler(kind: str, train_scheduler_config, clip_x0: float |
     """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    kind = SAMPLER_ALIASES.get(kind, kind)
     clip = {} if clip_x0 is None else {"clip_sample": True, "clip_sample_range": float(clip_x0)}
     if kind == "ddim":
         return DDIMScheduler.from_config(train_scheduler_config, timestep_spacing="leading", steps_offset=1,

@@ -18,13 +18,11 @@ import pandas as pd
 import torch
 
 from .metrics import fid, score_method
-from .whatif import EventList, finding_probabilities, predict, quantize
+from .whatif import EventList, evaluator_output, finding_probabilities, predict
 
 
-@torch.no_grad()
-def _features(evaluator, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    x = quantize(images)[:, :1]
-    return torch.cat([evaluator(x[i:i + batch_size])["features"] for i in range(0, len(x), batch_size)]).numpy()
+def _features(evaluator, images: torch.Tensor) -> np.ndarray:
+    return torch.cat(evaluator_output(evaluator, images, "features")).cpu().numpy()
 
 
 def sampler_study(pipe, evaluator, dataset, label_rows: pd.DataFrame, *, samplers: Sequence[str],
@@ -47,7 +45,7 @@ def sampler_study(pipe, evaluator, dataset, label_rows: pd.DataFrame, *, sampler
     try:
         for sampler in samplers:
             for n in steps:
-                pipe.use_sampler("dpm++" if sampler == "dpm" else sampler, clip_x0=clip_x0)
+                pipe.use_sampler(sampler, clip_x0=clip_x0)
                 predict(pipe, prev[:1], events[:1], keys[:1], [seed], num_inference_steps=1, eta=eta)  # warm-up
                 t0 = time.perf_counter()
                 imgs = torch.cat([predict(pipe, prev[i:i + batch_size], events[i:i + batch_size],

@@ -44,7 +44,9 @@ def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sample
     images written/skipped and seconds per generated image.
     """
     from .data import collate_pairs
+    from .ldm import SAMPLER_ALIASES
 
+    sampler = SAMPLER_ALIASES.get(sampler, sampler)   # the summary names the pipeline's sampler ("dpm++")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe.use_sampler(sampler, clip_x0=clip_x0)

@@ -59,12 +59,15 @@ class Context:
         c = self.cfg
         return dict(num_inference_steps=c.sample_steps, eta=c.sample_eta)
 
+    @property
+    def whatif_seeds(self) -> list[int]:
+        """The first ``whatif_seeds`` of the study's sampling seeds (at least one), shared by both histories."""
+        return list(self.cfg.sample_seeds[:max(self.cfg.whatif_seeds, 1)])
+
     def subset(self, n: int, *, pool=None):
         """The first ``n`` of a fixed random order of the test pairs (``pool`` defaults to the whole split)."""
-        from .data import PairDataset
         ds = pool or self.test
-        keep = ds.pairs.sample(frac=1.0, random_state=self.cfg.seed).head(n).sort_values("pair_key")
-        return PairDataset(keep, ds.image_root, ds.store, image_size=ds.image_size, max_events=ds.max_events)
+        return ds.with_pairs(ds.pairs.sample(frac=1.0, random_state=self.cfg.seed).head(n).sort_values("pair_key"))
 
 
 def check_config(cfg: StudyConfig) -> None:
@@ -85,7 +88,7 @@ def context(cfg: StudyConfig) -> Context:
     check_config(cfg)
     pipe = study.load_pipeline(cfg, cfg.simulation_model)
     pipe.set_progress_bar_config(disable=True)
-    pipe.use_sampler("dpm++" if cfg.sampler == "dpm" else "ddim", clip_x0=cfg.sample_clip_x0)
+    pipe.use_sampler(cfg.sampler, clip_x0=cfg.sample_clip_x0)
     ds = study.datasets(cfg, ("test",))
     samples, _ = study.load_pairs_with_events(cfg)
     _, rows = label_rows(cfg, samples)
@@ -124,7 +127,7 @@ def what_if_example(ctx: Context, intervention: str = "diuretic", pair_key: str 
                                       text_style=cfg.text_style)
     emb.close()
     res = what_if(ctx.pipe, item["prev_image"], factual, edited, pair_key=pair_key,
-                  seeds=cfg.sample_seeds[:max(cfg.whatif_seeds, 1)], evaluator=ctx.evaluator, **ctx.steps)
+                  seeds=ctx.whatif_seeds, evaluator=ctx.evaluator, **ctx.steps)
     plot_what_if(res, study.figures_dir(cfg) / "fig_whatif_example",
                  title=f"{pair_key[:8]}…: + {intervention} at +{added_hours(factual):.1f} h after I_prev")
     return res
@@ -145,7 +148,7 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     parts = []
     for iv in cfg.whatif_interventions:
         eff = intervention_effects(ctx.pipe, ctx.evaluator, ds, keys, iv, hours=hours, embedder=emb.embed,
-                                   seeds=cfg.sample_seeds[:max(cfg.whatif_seeds, 1)], text_style=cfg.text_style,
+                                   seeds=ctx.whatif_seeds, text_style=cfg.text_style,
                                    batch_size=cfg.sample_batch_size, **ctx.steps)
         if course is not None:
             truth = pair_true_effects(course, ds.pairs, INTERVENTIONS[iv]["action"], hours, seed=cfg.seed)
@@ -296,7 +299,7 @@ def what_if_panel(ctx: Context):
         with out:
             out.clear_output(wait=True)
             res = what_if(ctx.pipe, ctx.scored[i]["prev_image"], factual, edited, pair_key=pick.value,
-                          seeds=cfg.sample_seeds[:max(cfg.whatif_seeds, 1)], evaluator=ctx.evaluator, **ctx.steps)
+                          seeds=ctx.whatif_seeds, evaluator=ctx.evaluator, **ctx.steps)
             plot_what_if(res, title=f"{pick.value[:8]}…: {len(factual)} factual events → {len(edited)} edited")
             plt.show()
 

@@ -318,11 +318,10 @@ def load_pipeline(cfg: StudyConfig, name: str):
 
 def test_pairs(cfg: StudyConfig, ds: dict):
     """The test pairs the study generates and scores (all of them, or a fixed random subset for CPU runs)."""
-    from .data import PairDataset
     test = ds["test"]
     if cfg.eval_max_pairs and len(test) > cfg.eval_max_pairs:
         sub = test.pairs.sample(cfg.eval_max_pairs, random_state=0).sort_values("pair_key")
-        test = PairDataset(sub, test.image_root, test.store, image_size=test.image_size, max_events=test.max_events)
+        test = test.with_pairs(sub)
     return test
 
 
@@ -337,7 +336,7 @@ def generate(cfg: StudyConfig, name: str, test, seeds) -> pd.DataFrame:
     rows = []
     for seed in seeds:
         s = generate_split(pipe, test, sample_dir(cfg, name, seed), seed=seed,
-                           sampler="dpm++" if cfg.sampler == "dpm" else "ddim", num_inference_steps=cfg.sample_steps,
+                           sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
                            eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg),
                            clip_x0=cfg.sample_clip_x0)
         rows.append({"model": name, "seed": seed, **s})

@@ -161,14 +161,8 @@ class EventList:
 
 def stack_events(lists: Sequence[EventList], *, max_events: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded events [B, N, D] and mask [B, N] (True = real) for ``generate``, as ``collate_pairs`` builds."""
-    arrays = [lst.window(max_events).embeddings(dim) for lst in lists]
-    n = max([len(a) for a in arrays] + [1])
-    events, mask = torch.zeros(len(arrays), n, dim), torch.zeros(len(arrays), n, dtype=torch.bool)
-    for i, a in enumerate(arrays):
-        if len(a):
-            events[i, :len(a)] = torch.from_numpy(a)
-            mask[i, :len(a)] = True
-    return events, mask
+    from .data import pad_events
+    return pad_events([lst.embeddings(dim) for lst in lists], max_events=max_events)
 
 
 def predict(pipe, prev_images: torch.Tensor, event_lists: Sequence[EventList], pair_keys: Sequence[str],
@@ -197,11 +191,17 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def finding_probabilities(evaluator, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """The evaluator's P(finding) [N, L] for images [N, C, H, W] in [-1, 1] (first channel, as the PNGs)."""
+def evaluator_output(evaluator, images: torch.Tensor, key: str, batch_size: int = 64) -> list[torch.Tensor]:
+    """One output of the evaluator ("pathology" logits, "features", …) per batch, for images [N, C, H, W] in
+    [-1, 1] seen as the scored PNGs are (8-bit levels, first channel)."""
     evaluator.eval()
     x = quantize(images)[:, :1]
-    out = [torch.sigmoid(evaluator(x[i:i + batch_size])["pathology"]) for i in range(0, len(x), batch_size)]
+    return [evaluator(x[i:i + batch_size])[key] for i in range(0, len(x), batch_size)]
+
+
+def finding_probabilities(evaluator, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """The evaluator's P(finding) [N, L] for images [N, C, H, W] in [-1, 1] (first channel, as the PNGs)."""
+    out = [torch.sigmoid(o) for o in evaluator_output(evaluator, images, "pathology", batch_size)]
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(evaluator.labels)), np.float32)
 
 

@@ -9,7 +9,7 @@ the findings' severities at I_trg is the true counterfactual effect that a what-
 (:mod:`ehrxdiff.whatif`) should match in sign.
 
 Approximations (stated, small): severities are stored clipped to [0, 1] and stand in for the unclipped state;
-the patient's fluid set point is not stored and is taken from the age trend of ``world.make_traits`` (it enters
+the patient's fluid set point is not stored and is taken from its age trend (``world.fluid_set_point_mean``) (it enters
 factual and counterfactual alike, so the difference hardly depends on it). :func:`true_effect` reports
 ``replay_error``, the mean absolute gap between the factual replay and the recorded severities at I_trg, so the
 quality of the reconstruction is visible next to every effect.
@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..constants import IMAGENOME_LABELS
 from .dynamics import ACTIONS, DEVICES, State, Traits, apply_actions, evolve, severities
+from .world import FLUID_SET_POINT_RANGE, fluid_set_point_mean
 
 H = 3600.0
 
@@ -53,7 +54,7 @@ def state_at(course: pd.DataFrame, hour: int) -> State:
 
 def _traits(age: float) -> Traits:
     return Traits(sex="F", age=age, cardiac0=0.0, hilum0=0.0, mediastinum0=0.0,
-                  fluid_set_point=float(np.clip(0.05 + 0.004 * (age - 40), -0.2, 0.8)))
+                  fluid_set_point=float(np.clip(fluid_set_point_mean(age), *FLUID_SET_POINT_RANGE)))
 
 
 def replay(course: pd.DataFrame, h0: int, h1: int, traits: Traits, *, seed: int,

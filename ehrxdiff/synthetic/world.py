@@ -37,6 +37,14 @@ class PatientRecord:
         self.rows.setdefault(table, []).append(row)
 
 
+FLUID_SET_POINT_RANGE = (-0.2, 0.8)
+
+
+def fluid_set_point_mean(age: float) -> float:
+    """The age trend of a patient's fluid set point (older patients retain more); traits scatter around it."""
+    return 0.05 + 0.004 * (age - 40)
+
+
 def make_traits(rng: np.random.Generator, sex: str, age: float) -> Traits:
     male = sex == "M"
     return Traits(
@@ -44,7 +52,7 @@ def make_traits(rng: np.random.Generator, sex: str, age: float) -> Traits:
         cardiac0=float(np.clip(0.05 + 0.006 * (age - 20) + (0.05 if male else 0) + rng.normal(0, 0.1), 0, 0.9)),
         hilum0=float(np.clip(rng.normal(0.2, 0.12), 0, 0.7)),
         mediastinum0=float(np.clip(0.008 * (age - 30) + rng.normal(0, 0.12), 0, 0.95)),
-        fluid_set_point=float(np.clip(rng.normal(0.05 + 0.004 * (age - 40), 0.15), -0.2, 0.8)),
+        fluid_set_point=float(np.clip(rng.normal(fluid_set_point_mean(age), 0.15), *FLUID_SET_POINT_RANGE)),
     )
 
 
