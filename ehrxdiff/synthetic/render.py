@@ -14,6 +14,12 @@ Devices are thin bright lines. Sex and age shape the anatomy (thorax width, brea
 heart and aorta) so that age and sex are learnable as in the paper's Table III. Acquisition nuisance
 (rotation, scale, shift, exposure, noise, AP magnification) differs between studies — the misalignment
 that makes "predict the next image" harder than pixel copying.
+
+The balance between the two is what makes a previous film informative. Measured on 150 patients x 2 films
+(no findings, 64 px, correlation of the deviations from the mean image): 0.07 when patients differed only by
++-4 % width and a little heart and lung geometry and the nuisance was larger (rotation SD 2.5 deg, shift 3 %,
+exposure +-15 %) - the population's average film then predicted the next film better than the previous one did;
+0.61 with the per-patient habitus below and the nuisance halved (0.84 without any geometric nuisance).
 """
 from __future__ import annotations
 
@@ -59,19 +65,27 @@ def patient_anatomy(rng: np.random.Generator, sex: str, age: float, size: int) -
     (body, lungs, ribs, clavicles, spine, breasts) that every one of the patient's films shares."""
     male = sex == "M"
     a = {
-        "width": (1.0 if male else 0.93) * rng.uniform(0.96, 1.04),
-        "lung_h": rng.uniform(0.5, 0.58), "heart_x": rng.uniform(0.05, 0.12),
+        "width": (1.0 if male else 0.93) * rng.uniform(0.86, 1.12),
+        "lung_h": rng.uniform(0.45, 0.62), "heart_x": rng.uniform(0.02, 0.14),
         "bone": float(np.clip(1.15 - 0.009 * (age - 20) + (0.08 if male else 0.0), 0.35, 1.2)),
         "female": not male, "age": age,
         "lobe": (float(rng.choice([-0.36, 0.36])), float(rng.uniform(0.05, 0.3))),
         "ptx_side": float(rng.choice([-1.0, 1.0])),
         "vessels": smooth_noise(rng, size, 24), "patchy": smooth_noise(rng, size, 12),
+        # Habitus: soft-tissue density, a right hemidiaphragm higher than the left by a patient-specific amount,
+        # the lungs' vertical position, heart size at rest and coarse density (old scars, chest-wall shape).
+        "tissue": rng.uniform(0.38, 0.56), "right_dome": rng.uniform(0.0, 0.08), "lung_y": rng.uniform(-0.13, -0.03),
+        "heart": rng.uniform(0.9, 1.1), "coarse": smooth_noise(rng, size, 5),
     }
     u, v = _grid(size)
     w, lh, bone = a["width"], a["lung_h"], a["bone"]
     body = _ellipse(u, v, 0, 0.12, 0.9 * w, 1.1, 8)
-    lungs = [_ellipse(u, v, side * 0.37 * w, -0.08, 0.27 * w, lh, 10) * (v > -0.8) for side in (-1, 1)]
-    base = 0.06 + 0.47 * body
+    # per lung (patient's right = image left first): vertical centre and half-height; apices level, domes not
+    a["lung_cy"] = [a["lung_y"] - a["right_dome"] / 2, a["lung_y"]]
+    a["lung_hh"] = [lh - a["right_dome"] / 2, lh]
+    lungs = [_ellipse(u, v, side * 0.37 * w, cy, 0.27 * w, hh, 10) * (v > -0.8)
+             for side, cy, hh in zip((-1, 1), a["lung_cy"], a["lung_hh"])]
+    base = 0.06 + a["tissue"] * body + 0.05 * a["coarse"] * body
     base += 0.12 * bone * (np.abs(u) < 0.045) * (0.75 + 0.25 * np.cos(v * 45))
     ribs = np.clip(np.cos(2 * np.pi * 7 * (v + 0.35 * u ** 2)), 0, 1) ** 4
     base += 0.09 * bone * ribs * body * (np.abs(u) < 0.85 * w) * (v < 0.55)
@@ -101,11 +115,11 @@ def render_frontal(sev: dict, devices: dict, anat: dict, pose: dict, size: int,
     lungs, lung, texture = anat["lungs"], anat["lung"], anat["vessels"]
     d = anat["base"] - lung * (0.34 - 0.03 * texture * (1 + 2.5 * sev["vascular congestion"] * anat["upper"]))
     # Effusion: fluid from the costophrenic angle upward, meniscus higher laterally; patient's right worse.
-    for side, lm, k in ((-1, lungs[0], 1.0), (1, lungs[1], 0.75)):
+    for i, (side, lm, k) in enumerate(((-1, lungs[0], 1.0), (1, lungs[1], 0.75))):
         h = 0.75 * lh * sev["pleural effusion"] * k
         if h > 0.005:
             lateral = np.abs(u - side * 0.37 * w) / (0.27 * w)
-            level = (-0.08 + lh) - 2 * h + 0.25 * h * lateral * (u * side > 0.37 * w)
+            level = (anat["lung_cy"][i] + anat["lung_hh"][i]) - 2 * h + 0.25 * h * lateral * (u * side > 0.37 * w)
             d = d + 0.3 * lm / (1 + np.exp(np.clip(-(v - level) * 40, -30, 30)))
     # Edema: perihilar butterfly haze. Consolidation: dense lobar patch; pneumonia: patchy haze around it.
     d = d + 0.25 * sev["pulmonary edema/hazy opacity"] * anat["bfly"] * lung
@@ -116,7 +130,7 @@ def render_frontal(sev: dict, devices: dict, anat: dict, pose: dict, size: int,
     d = d + 0.16 * sev["pneumonia"] * anat["haze"] * lung
     # Heart (magnified on AP), hila, mediastinum.
     cs = sev["enlarged cardiac silhouette"]
-    hw = (0.2 + 0.2 * cs) * w * (1.08 if pose["ap"] else 1.0)
+    hw = (0.2 + 0.2 * cs) * w * anat["heart"] * (1.08 if pose["ap"] else 1.0)
     d = d + 0.22 * _ellipse(u, v, anat["heart_x"], 0.3, hw, 0.24 + 0.05 * cs, 9)
     hs = 0.05 + 0.05 * sev["enlarged hilum"]
     d = d + (0.12 + 0.2 * sev["enlarged hilum"]) * (_gauss(u, v, -0.17 * w, -0.1, hs, hs * 1.4)
@@ -126,13 +140,14 @@ def render_frontal(sev: dict, devices: dict, anat: dict, pose: dict, size: int,
     px = sev["pneumothorax"]
     if px > 0.01:
         s = anat["ptx_side"]
-        lm = lungs[0] if s < 0 else lungs[1]
+        i = 0 if s < 0 else 1
+        lm, cy, hh = lungs[i], anat["lung_cy"][i], anat["lung_hh"][i]
         edge = np.abs(u - s * 0.37 * w) / (0.27 * w) + 0.6 * np.clip(-(v + 0.1), 0, 1)
         rim = lm * (edge > 1.0 - 0.6 * px)
         d = d - 0.06 * rim - 0.03 * texture * rim
         inner = 0.27 * w * (1 - 0.55 * px)
-        d = d + 0.05 * lm * _ellipse(u, v, s * 0.37 * w, -0.08, inner, lh, 60) * (
-            1 - _ellipse(u, v, s * 0.37 * w, -0.08, inner - 0.02, lh - 0.02, 60))
+        d = d + 0.05 * lm * _ellipse(u, v, s * 0.37 * w, cy, inner, hh, 60) * (
+            1 - _ellipse(u, v, s * 0.37 * w, cy, inner - 0.02, hh - 0.02, 60))
     for name, path in DEVICE_PATHS.items():
         if devices.get(name):
             d = d + 0.35 * _polyline(u, v, path(w), 0.014)
@@ -175,8 +190,8 @@ def random_pose(rng: np.random.Generator, ap: bool) -> dict:
     """Acquisition nuisance between studies; portable AP films are noisier and less well aligned."""
     k = 1.6 if ap else 1.0
     return {
-        "ap": ap, "rotation": float(rng.normal(0, 2.5 * k)), "scale": float(rng.uniform(0.95, 1.05)),
-        "shift_x": float(rng.normal(0, 0.03 * k)), "shift_y": float(rng.normal(0, 0.03 * k)),
-        "gamma": float(rng.uniform(0.85, 1.15)), "gain": float(rng.uniform(0.9, 1.05)),
-        "offset": float(rng.uniform(0.0, 0.05)), "noise": float(rng.uniform(0.008, 0.02) * k),
+        "ap": ap, "rotation": float(rng.normal(0, 1.5 * k)), "scale": float(rng.uniform(0.97, 1.03)),
+        "shift_x": float(rng.normal(0, 0.02 * k)), "shift_y": float(rng.normal(0, 0.02 * k)),
+        "gamma": float(rng.uniform(0.92, 1.08)), "gain": float(rng.uniform(0.95, 1.03)),
+        "offset": float(rng.uniform(0.0, 0.03)), "noise": float(rng.uniform(0.006, 0.015) * k),
     }
