@@ -6,6 +6,20 @@ writes tidy CSVs under ``run_dir/eval`` that the tables and figures are drawn fr
 - ``auroc_summary.csv``   method, seed, subset, auroc, evaluator      (Tables II and IV, Fig. bars)
 - ``auroc_per_label.csv`` method, seed, subset, label, auroc, n, …    (per-label heatmap)
 - ``demographics.csv``    method, seed, metric (FID, age r, sex AUROC), value, evaluator   (Table III)
+
+Without finding labels (an own cohort whose images table has no finding columns, or MIMIC without Chest
+ImaGenome; :func:`has_labels`) nothing that needs labels is faked. :func:`evaluate` then scores what can be
+computed without them and says what it skipped and why (printed, and in ``skipped.csv``):
+
+- ``image_similarity.csv``          method, seed, pair_key, metric (MSE, PSNR, SSIM), value: each prediction and
+  the previous image against the true target (per pair);
+- ``image_similarity_summary.csv``  the same, mean over pairs per (method, seed): the table's mean ± std over seeds;
+- ``vs_previous_image.csv``         per model, seed and metric: model vs repeating the previous image, and the share
+  of pairs where the model is closer to I_trg;
+- ``demographics.csv``              FID, age r and sex AUROC, only where they mean something: the evaluator is then
+  trained on the cohort's sex and/or age alone (the finding head masked out), or its backbone comes from local
+  ``xrv_weights`` (FID only). With neither there is no FID: an untrained network's features would not measure
+  anything, so the image-space metrics stand in.
 """
 from __future__ import annotations
 
@@ -25,6 +39,26 @@ BASELINES = ("GT", "previous image", "previous label", "table classifier", "tabl
 
 def eval_dir(cfg: StudyConfig) -> Path:
     return study.run_dir(cfg, "eval")
+
+
+def missing_labels_reason(cfg: StudyConfig) -> str | None:
+    """Why this study has no finding labels (None when it has them): the one sentence every skip record and
+    message repeats, so a user reads the same cause in notebooks 05, 06 and 07."""
+    if cfg.own_cohort:
+        path = cfg.path("run_dir") / "cohort" / "image_labels.parquet"
+        if not path.exists():
+            return (f"no finding labels: the images table {cfg.own_images} has no finding columns "
+                    f"({path.name} was not written; README \"Your own cohort\")")
+        return None
+    if not cfg.synthetic and "imagenome" not in cfg.source_dirs():
+        return "no finding labels: imagenome_dir (Chest ImaGenome) is not set"
+    return None
+
+
+def has_labels(cfg: StudyConfig) -> bool:
+    """Whether the finding labels exist, i.e. whether Tables II/IV, calibration and the what-if probabilities
+    can be computed (:func:`missing_labels_reason` says why not)."""
+    return missing_labels_reason(cfg) is None
 
 
 def label_rows(cfg: StudyConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -50,14 +84,16 @@ def _image_table(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     imgs = pd.concat([pairs[["prev_dicom_id", "prev_path", "gender", "age"]].set_axis(["dicom_id", "path", "gender", "age"], axis=1),
                       pairs[["target_dicom_id", "target_path", "gender", "age"]].set_axis(["dicom_id", "path", "gender", "age"], axis=1)])
     imgs = imgs.drop_duplicates("dicom_id").reset_index(drop=True)
-    lab = label_matrix(labels)
-    imgs = imgs.join(lab, on="dicom_id")
+    if labels is not None:       # without labels the finding targets stay NaN: masked in the evaluator's loss
+        imgs = imgs.join(label_matrix(labels), on="dicom_id")
     imgs["sex"] = (imgs["gender"] == "F").astype(float).where(imgs["gender"].isin(["F", "M"]))
     return imgs
 
 
-def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame):
-    """The study's own evaluator (D9), trained on images of train-split patients only."""
+def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame | None,
+                    select_on: str = "val_macro_auroc"):
+    """The study's own evaluator (D9), trained on images of train-split patients only (``labels`` None: on sex
+    and age alone, selected on ``select_on``)."""
     from .evaluators import DEMO_DENSENET, DENSENET121, CXREvaluator, EvaluatorImages
     from .evaluators import train_evaluator as fit
     root = cfg.source_dirs()["mimic_cxr"]
@@ -67,7 +103,7 @@ def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame)
     sets = {s: EvaluatorImages(_image_table(pairs[pairs["split"] == s], labels), root, image_size=cfg.image_size)
             for s in ("train", "valid")}
     best = fit(model, sets["train"], sets["valid"], output_dir=eval_dir(cfg) / "evaluator", epochs=cfg.eval_epochs,
-               batch_size=cfg.eval_batch_size, seed=cfg.seed)
+               batch_size=cfg.eval_batch_size, seed=cfg.seed, select_on=select_on)
     return CXREvaluator.from_pretrained(best)
 
 
@@ -104,7 +140,10 @@ def table_classifiers(cfg: StudyConfig, rows: pd.DataFrame, test_keys) -> dict[s
 
 
 def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Score GT, the baselines, and every trained model × seed on the test pairs; write the tidy CSVs."""
+    """Score GT, the baselines, and every trained model × seed on the test pairs; write the tidy CSVs.
+    Without finding labels: :func:`evaluate_without_labels` (module docstring)."""
+    if not has_labels(cfg):
+        return evaluate_without_labels(cfg)
     from .baselines import generated_image_table, pair_image_table, previous_label_scores
     from .metrics import age_pearson, fid, score_method, sex_auroc, weighted_macro_auroc
     ds = study.datasets(cfg, ("test",))
@@ -158,8 +197,143 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
     return out
 
 
+# ------------------------------------------------------------------------------------------ without labels
+def label_free_plan(pairs: pd.DataFrame, *, xrv_weights: str | None) -> tuple[dict, list[dict]]:
+    """What a label-free evaluation can report on these test pairs, and a (what, why) record for the rest.
+
+    Returns ({"age": bool, "sex": bool, "evaluator": "train" | "xrv" | None}, skipped). Age r needs ≥ 3 known
+    ages, sex AUROC both sexes among the test pairs. The evaluator is trained when the cohort carries sex or age
+    (its backbone then learns from those targets, so FID has trained features), is the XRV backbone as loaded
+    when only ``xrv_weights`` is given, and is absent otherwise (no FID)."""
+    age = "age" in pairs and int(pairs["age"].notna().sum()) >= 3
+    sex = "gender" in pairs and set(pairs["gender"].dropna()) >= {"F", "M"}
+    evaluator = "train" if (age or sex) else ("xrv" if xrv_weights else None)
+    why = "no finding labels"
+    skipped = [
+        {"what": "Table II (weighted-macro AUROC all/diff/same)", "why": f"{why}: AUROC needs the findings of I_trg"},
+        {"what": "Table IV (ablation AUROC)", "why": f"{why}; the ablation rows are in table_image_similarity instead"},
+        {"what": "baselines: previous label, table classifiers", "why": f"{why}: they predict or train on labels"},
+        {"what": "claims on AUROC", "why": f"{why}; checked on image similarity to I_trg instead"},
+    ]
+    if not age:
+        skipped.append({"what": "age r", "why": "the images table has no age (fewer than 3 test pairs with one)"})
+    if not sex:
+        skipped.append({"what": "sex AUROC", "why": "the images table has no sex, or the test pairs hold one sex only"})
+    if evaluator is None:
+        skipped.append({"what": "FID", "why": "no labels, age or sex to train the evaluator's backbone on and no "
+                        "xrv_weights: an untrained network's features would not measure anything"})
+    return {"age": age, "sex": sex, "evaluator": evaluator}, skipped
+
+
+def _similarity_rows(method: str, seed: int, keys, pred, target) -> pd.DataFrame:
+    from .metrics import image_similarity
+    sim = image_similarity(pred, target).assign(pair_key=list(keys))
+    return sim.melt(id_vars="pair_key", var_name="metric", value_name="value").assign(method=method, seed=seed)
+
+
+def vs_previous_image(per_pair: pd.DataFrame) -> pd.DataFrame:
+    """Per (method, seed, metric): the method's mean over pairs next to the previous image's on the same pairs,
+    their difference, and the share of pairs where the method is closer to I_trg (ties count half)."""
+    from .metrics import HIGHER_IS_BETTER
+    prev = per_pair[per_pair["method"] == "previous image"].set_index(["pair_key", "metric"])["value"]
+    out = []
+    for (method, seed, metric), g in per_pair[per_pair["method"] != "previous image"].groupby(
+            ["method", "seed", "metric"], sort=False):
+        ref = prev.reindex(list(zip(g["pair_key"], [metric] * len(g)))).to_numpy()
+        v = g["value"].to_numpy()
+        sign = 1 if HIGHER_IS_BETTER[metric] else -1
+        better = np.where(np.isclose(v, ref), 0.5, (sign * (v - ref) > 0).astype(float))
+        finite = np.isfinite(v) & np.isfinite(ref)
+        out.append({"method": method, "seed": seed, "metric": metric, "model": float(v[finite].mean()),
+                    "previous image": float(ref[finite].mean()), "difference": float((v - ref)[finite].mean()),
+                    "share_pairs_better": float(better.mean()), "n_pairs": len(g)})
+    return pd.DataFrame(out)
+
+
+def print_skipped(results: dict[str, pd.DataFrame]) -> None:
+    """Say plainly, in the notebook, what was not computed and why (the same lines as ``skipped.csv``)."""
+    skipped = results.get("skipped")
+    if skipped is None or not len(skipped):
+        return
+    print("Evaluation without finding labels. Skipped:")
+    for _, r in skipped.iterrows():
+        print(f"  - {r['what']}: {r['why']}")
+
+
+def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
+    """The label-free evaluation (module docstring): image similarity per method and seed against I_trg, model
+    vs previous image, and FID / age r / sex AUROC where the cohort makes them meaningful; ``skipped.csv``."""
+    from .baselines import generated_image_table, pair_image_table
+    from .images import load_image
+    from .metrics import age_pearson, fid, sex_auroc
+    reason = missing_labels_reason(cfg)
+    ds = study.datasets(cfg, ("test",))
+    test = study.test_pairs(cfg, ds)
+    pairs, keys = test.pairs, test.pairs["pair_key"].tolist()
+    plan, skipped = label_free_plan(pairs, xrv_weights=cfg.xrv_weights)
+    skipped = pd.DataFrame(skipped).assign(reason=reason)
+    print(f"{reason}. Scoring image similarity to I_trg (MSE, PSNR, SSIM) instead of AUROC; "
+          f"skipped: {', '.join(skipped['what'])} (eval/skipped.csv).")
+    root = cfg.source_dirs()["mimic_cxr"]
+    items = [test[i] for i in range(len(test))]
+    target = torch.stack([it["target_image"] for it in items])
+    prev = torch.stack([it["prev_image"] for it in items])
+    sims = [_similarity_rows("previous image", 0, keys, prev, target)]
+    generated = []                         # (name, seed, sample dir): every model's predictions of notebook 04
+    for name in study.variants(cfg):
+        seeds = cfg.sample_seeds if name in study.MAIN_MODELS else cfg.sample_seeds[:cfg.ablation_seeds]
+        for seed in seeds:
+            d = study.sample_dir(cfg, name, seed)
+            generated_image_table(keys, d)                     # names the first missing prediction
+            pred = torch.stack([load_image(d / f"{k}.png", cfg.image_size) for k in keys])
+            sims.append(_similarity_rows(name, seed, keys, pred, target))
+            generated.append((name, seed, d))
+    per_pair = pd.concat(sims, ignore_index=True)[["method", "seed", "pair_key", "metric", "value"]]
+    summary = (per_pair.groupby(["method", "seed", "metric"], sort=False)["value"]
+               .agg(value="mean", n_pairs="count").reset_index())
+    demo = []
+    if plan["evaluator"] is not None:
+        from .evaluators import DEMO_DENSENET, DENSENET121, CXREvaluator
+        samples, _ = study.load_pairs_with_events(cfg)
+        if plan["evaluator"] == "train":
+            evaluator = train_evaluator(cfg, samples, None, select_on="val_age_r" if plan["age"] else "val_sex_auroc")
+        else:
+            arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
+            evaluator = CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size,
+                                     name=cfg.evaluator_arch, init_weights=cfg.xrv_weights, **arch).eval()
+        tag = f"{evaluator.evaluator_id} / FID: {evaluator.feature_id}" + \
+            (" (trained on sex/age only)" if plan["evaluator"] == "train" else "")
+        gt = score_images(cfg, evaluator, pair_image_table(pairs, "target"), root)
+        scored = [("GT", 0, gt), ("previous image", 0, score_images(cfg, evaluator, pair_image_table(pairs, "prev"),
+                                                                    root))]
+        scored += [(n, s, score_images(cfg, evaluator, generated_image_table(keys, d), d)) for n, s, d in generated]
+        for method, seed, img in scored:
+            t = img.table.reindex(keys)
+            if plan["age"] and plan["evaluator"] == "train":
+                known = pairs["age"].notna().to_numpy()
+                demo.append({"method": method, "seed": seed, "metric": "age r", "evaluator": tag,
+                             "value": age_pearson(pairs["age"][known], t["age_pred"][known])})
+            if plan["sex"] and plan["evaluator"] == "train":
+                known = pairs["gender"].isin(["F", "M"]).to_numpy()
+                demo.append({"method": method, "seed": seed, "metric": "sex AUROC", "evaluator": tag,
+                             "value": sex_auroc((pairs["gender"][known] == "F").to_numpy(), t["p_female"][known])})
+            if method != "GT":
+                demo.append({"method": method, "seed": seed, "metric": "FID", "evaluator": tag,
+                             "value": fid(gt.features, img.features)})
+    out = {"image_similarity": per_pair, "image_similarity_summary": summary,
+           "vs_previous_image": vs_previous_image(per_pair),
+           "demographics": pd.DataFrame(demo, columns=["method", "seed", "metric", "value", "evaluator"]),
+           "skipped": skipped[["what", "why", "reason"]]}
+    for k, v in out.items():
+        v.to_csv(eval_dir(cfg) / f"{k}.csv", index=False)
+    return out
+
+
 def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Tables II–IV (CSV + Markdown + LaTeX) and the bar chart and heatmap, from the tidy results."""
+    """Tables II–IV (CSV + Markdown + LaTeX) and the bar chart and heatmap, from the tidy results.
+    Label-free results: :func:`write_label_free_tables`."""
+    if "auroc_summary" not in results:
+        return write_label_free_tables(cfg, results)
     from .reporting import auroc_table, plot_auroc_bars, plot_label_heatmap, seed_table, write_table
     fig = study.figures_dir(cfg)
     summ = results["auroc_summary"]
@@ -184,8 +358,45 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     return {"table2": t2, "table3": t3, "table4": t4}
 
 
+def write_label_free_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """The label-free tables: image similarity (every method, mean ± std over seeds), model vs previous image,
+    Table III with the columns that could be computed, and what was skipped. Each caption names the skips."""
+    from .metrics import IMAGE_METRICS
+    from .reporting import seed_table, write_table
+    fig = study.figures_dir(cfg)
+    skipped = results["skipped"]
+    note = "Without finding labels; skipped: " + "; ".join(skipped["what"]) + " (eval/skipped.csv)"
+    summ = results["image_similarity_summary"]
+    order = ["previous image", *study.variants(cfg)]
+    sim = seed_table(summ, index="method", columns="metric", index_order=[m for m in order if m in set(summ["method"])],
+                     column_order=IMAGE_METRICS)
+    write_table(sim, "table_image_similarity", fig, caption="Image similarity of each prediction to the true I_trg "
+                "(MSE ↓, PSNR dB ↑, SSIM ↑), mean over test pairs, mean ± std over sampling seeds. " + note)
+    vs = results["vs_previous_image"]
+    versus = seed_table(vs, index="method", columns="metric", value="share_pairs_better",
+                        index_order=[m for m in order if m in set(vs["method"])], column_order=IMAGE_METRICS)
+    write_table(versus, "table_vs_previous_image", fig, caption="Share of test pairs where the model's prediction is "
+                "closer to I_trg than repeating the previous image (0.5 = no better), mean ± std over seeds. " + note)
+    out = {"image similarity": sim, "model vs previous image (share of pairs closer to I_trg)": versus}
+    demo = results["demographics"]
+    if len(demo):
+        order3 = ["GT", "previous image", *study.MAIN_MODELS]
+        cols = [c for c in ("FID", "age r", "sex AUROC") if c in set(demo["metric"])]
+        t3 = seed_table(demo[demo["method"].isin(order3)], index="method", columns="metric", index_order=order3,
+                        column_order=cols)
+        write_table(t3, "table3_fid_demographics", fig, caption="Table III (what the cohort allows): "
+                    + ", ".join(cols) + ". " + note)
+        out["table3"] = t3
+    out["skipped"] = skipped.set_index("what")[["why"]]
+    write_table(out["skipped"], "evaluation_skipped", fig, caption="Not computed without finding labels, and why")
+    return out
+
+
 def claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The paper's three claims, checked on these numbers (mean over seeds): hold or not, with the values."""
+    """The paper's three claims, checked on these numbers (mean over seeds): hold or not, with the values.
+    Without labels: whether each main model is closer to I_trg than the previous image, per image metric."""
+    if "auroc_summary" not in results:
+        return _similarity_claims(results)
     m = results["auroc_summary"].groupby(["method", "subset"])["auroc"].mean()
 
     def get(method, subset):
@@ -201,16 +412,59 @@ def claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
                           "holds": bool(a > b) if np.isfinite(a) and np.isfinite(b) else None} for c, a, b in checks])
 
 
+def _similarity_claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    from .metrics import HIGHER_IS_BETTER, IMAGE_METRICS
+    vs = results["vs_previous_image"]
+    out = []
+    for model in study.MAIN_MODELS:
+        for metric in IMAGE_METRICS:
+            g = vs[(vs["method"] == model) & (vs["metric"] == metric)]
+            if not len(g):
+                continue
+            a, b = float(g["model"].mean()), float(g["previous image"].mean())
+            ok = (a > b if HIGHER_IS_BETTER[metric] else a < b) if np.isfinite(a) and np.isfinite(b) else None
+            out.append({"claim": f"{model} is closer to I_trg than the previous image ({metric})", "ours": a,
+                        "compared with": b, "holds": ok})
+    return pd.DataFrame(out)
+
+
 def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_diff: int = 3, n_same: int = 1,
                          n_events: int = 6) -> list[dict]:
     """Pairs for the Fig. 4-style figure: findings that changed between I_prev and I_trg (one per label, the
-    most frequent first) and one where nothing changed; with the last events of S_event and the change."""
+    most frequent first) and one where nothing changed; with the last events of S_event and the change.
+    Without labels the pairs are chosen by the images instead: the largest mean |I_trg − I_prev| first, and the
+    smallest as the "no change" example (the caption says so rather than naming a finding)."""
     from .images import load_image
     ds = study.datasets(cfg, ("test",))
     test = study.test_pairs(cfg, ds)
-    _, rows = label_rows(cfg, test.pairs)
     events = study.load_events(cfg)
     seed = cfg.sample_seeds[0]
+    chosen = (_finding_changes(label_rows(cfg, test.pairs)[1], n_diff, n_same) if has_labels(cfg)
+              else _image_changes(test, n_diff, n_same))
+    by_key = test.pairs.set_index("pair_key")
+    out = []
+    for key, finding in chosen:
+        p = by_key.loc[key]
+        out.append({"prev": load_image(test.image_root / p["prev_path"], cfg.image_size),
+                    "target": load_image(test.image_root / p["target_path"], cfg.image_size),
+                    "pred": load_image(study.sample_dir(cfg, model, seed) / f"{key}.png", cfg.image_size),
+                    "events": [t for t, _, _ in events.for_pair(key)][-n_events:], "finding": finding,
+                    "title": f"+{p['interval_hours']:.0f} h"})
+    return out
+
+
+def _image_changes(test, n_diff: int, n_same: int) -> list[tuple[str, str]]:
+    """(pair_key, caption) of the pairs whose true image changed most, then least (mean |I_trg − I_prev|)."""
+    change = pd.Series([float((test[i]["target_image"][0] - test[i]["prev_image"][0]).abs().mean())
+                        for i in range(len(test))], index=test.pairs["pair_key"].to_numpy()).sort_values()
+    most = list(change.index[::-1][:n_diff])
+    least = [k for k in change.index if k not in set(most)][:n_same]
+    return ([(k, f"large image change (mean |I_trg − I_prev| {change[k]:.3f}; no labels)") for k in most]
+            + [(k, f"small image change (mean |I_trg − I_prev| {change[k]:.3f}; no labels)") for k in least])
+
+
+def _finding_changes(rows: pd.DataFrame, n_diff: int, n_same: int) -> list[tuple[str, str]]:
+    """(pair_key, caption): one pair per changed finding, the most frequent first, then unchanged pairs."""
     diff = rows[rows["relation"] != rows["prev_relation"]]
     chosen, used = [], set()
     for label in diff["label"].value_counts().index:
@@ -223,13 +477,4 @@ def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_
     same = rows.groupby("pair_key").filter(lambda g: (g["relation"] == g["prev_relation"]).all())
     for key in same["pair_key"].drop_duplicates().head(n_same):
         chosen.append((key, "no change in the 10 findings"))
-    by_key = test.pairs.set_index("pair_key")
-    out = []
-    for key, finding in chosen:
-        p = by_key.loc[key]
-        out.append({"prev": load_image(test.image_root / p["prev_path"], cfg.image_size),
-                    "target": load_image(test.image_root / p["target_path"], cfg.image_size),
-                    "pred": load_image(study.sample_dir(cfg, model, seed) / f"{key}.png", cfg.image_size),
-                    "events": [t for t, _, _ in events.for_pair(key)][-n_events:], "finding": finding,
-                    "title": f"+{p['interval_hours']:.0f} h"})
-    return out
+    return chosen

@@ -351,13 +351,16 @@ def validation_metrics(model: CXREvaluator, loader) -> dict:
 def train_evaluator(model: CXREvaluator, train_set: EvaluatorImages, valid_set: EvaluatorImages | None,
                     *, output_dir: str | Path, epochs: int, batch_size: int = 64, lr: float = 1e-3,
                     weight_decay: float = 0.01, warmup_steps: int = 20, loss_weights=(1.0, 0.5, 0.5),
-                    checkpoint_limit: int = 2, seed: int = 0, cpu: bool = True) -> Path:
+                    checkpoint_limit: int = 2, seed: int = 0, cpu: bool = True,
+                    select_on: str = "val_macro_auroc") -> Path:
     """Train the evaluator with accelerate and the shared checkpoint utilities; returns ``output_dir/best``.
 
     AdamW (lr 1e-3, wd 0.01 as the reference sex classifier, §10.6), cosine schedule with warm-up
     stepped per optimizer step (D5), one checkpoint per epoch under ``output_dir/checkpoints`` (resumed
     automatically), loss history in ``output_dir/history.csv``, and the epoch with the best validation
     macro AUROC saved with :meth:`CXREvaluator.save_pretrained` (the last epoch if no validation set).
+    ``select_on`` names the validation metric that picks the best epoch: a cohort without finding labels has no
+    macro AUROC, so its evaluator (trained on sex/age only) is selected on ``val_age_r`` or ``val_sex_auroc``.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -392,7 +395,7 @@ def train_evaluator(model: CXREvaluator, train_set: EvaluatorImages, valid_set: 
         if vloader is not None:
             row |= validation_metrics(raw, vloader)
         append_history(out / "history.csv", row)
-        score = row.get("val_macro_auroc", float(epoch))
+        score = row.get(select_on, float(epoch))
         if vloader is None or (np.isfinite(score) and score > state["best"]) or not (out / "best").exists():
             state["best"] = float(score) if np.isfinite(score) else state["best"]
             raw.save_pretrained(out / "best")

@@ -9,6 +9,8 @@
 * FID (Table III): Fréchet distance between Gaussians fitted to image features [R eval_fid.py], the
   standard pytorch-fid formula with the 1e-6 diagonal fallback.
 * Mean ± std over sampling seeds (the paper reports 3 seeds for every stochastic result, §III-A).
+* Image similarity to the true target (MSE, PSNR, SSIM; beyond the paper): what a cohort *without* finding
+  labels can still be scored on (README "Your own cohort"), since it needs no evaluator and no labels.
 """
 from __future__ import annotations
 
@@ -187,3 +189,32 @@ def mean_std(results: pd.DataFrame, *, by: list[str], value: str) -> pd.DataFram
     """
     g = results.groupby(by, sort=False, dropna=False)[value]
     return g.agg(mean="mean", std="std", n="count").reset_index()
+
+
+IMAGE_METRICS = ("MSE", "PSNR", "SSIM")
+HIGHER_IS_BETTER = {"MSE": False, "PSNR": True, "SSIM": True, "pixel MAE": False}
+
+
+def image_similarity(pred, target) -> pd.DataFrame:
+    """Per image: MSE, PSNR (dB) and SSIM of ``pred`` against ``target`` ([N, C, H, W] or [N, H, W] in [-1, 1];
+    first channel, the images are grey). Rows in input order, columns :data:`IMAGE_METRICS`.
+
+    Why these: without finding labels there is no evaluator to read findings, but a prediction can still be
+    compared with the film that was really taken next. The data range is the image contract's 2 (so PSNR and
+    SSIM do not depend on how a cohort stores its pixels); SSIM is scikit-image's (Wang et al. 2004, Gaussian
+    window σ = 1.5 as in the paper, 7 px when the image is smaller than the 11 px window). Identical images
+    give PSNR = inf, as they should; a summary over pairs should then be read with that in mind.
+    """
+    from skimage.metrics import structural_similarity
+    p, t = (np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64) for x in (pred, target))
+    p, t = (x[:, 0] if x.ndim == 4 else x for x in (p, t))
+    if p.shape != t.shape or p.ndim != 3:
+        raise ValueError(f"image_similarity: pred {p.shape} and target {t.shape} must both be [N, (C,) H, W]")
+    mse = ((p - t) ** 2).mean(axis=(1, 2))
+    with np.errstate(divide="ignore"):
+        psnr = 10 * np.log10(4.0 / mse)
+    gauss = min(p.shape[1:]) >= 11
+    ssim = [structural_similarity(a, b, data_range=2.0, gaussian_weights=gauss, sigma=1.5,
+                                  use_sample_covariance=not gauss, win_size=None if gauss else 7)
+            for a, b in zip(p, t)]
+    return pd.DataFrame({"MSE": mse, "PSNR": psnr, "SSIM": np.asarray(ssim, float)})

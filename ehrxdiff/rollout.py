@@ -10,7 +10,8 @@ pair with events); :func:`rollout` predicts them step by step for a batch of cha
 prediction from the *true* previous image, so error that accumulates through the chain can be told apart from a
 later step simply being harder. :func:`step_metrics` scores, per step, the rollout, the one-step prediction, the
 baseline that carries the chain's first image forward (what is known without any new film), and the true image,
-against the true later image's labels (Brier score, pooled AUROC) and pixels (mean absolute error).
+against the true later image's labels (Brier score, pooled AUROC) and pixels (mean absolute error). Without
+finding labels (no evaluator) the steps are scored on the pixels alone: MAE, PSNR and SSIM against the true film.
 """
 from __future__ import annotations
 
@@ -77,25 +78,37 @@ def rollout(pipe, dataset, chains: pd.DataFrame, *, seeds: Sequence[int], num_in
 def step_metrics(evaluator, dataset, chains: pd.DataFrame, preds: dict[str, dict], label_rows: pd.DataFrame,
                  seeds: Sequence[int]) -> pd.DataFrame:
     """Tidy (method, seed, step, metric, value, n): Brier score and pooled AUROC against I_trg's labels, pixel MAE
-    against I_trg, for "rollout", "one-step (true I_prev)", "first image carried forward" and "GT" (I_trg)."""
+    against I_trg, for "rollout", "one-step (true I_prev)", "first image carried forward" and "GT" (I_trg).
+    ``evaluator`` None (no finding labels): pixel MAE, PSNR and SSIM only, and no "GT" row (it is the reference)."""
+    from .metrics import image_similarity
     index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
     first = {c: dataset[index[g.sort_values("step")["pair_key"].iloc[0]]]["prev_image"]
              for c, g in chains.groupby("chain")}
-    labels = list(evaluator.labels)
-    lab = label_rows.pivot_table(index="pair_key", columns="label", values="relation", aggfunc="max")
-    lab = lab.reindex(columns=labels)
+    if evaluator is not None:
+        labels = list(evaluator.labels)
+        lab = label_rows.pivot_table(index="pair_key", columns="label", values="relation", aggfunc="max")
+        lab = lab.reindex(columns=labels)
     rows = []
     for step, g in chains.groupby("step"):
         keys, cs = g["pair_key"].tolist(), g["chain"].tolist()
         target = torch.stack([dataset[index[k]]["target_image"] for k in keys])
-        y = lab.reindex(keys).to_numpy(float)
         cands = {"GT": {0: target}, "first image carried forward": {0: torch.stack([first[c] for c in cs])}}
+        if evaluator is None:
+            del cands["GT"]
         for j, seed in enumerate(seeds):
             cands.setdefault("rollout", {})[seed] = torch.stack([preds["rollout"][(c, step)][j] for c in cs])
             cands.setdefault("one-step (true I_prev)", {})[seed] = torch.stack(
                 [preds["one_step"][(c, step)][j] for c in cs])
         for method, by_seed in cands.items():
             for seed, imgs in by_seed.items():
+                if evaluator is None:
+                    sim = image_similarity(imgs, target)
+                    for metric, v in (("pixel MAE", float((imgs[:, 0] - target[:, 0]).abs().mean())),
+                                      ("PSNR", float(sim["PSNR"].mean())), ("SSIM", float(sim["SSIM"].mean()))):
+                        rows.append({"method": method, "seed": seed, "step": int(step), "metric": metric, "value": v,
+                                     "n_pairs": len(keys)})
+                    continue
+                y = lab.reindex(keys).to_numpy(float)
                 p = finding_probabilities(evaluator, imgs)
                 known = ~np.isnan(y)
                 yk, pk = y[known], p[known]
@@ -122,7 +135,7 @@ def plot_rollout(metrics: pd.DataFrame, path_stem=None):
         for method in m.columns:
             ax.plot(m.index, m[method], marker="o", ms=3, label=method)
         ax.set_xlabel("step along the admission")
-        ax.set_title(metric + (" (↓)" if metric != "AUROC (pooled)" else " (↑)"), fontsize=9)
+        ax.set_title(metric + (" (↑)" if metric in ("AUROC (pooled)", "PSNR", "SSIM") else " (↓)"), fontsize=9)
         ax.set_xticks(m.index)
     axes[0][0].legend(fontsize=7)
     n = metrics.groupby("step")["n_pairs"].max()

@@ -6,7 +6,8 @@ trade-off between minutes and AUROC that depends on the hardware, so this study 
 same test pairs, seed and evaluator as Table II: for each (sampler, steps) the images are generated in memory,
 scored by the evaluator, and reported as weighted-macro AUROC on all / diff / same (§10.3), FID against the true
 targets' features, and seconds per image (generation only, after an untimed one-image warm-up; on a shared
-machine the times carry the load of whatever else runs).
+machine the times carry the load of whatever else runs). Without finding labels (``evaluator`` None) the
+images are scored against the true targets instead: MSE, PSNR and SSIM (:func:`ehrxdiff.metrics.image_similarity`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .metrics import fid, score_method
+from .metrics import fid, image_similarity, score_method
 from .whatif import EventList, evaluator_output, finding_probabilities, predict
 
 
@@ -32,14 +33,16 @@ def sampler_study(pipe, evaluator, dataset, label_rows: pd.DataFrame, *, sampler
 
     metrics: ``AUROC all/diff/same`` (weighted macro), ``FID`` (evaluator features of I_pred vs I_trg; small sets
     bias FID upwards, so compare rows with each other, not with published numbers), ``seconds per image``.
+    ``evaluator`` None (no finding labels): ``MSE``, ``PSNR``, ``SSIM`` against I_trg instead of AUROC and FID.
     The pipeline's sampler is restored afterwards."""
     keys = dataset.pairs["pair_key"].tolist()
     items = [dataset[i] for i in range(len(dataset))]
     prev = torch.stack([it["prev_image"] for it in items])
     target = torch.stack([it["target_image"] for it in items])
     events = [EventList.from_store(dataset.store, k) for k in keys]
-    real = _features(evaluator, target)
-    rows = label_rows[label_rows["pair_key"].isin(set(keys))]
+    if evaluator is not None:
+        real = _features(evaluator, target)
+        rows = label_rows[label_rows["pair_key"].isin(set(keys))]
     original = pipe.scheduler
     out = []
     try:
@@ -52,10 +55,15 @@ def sampler_study(pipe, evaluator, dataset, label_rows: pd.DataFrame, *, sampler
                                           keys[i:i + batch_size], [seed], num_inference_steps=n, eta=eta)[:, 0]
                                   for i in range(0, len(keys), batch_size)])
                 secs = (time.perf_counter() - t0) / max(len(keys), 1)
+                tags = {"sampler": sampler, "steps": int(n), "n_pairs": len(keys)}
+                if evaluator is None:
+                    sim = image_similarity(imgs, target).mean()
+                    out += [{**tags, "metric": m, "value": float(v)} for m, v in sim.items()]
+                    out.append({**tags, "metric": "seconds per image", "value": secs})
+                    continue
                 probs = pd.DataFrame(finding_probabilities(evaluator, imgs), index=pd.Index(keys, name="pair_key"),
                                      columns=list(evaluator.labels))
                 summary, _ = score_method(rows, probs, method=f"{sampler}-{n}", seed=seed)
-                tags = {"sampler": sampler, "steps": int(n), "n_pairs": len(keys)}
                 out += [{**tags, "metric": f"AUROC {s}", "value": float(a)}
                         for s, a in zip(summary["subset"], summary["auroc"])]
                 out.append({**tags, "metric": "FID", "value": fid(real, _features(evaluator, imgs))

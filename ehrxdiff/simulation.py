@@ -12,6 +12,13 @@ under ``run_dir/simulation`` and its figure (PNG + PDF) under ``figures_dir``:
 
 Sizes come from the config block "beyond the paper" (``whatif_pairs``, ``uncertainty_samples``, …); sampling
 uses the study's ``sampler``, ``sample_steps``, ``sample_eta`` and ``sample_clip_x0``, as notebook 04 does.
+
+Without finding labels (:func:`ehrxdiff.evaluation.has_labels`) there is no evaluator whose P(finding) means
+anything, so every part that reads probabilities is skipped, printed and recorded in ``skipped.csv`` (what,
+why), and the rest runs on the images: the what-if example shows the predictions and their difference map
+only (the population what-if is skipped); uncertainty reports the per-pixel std (``uncertainty_spread.csv``:
+pair_key, mean/max pixel std) and skips calibration; the rollout is scored by pixel MAE, PSNR and SSIM against
+the true films; the sampler study by MSE, PSNR, SSIM and seconds per image.
 """
 from __future__ import annotations
 
@@ -48,11 +55,24 @@ class Context:
     """What every step needs, loaded once: the model, the evaluator, the test pairs and their labels."""
     cfg: StudyConfig
     pipe: object                 # EHRXDiffPipeline (EMA weights, the study's sampler)
-    evaluator: object            # CXREvaluator
+    evaluator: object            # CXREvaluator; None without finding labels
     test: object                 # PairDataset: the whole test split
     scored: object               # PairDataset: the test pairs notebooks 04-05 generated and scored
-    label_rows: pd.DataFrame     # Table II rows (pair_key, label, relation, prev_relation) of every sample
+    label_rows: pd.DataFrame | None  # Table II rows (pair_key, label, relation, prev_relation); None without labels
     timings: dict
+    labels_missing: str | None = None   # why there are no finding labels (evaluation.missing_labels_reason)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels_missing is None
+
+    def skip(self, what: str, why: str) -> None:
+        """Record a part not computed without labels: printed, and appended to ``simulation/skipped.csv``."""
+        print(f"skipped: {what}: {why} ({self.labels_missing})")
+        path = sim_dir(self.cfg) / "skipped.csv"
+        old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["what", "why", "reason"])
+        row = pd.DataFrame([{"what": what, "why": why, "reason": self.labels_missing}])
+        pd.concat([old[old["what"] != what], row], ignore_index=True).to_csv(path, index=False)
 
     @property
     def steps(self) -> dict:
@@ -84,12 +104,19 @@ def check_config(cfg: StudyConfig) -> None:
 
 
 def context(cfg: StudyConfig) -> Context:
-    from .evaluation import label_rows
+    """Load everything once. Without finding labels the evaluator is not loaded (even one trained on sex/age has
+    an untrained finding head) and the label rows are None (module docstring)."""
+    from .evaluation import label_rows, missing_labels_reason
     check_config(cfg)
     pipe = study.load_pipeline(cfg, cfg.simulation_model)
     pipe.set_progress_bar_config(disable=True)
     pipe.use_sampler(cfg.sampler, clip_x0=cfg.sample_clip_x0)
     ds = study.datasets(cfg, ("test",))
+    reason = missing_labels_reason(cfg)
+    if reason is not None:
+        print(f"{reason}: the parts that read the evaluator's P(finding) are skipped; the rest is scored on images")
+        (sim_dir(cfg) / "skipped.csv").unlink(missing_ok=True)
+        return Context(cfg, pipe, None, ds["test"], study.test_pairs(cfg, ds), None, {}, reason)
     samples, _ = study.load_pairs_with_events(cfg)
     _, rows = label_rows(cfg, samples)
     return Context(cfg, pipe, load_evaluator(cfg), ds["test"], study.test_pairs(cfg, ds), rows, {})
@@ -135,9 +162,14 @@ def what_if_example(ctx: Context, intervention: str = "diuretic", pair_key: str 
 
 def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each configured intervention added to ``whatif_pairs`` test pairs: the model's change in P(finding) next
-    to the world's true severity change (synthetic data only; on real data the truth columns are NaN)."""
+    to the world's true severity change (synthetic data only; on real data the truth columns are NaN).
+    Without labels: skipped (empty tables), since both effects are changes in P(finding)."""
     from .synthetic.counterfactual import pair_true_effects
     from .whatif import INTERVENTIONS, EventList, agreement, intervention_effects, plot_effects
+    if not ctx.has_labels:
+        ctx.skip("what-if effects and agreement", "they compare changes in the evaluator's P(finding)")
+        return (pd.DataFrame(columns=["pair_key", "intervention", "hours", "label", "delta_p", "delta_true"]),
+                pd.DataFrame(columns=["intervention", "label", "n_pairs", "lowers_rate", "agreement"]))
     t0 = time.perf_counter()
     cfg = ctx.cfg
     ds = ctx.subset(cfg.whatif_pairs)
@@ -169,10 +201,12 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ---------------------------------------------------------------------------------------------- uncertainty
 def run_uncertainty(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``uncertainty_samples`` predictions for ``uncertainty_pairs`` test pairs (pixel std, P spread), and the
-    calibration of P(finding) on the scored test pairs, from the images notebook 04 generated (every seed)."""
+    calibration of P(finding) on the scored test pairs, from the images notebook 04 generated (every seed).
+    Without labels: the per-pixel std per pair (``pixel_spread``) and no calibration (empty table)."""
     from .baselines import generated_image_table, pair_image_table
     from .evaluation import score_images
-    from .uncertainty import calibration_table, plot_calibration, plot_uncertainty, probability_spread, sample_many
+    from .uncertainty import (calibration_table, pixel_spread, plot_calibration, plot_uncertainty, probability_spread,
+                              sample_many)
     from .whatif import EventList
     t0 = time.perf_counter()
     cfg = ctx.cfg
@@ -182,6 +216,14 @@ def run_uncertainty(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     prev = torch.stack([it["prev_image"] for it in items])
     samples = sample_many(ctx.pipe, prev, [EventList.from_store(ds.store, k) for k in keys], keys,
                           n_samples=cfg.uncertainty_samples, **ctx.steps)
+    if not ctx.has_labels:
+        spread = pixel_spread(samples, keys)
+        spread.to_csv(sim_dir(cfg) / "uncertainty_spread.csv", index=False)
+        plot_uncertainty(prev, samples, torch.stack([it["target_image"] for it in items]), None, keys,
+                         study.figures_dir(cfg) / "fig_uncertainty")
+        ctx.skip("P(finding) spread and calibration", "they need the evaluator's P(finding) and the findings of I_trg")
+        _timed(ctx, "uncertainty", t0)
+        return spread, pd.DataFrame(columns=["method", "bin", "mean_score", "frequency", "n", "ece"])
     spread = probability_spread(ctx.evaluator, samples, keys)
     spread.to_csv(sim_dir(cfg) / "uncertainty_spread.csv", index=False)
     plot_uncertainty(prev, samples, torch.stack([it["target_image"] for it in items]), spread, keys,
@@ -226,6 +268,9 @@ def run_rollout(ctx: Context) -> pd.DataFrame:
         return pd.DataFrame()
     preds = rollout(ctx.pipe, ctx.test, chains, seeds=seeds, **ctx.steps)
     metrics = step_metrics(ctx.evaluator, ctx.test, chains, preds, ctx.label_rows, seeds)
+    if not ctx.has_labels:
+        ctx.skip("rollout Brier score and AUROC", "no findings of the true films to score P(finding) against; "
+                 "compared by pixel MAE, PSNR and SSIM instead")
     metrics.to_csv(sim_dir(cfg) / "rollout.csv", index=False)
     chains.to_csv(sim_dir(cfg) / "rollout_chains.csv", index=False)
     plot_rollout(metrics, study.figures_dir(cfg) / "fig_rollout")
@@ -237,7 +282,8 @@ def run_rollout(ctx: Context) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------------------------- sampler study
 def run_sampler_study(ctx: Context) -> pd.DataFrame:
-    """DDIM and DPM-Solver++ at each of ``sampler_study_steps`` on ``sampler_study_pairs`` scored test pairs."""
+    """DDIM and DPM-Solver++ at each of ``sampler_study_steps`` on ``sampler_study_pairs`` scored test pairs.
+    Without labels: image similarity to I_trg and seconds per image, the previous image as the reference line."""
     from .metrics import score_method
     from .evaluation import score_images
     from .baselines import pair_image_table
@@ -249,6 +295,16 @@ def run_sampler_study(ctx: Context) -> pd.DataFrame:
                           steps=cfg.sampler_study_steps, seed=cfg.sample_seeds[0], eta=cfg.sample_eta,
                           clip_x0=cfg.sample_clip_x0, batch_size=cfg.sample_batch_size)
     table.to_csv(sim_dir(cfg) / "sampler_study.csv", index=False)
+    if not ctx.has_labels:
+        from .metrics import image_similarity
+        items = [ds[i] for i in range(len(ds))]
+        prev = image_similarity(torch.stack([it["prev_image"] for it in items]),
+                                torch.stack([it["target_image"] for it in items]))
+        plot_sampler_study(table, study.figures_dir(cfg) / "fig_sampler_study", reference=prev.mean().to_dict())
+        ctx.skip("sampler study AUROC and FID", "no findings to score and no evaluator features; "
+                 "image similarity to I_trg and seconds per image instead")
+        _timed(ctx, "sampler study", t0)
+        return table
     prev = score_images(cfg, ctx.evaluator, pair_image_table(ds.pairs, "prev"), cfg.source_dirs()["mimic_cxr"])
     rows = ctx.label_rows[ctx.label_rows["pair_key"].isin(set(ds.pairs["pair_key"]))]
     summary, _ = score_method(rows, prev.table, method="previous image")

@@ -38,6 +38,14 @@ def pixel_std(samples: torch.Tensor) -> torch.Tensor:
     return samples[:, :, 0].std(dim=1, unbiased=samples.shape[1] > 1)
 
 
+def pixel_spread(samples: torch.Tensor, pair_keys: Sequence[str]) -> pd.DataFrame:
+    """Per pair: mean and max of the per-pixel std over the N samples (what is left of the uncertainty report
+    without finding labels, when no evaluator probability can be read)."""
+    std = pixel_std(samples)
+    return pd.DataFrame({"pair_key": list(pair_keys), "mean_pixel_std": std.mean(dim=(1, 2)).numpy(),
+                         "max_pixel_std": std.amax(dim=(1, 2)).numpy(), "n_samples": samples.shape[1]})
+
+
 def probability_spread(evaluator, samples: torch.Tensor, pair_keys: Sequence[str]) -> pd.DataFrame:
     """Per (pair, finding): mean, std, min and max of P(finding) over the N samples of that pair."""
     b, n = samples.shape[:2]
@@ -75,16 +83,18 @@ def calibration_table(scored: pd.DataFrame, *, bins: int = 10) -> pd.DataFrame:
 
 # --- figures ---------------------------------------------------------------------------------------------
 
-def plot_uncertainty(prev: torch.Tensor, samples: torch.Tensor, targets: torch.Tensor, spread: pd.DataFrame,
+def plot_uncertainty(prev: torch.Tensor, samples: torch.Tensor, targets: torch.Tensor, spread: pd.DataFrame | None,
                      pair_keys: Sequence[str], path_stem=None, *, max_rows: int = 3):
-    """Per pair: I_prev, I_trg, two samples, the mean and the per-pixel std; right: P(finding) spread per pair."""
+    """Per pair: I_prev, I_trg, two samples, the mean and the per-pixel std; right: P(finding) spread per pair
+    (left out when ``spread`` is None: no finding labels, so no evaluator probabilities)."""
     import matplotlib.pyplot as plt
 
     from .plots import _finish
     rows = min(max_rows, len(pair_keys))
     std = pixel_std(samples)
-    fig = plt.figure(figsize=(14, 2.3 * rows + 0.4))
-    grid = fig.add_gridspec(rows, 7, width_ratios=[1, 1, 1, 1, 1, 1, 2.2])
+    fig = plt.figure(figsize=(14 if spread is not None else 10, 2.3 * rows + 0.4))
+    grid = fig.add_gridspec(rows, 7 if spread is not None else 6,
+                            width_ratios=[1, 1, 1, 1, 1, 1, 2.2] if spread is not None else None)
     for r in range(rows):
         panels = [("I_prev", prev[r, 0], "gray", (-1, 1)), ("I_trg", targets[r, 0], "gray", (-1, 1)),
                   ("sample 0", samples[r, 0, 0], "gray", (-1, 1)),
@@ -97,6 +107,8 @@ def plot_uncertainty(prev: torch.Tensor, samples: torch.Tensor, targets: torch.T
             ax.axis("off")
             if r == 0:
                 ax.set_title(name, fontsize=8)
+        if spread is None:
+            continue
         ax = fig.add_subplot(grid[r, 6])
         s = spread[spread["pair_key"] == pair_keys[r]]
         y = np.arange(len(s))

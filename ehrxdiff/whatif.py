@@ -326,6 +326,9 @@ def plot_what_if(result: WhatIf, path_stem=None, *, labels=IMAGENOME_LABELS, tit
         ax.set_xlim(0, 1)
         ax.set_xlabel("evaluator P(finding)")
         ax.legend(fontsize=7, loc="lower right")
+    else:          # no evaluator (no finding labels): say so rather than leave an empty panel
+        ax.axis("off")
+        ax.text(0.0, 0.5, "no evaluator P(finding):\nthe cohort has no finding labels", fontsize=8, va="center")
     if title:
         fig.suptitle(title, fontsize=9)
     return _finish(fig, path_stem)
