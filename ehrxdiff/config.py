@@ -107,6 +107,7 @@ class StudyConfig:
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
     ema_decay: float = 0.999                 # paper 0.9999
+    ldm_mixed_precision: str = "auto"        # auto (bf16/fp16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16
     beta_start: float = 0.0015               # noise schedule (§II-C; sqrt-linear, 1000 steps) [R configs]
     beta_end: float = 0.0295
     null_events: str = "learned_token"       # learned_token (D3) | zeros (reference)
@@ -255,6 +256,7 @@ def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
                "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"),
+               "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
                "evaluator_arch": ("demo", "densenet121"), "own_check_images": ("decode", "header", "none")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:

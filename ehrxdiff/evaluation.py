@@ -345,7 +345,13 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     rows4 = [v for v in study.variants(cfg) if v not in study.MAIN_MODELS] + ["EHRXDiff"]
     t4 = auroc_table(summ[summ["method"].isin(rows4)].replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}),
                      index_order=[*rows4[:-1], study.FINAL_VARIANT], ceiling=ceiling)
-    write_table(t4, "table4_ablation", fig, caption="Table IV: conditioning ablation (weighted-macro AUROC)")
+    caption4 = "Table IV: conditioning ablation (weighted-macro AUROC)"
+    if (reid := eval_dir(cfg) / "reidentification.csv").exists():  # written by notebook 04 (ehrxdiff.identity)
+        from .identity import rank_column
+        t4.insert(t4.columns.get_loc("evaluator"), "re-id rank",
+                  rank_column(pd.read_csv(reid).replace({"method": {"EHRXDiff": study.FINAL_VARIANT}})).reindex(t4.index))
+        caption4 += "; re-id rank: does the prediction follow I_prev (patient re-identification, chance 0.5)"
+    write_table(t4, "table4_ablation", fig, caption=caption4)
     demo = results["demographics"]
     order3 = ["GT", "previous image", *study.MAIN_MODELS]
     t3 = seed_table(demo[demo["method"].isin(order3)], index="method", columns="metric", index_order=order3,

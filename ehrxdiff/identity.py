@@ -58,6 +58,15 @@ def reidentification_table(images: dict[tuple[str, int], np.ndarray], prev: np.n
     return pd.DataFrame(rows)
 
 
+def rank_column(table: pd.DataFrame, digits: int = 3) -> pd.Series:
+    """``rank_percentile`` as "mean ± std" over seeds per method (Table IV's "re-id rank" column)."""
+    from .metrics import mean_std
+    from .reporting import format_mean_std
+    agg = mean_std(table, by=["method"], value="rank_percentile").set_index("method")
+    return pd.Series([format_mean_std(m, sd, digits) for m, sd in zip(agg["mean"], agg["std"])], index=agg.index,
+                     name="re-id rank")
+
+
 def _read(table: pd.DataFrame, root, size: int) -> np.ndarray:
     from pathlib import Path
 

@@ -306,7 +306,8 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     return train_ldm(model, _loader(cfg, train, shuffle=True), output_dir=run_dir(cfg, "ldm", name),
                      max_steps=cfg.ldm_steps, valid_loader=_loader(cfg, ds["valid"], shuffle=False),
                      learning_rate=cfg.ldm_lr, effective_batch=cfg.ldm_batch_size * cfg.ldm_grad_accum,
-                     ema_decay=cfg.ema_decay, validate_every=cfg.validate_every, max_val_batches=4,
+                     ema_decay=cfg.ema_decay, mixed_precision=cfg.ldm_mixed_precision,
+                     validate_every=cfg.validate_every, max_val_batches=4,
                      checkpoint_every=cfg.validate_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
                      image_size=cfg.image_size, max_events=cfg.max_events)
 

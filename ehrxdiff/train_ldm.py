@@ -31,7 +31,10 @@ from .training import append_history, latest_checkpoint, load_checkpoint, save_c
 
 def resolve_mixed_precision(mixed_precision: str) -> str:
     """``"auto"`` -> bf16 on a GPU that supports it, fp16 on other GPUs, no autocast on CPU (fp32, as the
-    reference; bf16 on CPU is faster here but its effect on convergence is unchecked)."""
+    reference; bf16 on CPU is faster here but its effect on convergence is unchecked). ``"fp32"`` is accelerate's
+    ``"no"`` (the config's name: YAML reads a bare ``no`` as False)."""
+    if mixed_precision == "fp32":
+        return "no"
     if mixed_precision != "auto":
         return mixed_precision
     if torch.cuda.is_available():

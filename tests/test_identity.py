@@ -35,3 +35,12 @@ def test_rank_by_hand():
     assert list(t["method"]) == ["m", "copy"] and t["top1"].tolist() == pytest.approx([2 / 3, 1.0])
     with pytest.raises(ValueError, match="2 previous"):
         reidentification(pred, prev[:2])
+
+
+def test_rank_column_is_mean_and_std_over_seeds():
+    import pandas as pd
+
+    from ehrxdiff.identity import rank_column
+    t = pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "rank_percentile": [0.6, 0.8, 0.5]})
+    col = rank_column(t)
+    assert col["a"] == "0.700 ± 0.141" and col["b"] == "0.500"

@@ -58,6 +58,10 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
             assert (tmp_path / "fig" / f"{table}.{ext}").stat().st_size > 0
     t2 = pd.read_csv(tmp_path / "fig" / "table2_imagenome_auroc.csv", index_col=0)
     assert {"GT", "previous image", "previous label", "EHRXDiff", "EHRXDiff_w_null"} <= set(t2.index)
+    reid = pd.read_csv(tmp_path / "run" / "eval" / "reidentification.csv")   # 04: does I_pred follow I_prev?
+    assert {"GT", "EHRXDiff", "EHRXDiff_w_null"} <= set(reid["method"]) and reid["rank_percentile"].between(0, 1).all()
+    t4 = pd.read_csv(tmp_path / "fig" / "table4_ablation.csv", index_col=0)
+    assert t4["re-id rank"].ne("–").all()
     for fig in ("fig_qualitative", "fig_difference_maps", "fig_table2_auroc_bars"):
         assert (tmp_path / "fig" / f"{fig}.png").exists() and (tmp_path / "fig" / f"{fig}.pdf").exists()
     # 07: what-if, uncertainty, rollout and sampler study write their CSVs and figures
