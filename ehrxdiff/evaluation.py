@@ -180,8 +180,7 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
                                     "auroc": v} for k, v in weighted_macro_auroc(pl).items()]))
     for name, scores in table_classifiers(cfg, rows, test_pairs["pair_key"]).items():
         add(name, 0, scores)
-    for name in study.variants(cfg):
-        seeds = cfg.sample_seeds if name in study.MAIN_MODELS else cfg.sample_seeds[:cfg.ablation_seeds]
+    for name, seeds in study.model_seeds(cfg).items():
         for seed in seeds:
             table = generated_image_table(test_pairs["pair_key"], study.sample_dir(cfg, name, seed))
             img = score_images(cfg, evaluator, table, study.sample_dir(cfg, name, seed))
@@ -280,8 +279,7 @@ def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
     prev = torch.stack([it["prev_image"] for it in items])
     sims = [_similarity_rows("previous image", 0, keys, prev, target)]
     generated = []                         # (name, seed, sample dir): every model's predictions of notebook 04
-    for name in study.variants(cfg):
-        seeds = cfg.sample_seeds if name in study.MAIN_MODELS else cfg.sample_seeds[:cfg.ablation_seeds]
+    for name, seeds in study.model_seeds(cfg).items():
         for seed in seeds:
             d = study.sample_dir(cfg, name, seed)
             generated_image_table(keys, d)                     # names the first missing prediction

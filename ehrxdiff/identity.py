@@ -85,8 +85,7 @@ def score_study(cfg, test_pairs: pd.DataFrame) -> pd.DataFrame:
     keys = test_pairs["pair_key"]
     prev = _read(pair_image_table(test_pairs, "prev"), root, size)
     images = {("GT", 0): _read(pair_image_table(test_pairs, "target"), root, size)}
-    for name in study.variants(cfg):
-        seeds = cfg.sample_seeds if name in study.MAIN_MODELS else cfg.sample_seeds[:cfg.ablation_seeds]
+    for name, seeds in study.model_seeds(cfg).items():
         for seed in seeds:
             d = study.sample_dir(cfg, name, seed)
             images[(name, seed)] = _read(generated_image_table(keys, d), d, size)

@@ -286,6 +286,13 @@ def variants(cfg: StudyConfig) -> dict[str, tuple[str, bool]]:
     return out
 
 
+def model_seeds(cfg: StudyConfig) -> dict[str, list[int]]:
+    """The sampling seeds of every trained model: all of ``sample_seeds`` for the main models (Tables II-III,
+    mean ± std over seeds as the paper), the first ``ablation_seeds`` for Table IV's other rows."""
+    return {name: list(cfg.sample_seeds if name in MAIN_MODELS else cfg.sample_seeds[:cfg.ablation_seeds])
+            for name in variants(cfg)}
+
+
 def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     """One conditional LDM (§II-C, Eq. 2) around the shared VAE and a copy of the pre-trained CLIP towers."""
     import copy
