@@ -12,7 +12,7 @@ The same numbers for the real target I_trg give the reference: how recognisable 
 the previous one in this cohort (acquisition nuisance - rotation, shift, exposure - and the findings that change
 keep it below 1). An average radiograph, whatever it looks like, scores chance.
 
-Distances are mean squared differences of images standardised per image (zero mean, unit variance), so a global
+Distances are squared Euclidean distances between images standardised per image (zero mean, unit variance), so a global
 exposure change does not count as a different patient.
 """
 from __future__ import annotations

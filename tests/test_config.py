@@ -29,7 +29,8 @@ def test_unknown_key_is_an_error_that_suggests_the_right_one():
 
 
 @pytest.mark.parametrize("bad", [{"clip_epochs": 1.5}, {"filter_inputevents": "maybe"}, {"pairing": "random"},
-                                 {"image_size": -64}, {"image_size": 30}])
+                                 {"image_size": -64}, {"image_size": 30}, {"ldm_mixed_precision": False},
+                                 {"ldm_mixed_precision": "fp8"}])
 def test_bad_values_are_rejected(bad):
     with pytest.raises(ConfigError):
         load_config("smoke", bad)
@@ -55,3 +56,9 @@ def test_no_api_key_is_a_config_key():
     """Keys come from the environment only: papermill writes parameters into executed notebooks."""
     assert not [f for f in StudyConfig.__dataclass_fields__ if "key" in f.lower() or "token" in f.lower()
                 and f != "context_tokens"]
+
+
+def test_fp32_is_the_configs_name_for_no_autocast():
+    from ehrxdiff.train_ldm import resolve_mixed_precision
+    assert load_config("smoke", {"ldm_mixed_precision": "fp32"}).ldm_mixed_precision == "fp32"
+    assert resolve_mixed_precision("fp32") == "no" and resolve_mixed_precision("bf16") == "bf16"
