@@ -435,10 +435,12 @@ def _similarity_claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_diff: int = 3, n_same: int = 1,
                          n_events: int = 6) -> list[dict]:
     """Pairs for the Fig. 4-style figure: findings that changed between I_prev and I_trg (one per label, the
-    most frequent first) and one where nothing changed; with the last events of S_event and the change.
+    most frequent first) and one where nothing changed; with the change and up to ``n_events`` events of S_event
+    (``reporting.salient_events``: treatments before vitals).
     Without labels the pairs are chosen by the images instead: the largest mean |I_trg − I_prev| first, and the
     smallest as the "no change" example (the caption says so rather than naming a finding)."""
     from .images import load_image
+    from .reporting import salient_events
     ds = study.datasets(cfg, ("test",))
     test = study.test_pairs(cfg, ds)
     events = study.load_events(cfg)
@@ -452,7 +454,8 @@ def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_
         out.append({"prev": load_image(test.image_root / p["prev_path"], cfg.image_size),
                     "target": load_image(test.image_root / p["target_path"], cfg.image_size),
                     "pred": load_image(study.sample_dir(cfg, model, seed) / f"{key}.png", cfg.image_size),
-                    "events": [t for t, _, _ in events.for_pair(key)][-n_events:], "finding": finding,
+                    "events": salient_events(pair_events := events.for_pair(key), n_events),
+                    "n_events_total": len(pair_events), "finding": finding,
                     "title": f"+{p['interval_hours']:.0f} h"})
     return out
 

@@ -186,18 +186,50 @@ def _gray(img) -> np.ndarray:
     return np.clip((a.astype(np.float32) + 1) / 2, 0, 1)
 
 
-def _event_text(events, max_events: int, width: int) -> str:
+# Which events a figure shows first when S_event is too long to print: what was done to the patient, then what was
+# measured. Vitals outnumber treatments many times over and would otherwise fill every caption.
+SALIENCE = ("prescriptions", "inputevents", "procedureevents", "microbiologyevents", "labevents", "outputevents",
+            "chartevents")
+
+
+def salient_events(events, n: int) -> list[str]:
+    """Up to ``n`` of S_event's ``(text, hours since I_prev, table)`` for a figure caption, like the paper's Fig. 2,
+    which prints the events that explain the change rather than the last vitals: by table in :data:`SALIENCE`
+    order, then distinct items before repeats of one (the text before " value "), most recent first; returned in
+    time order as "+12 h <text>". (The figure says how many of how many it shows: pass ``n_events_total`` with
+    the example.)"""
+    ev = list(events)
+    rank = {t: i for i, t in enumerate(SALIENCE)}
+    repeat, seen = [0] * len(ev), {}
+    for i in sorted(range(len(ev)), key=lambda i: (-float(ev[i][1]), -i)):   # most recent occurrence = 0
+        item = str(ev[i][0]).split(" value ")[0]
+        repeat[i] = seen.get(item, 0)
+        seen[item] = repeat[i] + 1
+    order = sorted(range(len(ev)), key=lambda i: (rank.get(str(ev[i][2]), len(SALIENCE)), repeat[i],
+                                                  -float(ev[i][1]), -i))
+    chosen = sorted(order[:n])
+    return [f"+{float(ev[i][1]):.0f} h {ev[i][0]}" for i in chosen]
+
+
+def _event_text(events, max_events: int, width: int, total: int | None = None) -> str:
+    """The caption's event lines: the last ``max_events``, or - when ``total`` says they were chosen from a longer
+    S_event by :func:`salient_events` - all of them under a "k of N" line."""
     ev = list(events)
     shown = [textwrap.shorten(str(e), width=width, placeholder="…") for e in ev[-max_events:]]
-    more = len(ev) - len(shown)
-    return "\n".join(([f"(+{more} earlier events)"] if more > 0 else []) + shown)
+    if total is not None and total > len(shown):
+        head = [f"({len(shown)} of {total} events: treatments, labs, then vitals)"]
+    else:
+        more = len(ev) - len(shown)
+        head = [f"(+{more} earlier events)"] if more > 0 else []
+    return "\n".join(head + shown)
 
 
 def plot_qualitative(examples: list[dict], path_stem: str | Path, *, max_events: int = 6,
                      event_width: int = 46):
     """Fig. 2 style rows: I_prev → (events) → I_trg and I_pred.
 
-    Each example: ``prev``, ``target``, ``pred`` images, ``events`` (texts of S_event, time order),
+    Each example: ``prev``, ``target``, ``pred`` images, ``events`` (texts of S_event, time order; with
+    ``n_events_total`` when they are a :func:`salient_events` choice),
     ``finding`` (the change between I_prev and I_trg, printed bold under the arrow) and an optional
     ``title`` (e.g. the pair key and interval).
     """
@@ -219,7 +251,8 @@ def plot_qualitative(examples: list[dict], path_stem: str | Path, *, max_events:
         if ex.get("finding"):
             ax.text(0.5, 0.74, ex["finding"], ha="center", va="top", fontsize=8, fontweight="bold",
                     wrap=True, transform=ax.transAxes)
-        ax.text(0.5, 0.60, _event_text(ex.get("events", []), max_events, event_width), ha="center",
+        ax.text(0.5, 0.60, _event_text(ex.get("events", []), max_events, event_width, ex.get("n_events_total")),
+                ha="center",
                 va="top", fontsize=5.5, family="monospace", multialignment="left",
                 transform=ax.transAxes)
         if ex.get("title"):

@@ -85,3 +85,21 @@ def test_qualitative_and_difference_figures(tmp_path):
     plt.close(reporting.plot_difference_maps(ex, tmp_path / "fig_diff"))
     assert _exists(tmp_path / "fig_qual") and _exists(tmp_path / "fig_diff")
     assert reporting._event_text(ex[0]["events"], 6, 40).startswith("(+3 earlier events)")
+
+
+def test_salient_events_show_treatments_before_vitals_in_time_order():
+    ev = [(f"chartevents itemid Heart Rate value {i}", float(i), "chartevents") for i in range(10)]
+    ev.insert(3, ("prescriptions drug Furosemide dose 40", 2.5, "prescriptions"))
+    ev.insert(7, ("labevents itemid CRP value 80", 5.5, "labevents"))
+    lines = reporting.salient_events(ev, 4)
+    head = reporting._event_text(lines, 6, 60, total=len(ev)).splitlines()[0]
+    assert head == "(4 of 12 events: treatments, labs, then vitals)"
+    assert lines == ["+2 h prescriptions drug Furosemide dose 40", "+6 h labevents itemid CRP value 80",
+                         "+8 h chartevents itemid Heart Rate value 8", "+9 h chartevents itemid Heart Rate value 9"]
+    ev.insert(5, ("chartevents itemid SpO2 value 97", 3.0, "chartevents"))    # a second item beats a repeat
+    assert reporting.salient_events(ev, 4) == ["+2 h prescriptions drug Furosemide dose 40",
+                                               "+3 h chartevents itemid SpO2 value 97",
+                                               "+6 h labevents itemid CRP value 80",
+                                               "+9 h chartevents itemid Heart Rate value 9"]
+    assert reporting.salient_events(ev[:2], 4) == ["+0 h chartevents itemid Heart Rate value 0",
+                                                   "+1 h chartevents itemid Heart Rate value 1"]
