@@ -59,6 +59,16 @@ class EHRXDiffPipeline(DiffusionPipeline):
                    scheduler=make_inference_scheduler(sampler, model.noise_scheduler.config),
                    latent_scale=model.latent_scale, image_size=image_size, max_events=max_events)
 
+    def to_model(self):
+        """The trainable :class:`ehrxdiff.ldm.EHRXDiff` around this pipeline's modules (shared, not copied), with the
+        training noise schedule rebuilt from the sampler's config - e.g. to compute Eq. 2 losses of saved weights."""
+        from diffusers import DDPMScheduler
+
+        from .ldm import EHRXDiff
+        return EHRXDiff(vae=self.vae, unet=self.unet, adaptor=self.adaptor, clip=self.clip,
+                        noise_scheduler=DDPMScheduler.from_config(self.scheduler.config),
+                        latent_scale=self.config.latent_scale).eval()
+
     def use_sampler(self, kind: str, clip_x0: float | None = None) -> None:
         """Swap the inference scheduler in place: ``"ddim"`` (paper) or ``"dpm++"`` (fast); ``clip_x0`` see
         :func:`ehrxdiff.ldm.make_inference_scheduler`."""

@@ -319,6 +319,18 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
                      image_size=cfg.image_size, max_events=cfg.max_events)
 
 
+def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int = 4) -> pd.DataFrame:
+    """Validation Eq. 2 loss of every trained model (EMA weights) with its own condition and with I_prev or S_event
+    swapped between pairs (:func:`ehrxdiff.train_ldm.conditioning_sensitivity`); ``ldm/conditioning_sensitivity.csv``."""
+    from .train_ldm import conditioning_sensitivity as sensitivity
+    loader = _loader(cfg, ds["valid"], shuffle=False)
+    rows = {name: sensitivity(load_pipeline(cfg, name).to_model(), loader, max_batches=max_batches)
+            for name in variants(cfg)}
+    out = pd.DataFrame(rows).T.rename_axis("model")
+    out.to_csv(run_dir(cfg, "ldm") / "conditioning_sensitivity.csv")
+    return out
+
+
 def load_pipeline(cfg: StudyConfig, name: str):
     from .pipeline import EHRXDiffPipeline
     return EHRXDiffPipeline.from_pretrained(cfg.path("run_dir") / "ldm" / name / "pipeline")

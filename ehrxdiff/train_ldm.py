@@ -49,8 +49,15 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def validation_loss(model: EHRXDiff, loader, *, seed: int = 0, max_batches: int | None = None) -> float:
-    """Eq. 2 on ``loader`` with noise and timesteps drawn from a fixed generator, so values are comparable
-    across steps and between raw and EMA weights."""
+    """Eq. 2 on ``loader`` with noise, timesteps and the target's VAE posterior sample drawn from fixed seeds, so
+    values are comparable across steps, between raw and EMA weights, and between conditions
+    (:func:`conditioning_sensitivity`). The global RNG is restored afterwards, so training is not perturbed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # forward() draws the target latent from the VAE posterior with the global RNG
+        return _validation_loss(model, loader, seed=seed, max_batches=max_batches)
+
+
+def _validation_loss(model: EHRXDiff, loader, *, seed: int, max_batches: int | None) -> float:
     was_training = model.training
     model.eval()
     device = next(model.unet.parameters()).device
@@ -70,6 +77,29 @@ def validation_loss(model: EHRXDiff, loader, *, seed: int = 0, max_batches: int 
     if n == 0:
         raise ValueError("LDM validation loader is empty")
     return total / n
+
+
+class _Swapped:
+    """A loader whose batches carry another pair's condition: ``keys`` rolled by one within each batch."""
+
+    def __init__(self, loader, keys: tuple[str, ...]):
+        self.loader, self.keys = loader, keys
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {k: v.roll(1, 0) if k in self.keys and torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def conditioning_sensitivity(model: EHRXDiff, loader, *, max_batches: int | None = None) -> dict[str, float]:
+    """Does the model use I_prev, and S_event? Eq. 2 on ``loader`` with each pair's own condition, then with I_prev,
+    or the events, of another pair of the batch - same noise and timesteps (:func:`validation_loss`'s fixed
+    generator). A model that uses a condition predicts the noise worse when it is swapped; equal losses mean it
+    ignores it, whatever its samples look like."""
+    out = {"own condition": validation_loss(model, loader, max_batches=max_batches),
+           "I_prev swapped": validation_loss(model, _Swapped(loader, ("prev_image",)), max_batches=max_batches),
+           "S_event swapped": validation_loss(model, _Swapped(loader, ("events", "event_mask")),
+                                              max_batches=max_batches)}
+    return out
 
 
 def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_steps: int, valid_loader=None,

@@ -301,3 +301,22 @@ def test_measured_latent_scale_gives_unit_variance_targets():
     assert (scale * z).std().item() == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="empty"):
         measure_latent_scale(vae, [])
+
+
+def test_conditioning_sensitivity_sees_only_the_conditions_a_model_uses():
+    """concat-VAE starts with zero weights on the I_prev channels: swapping I_prev changes nothing until they are
+    non-zero; it has no table tower, so swapping S_event never changes its loss; repeated calls agree exactly."""
+    from ehrxdiff.train_ldm import conditioning_sensitivity, validation_loss
+    model = tiny_model("concat-VAE").eval()
+    loader = [fixed_batch(), fixed_batch(seed=2)]
+    before = conditioning_sensitivity(model, loader)
+    assert before["I_prev swapped"] == pytest.approx(before["own condition"], abs=1e-7)
+    assert before["S_event swapped"] == pytest.approx(before["own condition"], abs=1e-7)
+    with torch.no_grad():
+        model.unet.conv_in.weight[:, model.vae.config.latent_channels:] = 0.5
+    after = conditioning_sensitivity(model, loader)
+    assert abs(after["I_prev swapped"] - after["own condition"]) > 1e-4
+    assert after["S_event swapped"] == pytest.approx(after["own condition"], abs=1e-7)
+    state = torch.get_rng_state()
+    assert validation_loss(model, loader) == validation_loss(model, loader)
+    assert torch.equal(torch.get_rng_state(), state)          # validation leaves training's RNG untouched

@@ -58,6 +58,8 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
             assert (tmp_path / "fig" / f"{table}.{ext}").stat().st_size > 0
     t2 = pd.read_csv(tmp_path / "fig" / "table2_imagenome_auroc.csv", index_col=0)
     assert {"GT", "previous image", "previous label", "EHRXDiff", "EHRXDiff_w_null"} <= set(t2.index)
+    sens = pd.read_csv(tmp_path / "run" / "ldm" / "conditioning_sensitivity.csv", index_col=0)   # 04
+    assert {"own condition", "I_prev swapped", "S_event swapped"} <= set(sens.columns) and len(sens) >= 2
     reid = pd.read_csv(tmp_path / "run" / "eval" / "reidentification.csv")   # 04: does I_pred follow I_prev?
     assert {"GT", "EHRXDiff", "EHRXDiff_w_null"} <= set(reid["method"]) and reid["rank_percentile"].between(0, 1).all()
     t4 = pd.read_csv(tmp_path / "fig" / "table4_ablation.csv", index_col=0)
