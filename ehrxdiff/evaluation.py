@@ -263,7 +263,6 @@ def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
     """The label-free evaluation (module docstring): image similarity per method and seed against I_trg, model
     vs previous image, and FID / age r / sex AUROC where the cohort makes them meaningful; ``skipped.csv``."""
     from .baselines import generated_image_table, pair_image_table
-    from .images import load_image
     from .metrics import age_pearson, fid, sex_auroc
     reason = missing_labels_reason(cfg)
     ds = study.datasets(cfg, ("test",))
@@ -279,13 +278,9 @@ def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
     prev = torch.stack([it["prev_image"] for it in items])
     sims = [_similarity_rows("previous image", 0, keys, prev, target)]
     generated = []                         # (name, seed, sample dir): every model's predictions of notebook 04
-    for name, seeds in study.model_seeds(cfg).items():
-        for seed in seeds:
-            d = study.sample_dir(cfg, name, seed)
-            generated_image_table(keys, d)                     # names the first missing prediction
-            pred = torch.stack([load_image(d / f"{k}.png", cfg.image_size) for k in keys])
-            sims.append(_similarity_rows(name, seed, keys, pred, target))
-            generated.append((name, seed, d))
+    for (name, seed), pred in study.load_predictions(cfg, keys).items():
+        sims.append(_similarity_rows(name, seed, keys, pred, target))
+        generated.append((name, seed, study.sample_dir(cfg, name, seed)))
     per_pair = pd.concat(sims, ignore_index=True)[["method", "seed", "pair_key", "metric", "value"]]
     summary = (per_pair.groupby(["method", "seed", "metric"], sort=False)["value"]
                .agg(value="mean", n_pairs="count").reset_index())
@@ -345,9 +340,9 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
                      index_order=[*rows4[:-1], study.FINAL_VARIANT], ceiling=ceiling)
     caption4 = "Table IV: conditioning ablation (weighted-macro AUROC)"
     if (reid := eval_dir(cfg) / "reidentification.csv").exists():  # written by notebook 04 (ehrxdiff.identity)
-        from .identity import rank_column
-        t4.insert(t4.columns.get_loc("evaluator"), "re-id rank",
-                  rank_column(pd.read_csv(reid).replace({"method": {"EHRXDiff": study.FINAL_VARIANT}})).reindex(t4.index))
+        from .identity import summary_table
+        rank = summary_table(pd.read_csv(reid).replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}))
+        t4.insert(t4.columns.get_loc("evaluator"), "re-id rank", rank["rank percentile"].reindex(t4.index))
         caption4 += "; re-id rank: does the prediction follow I_prev (patient re-identification, chance 0.5)"
     write_table(t4, "table4_ablation", fig, caption=caption4)
     demo = results["demographics"]

@@ -58,13 +58,16 @@ def reidentification_table(images: dict[tuple[str, int], np.ndarray], prev: np.n
     return pd.DataFrame(rows)
 
 
-def rank_column(table: pd.DataFrame, digits: int = 3) -> pd.Series:
-    """``rank_percentile`` as "mean ± std" over seeds per method (Table IV's "re-id rank" column)."""
-    from .metrics import mean_std
-    from .reporting import format_mean_std
-    agg = mean_std(table, by=["method"], value="rank_percentile").set_index("method")
-    return pd.Series([format_mean_std(m, sd, digits) for m, sd in zip(agg["mean"], agg["std"])], index=agg.index,
-                     name="re-id rank")
+SUMMARY_COLUMNS = {"top1": "top-1", "rank_percentile": "rank percentile"}
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method, "mean ± std" over seeds of top-1 and rank percentile (``reporting.seed_table``), in the order of
+    ``table``; Table IV's "re-id rank" column is its "rank percentile"."""
+    from .reporting import seed_table
+    long = table.melt(id_vars=["method", "seed"], value_vars=list(SUMMARY_COLUMNS), var_name="metric")
+    return seed_table(long.replace({"metric": SUMMARY_COLUMNS}), index="method", columns="metric",
+                      column_order=list(SUMMARY_COLUMNS.values()))
 
 
 def _read(table: pd.DataFrame, root, size: int) -> np.ndarray:
@@ -79,16 +82,12 @@ def score_study(cfg, test_pairs: pd.DataFrame) -> pd.DataFrame:
     and every trained model x sampling seed; written to ``run_dir/eval/reidentification.csv``. Needs no labels.
     The previous image itself would score 1 by construction and is left out."""
     from . import study
-    from .baselines import generated_image_table, pair_image_table
+    from .baselines import pair_image_table
 
     root, size = cfg.source_dirs()["mimic_cxr"], cfg.image_size
-    keys = test_pairs["pair_key"]
     prev = _read(pair_image_table(test_pairs, "prev"), root, size)
     images = {("GT", 0): _read(pair_image_table(test_pairs, "target"), root, size)}
-    for name, seeds in study.model_seeds(cfg).items():
-        for seed in seeds:
-            d = study.sample_dir(cfg, name, seed)
-            images[(name, seed)] = _read(generated_image_table(keys, d), d, size)
+    images |= {k: v.numpy() for k, v in study.load_predictions(cfg, test_pairs["pair_key"]).items()}
     out = reidentification_table(images, prev)
     out.to_csv(study.run_dir(cfg, "eval") / "reidentification.csv", index=False)
     return out

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .metrics import mean_std
-from .reporting import TABLE_NAMES, format_mean_std, to_markdown
+from .identity import summary_table
+from .reporting import TABLE_NAMES, to_markdown
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -36,10 +36,7 @@ def _timings(run: Path) -> str:
 
 def _reidentification(run: Path) -> str:
     r = pd.read_csv(run / "eval" / "reidentification.csv")
-    parts = [mean_std(r, by=["method"], value=v).set_index("method") for v in ("top1", "rank_percentile")]
-    df = pd.DataFrame({"top-1": [format_mean_std(m, s) for m, s in zip(parts[0]["mean"], parts[0]["std"])],
-                       "rank percentile": [format_mean_std(m, s) for m, s in zip(parts[1]["mean"], parts[1]["std"])]},
-                      index=parts[0].index)
+    df = summary_table(r)
     n, chance = int(r["n"].iloc[0]), float(r["chance_top1"].iloc[0])
     return (f"**Do the predictions follow the previous image?** Patient re-identification from I_prev on the {n} scored "
             f"test pairs (`ehrxdiff.identity`; chance: top-1 {chance:.3f}, rank 0.5; GT = the real next film):\n\n"

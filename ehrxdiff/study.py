@@ -293,6 +293,22 @@ def model_seeds(cfg: StudyConfig) -> dict[str, list[int]]:
             for name in variants(cfg)}
 
 
+def load_predictions(cfg: StudyConfig, pair_keys) -> dict[tuple[str, int], "torch.Tensor"]:
+    """Notebook 04's predictions of ``pair_keys`` for every model and seed (:func:`model_seeds`), as
+    ``{(model, seed): [N, 1, H, W]}`` at ``image_size``; raises naming the first missing file."""
+    import torch
+
+    from .baselines import generated_image_table
+    from .images import load_image
+    keys, out = list(pair_keys), {}
+    for name, seeds in model_seeds(cfg).items():
+        for seed in seeds:
+            d = sample_dir(cfg, name, seed)
+            generated_image_table(keys, d)
+            out[(name, seed)] = torch.stack([load_image(d / f"{k}.png", cfg.image_size) for k in keys])
+    return out
+
+
 def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     """One conditional LDM (§II-C, Eq. 2) around the shared VAE and a copy of the pre-trained CLIP towers."""
     import copy

@@ -37,10 +37,12 @@ def test_rank_by_hand():
         reidentification(pred, prev[:2])
 
 
-def test_rank_column_is_mean_and_std_over_seeds():
+def test_summary_table_is_mean_and_std_over_seeds():
     import pandas as pd
 
-    from ehrxdiff.identity import rank_column
-    t = pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "rank_percentile": [0.6, 0.8, 0.5]})
-    col = rank_column(t)
+    from ehrxdiff.identity import summary_table
+    t = pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "rank_percentile": [0.6, 0.8, 0.5],
+                      "top1": [0.1, 0.3, 0.0]})
+    col = summary_table(t)["rank percentile"]
     assert col["a"] == "0.700 ± 0.141" and col["b"] == "0.500"
+    assert summary_table(t).loc["a", "top-1"] == "0.200 ± 0.141" and list(summary_table(t).index) == ["a", "b"]
