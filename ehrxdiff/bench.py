@@ -167,6 +167,7 @@ def _bench_cohort(a: argparse.Namespace) -> int:
 def _bench_ldm(a) -> int:
     """Random-weight models at a profile's sizes: the cost of training and sampling, not their quality."""
     import torch
+    from diffusers.training_utils import EMAModel
 
     from ehrxdiff import study
     from ehrxdiff.clip import EHRCLIP
@@ -196,24 +197,41 @@ def _bench_ldm(a) -> int:
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
     params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    ema = EMAModel(params, decay=0.999, foreach=True)   # as train_ldm
     model.train()
-    model(batch).backward()   # warm-up step, not timed
-    opt.step()
-    opt.zero_grad()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(a.train_steps):
+
+    def step():
         model(batch).backward()
         opt.step()
         opt.zero_grad()
+        ema.step(params)
+
+    step()   # warm-up step, not timed
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(a.train_steps):
+        step()
     sync()
     train_s = (time.perf_counter() - t0) / a.train_steps
+    ema_s = {}
+    for foreach in (True, False):   # the EMA update alone: one fused update vs diffusers' per-tensor loop
+        e = EMAModel(params, decay=0.999, foreach=foreach)
+        e.step(params)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(a.train_steps):
+            e.step(params)
+        sync()
+        ema_s[foreach] = (time.perf_counter() - t0) / a.train_steps
     print(f"profile {cfg.profile}: image {cfg.image_size} px, UNet {cfg.unet_channels}, context {cfg.context_tokens} "
           f"tokens x {cfg.clip_width}, {n} events, fp32 on {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", torch threads {torch.get_num_threads()}"))
     print(f"parameters: " + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M"
                                       for k, m in model.trainable_modules().items()))
-    print(f"train: {train_s:.3f} s/step at batch {b} = {b / train_s:.1f} samples/s")
+    print(f"train (forward, backward, AdamW, EMA): {train_s:.3f} s/step at batch {b} = {b / train_s:.1f} samples/s")
+    print(f"EMA update alone: {ema_s[True] * 1e3:.1f} ms/step fused (foreach), {ema_s[False] * 1e3:.1f} ms/step per tensor")
+    if a.loader:
+        _bench_loader(cfg, b)
     pipe = EHRXDiffPipeline.from_model(model.eval(), sampler="ddim", image_size=cfg.image_size, max_events=n)
     k = a.sample_batch
     for kind, steps in (("ddim", 100), ("dpm++", a.fast_steps)):
@@ -223,11 +241,25 @@ def _bench_ldm(a) -> int:
         t0 = time.perf_counter()
         with torch.no_grad():
             pipe.generate(batch["prev_image"][:k], batch["events"][:k], batch["event_mask"][:k],
-                          num_inference_steps=steps, eta=1.0, generator=g)
+                          num_inference_steps=steps, eta=1.0, generator=g, progress=False)
         sync()
         dt = time.perf_counter() - t0
         print(f"sampling {kind}-{steps}: {dt / k:.3f} s/image (batch {k})")
     return 0
+
+
+def _bench_loader(cfg, batch_size: int, batches: int = 40) -> None:
+    """The profile's training loader on its run's real data (notebooks 01-02 done): can it feed the model?"""
+    from ehrxdiff import study
+    ds = study.datasets(cfg, ("train",))
+    for epoch in (1, 2):   # the second epoch reads from each worker's image cache (if the workers persist)
+        it = iter(study._loader(cfg, ds["train"], shuffle=True, batch_size=batch_size))
+        next(it)
+        t0 = time.perf_counter()
+        n = sum(1 for _, _ in zip(range(batches), it))
+        dt = time.perf_counter() - t0
+        print(f"data loader (epoch start {epoch}, num_workers {cfg.num_workers}): {n / dt:.1f} batches/s "
+              f"= {n * batch_size / dt:.0f} samples/s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--threads", type=int, default=None)
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (timings synchronise the GPU)")
     m.add_argument("--batch-size", type=int, default=None, help="training batch (default: the profile's ldm_batch_size)")
+    m.add_argument("--loader", action="store_true", help="also time the profile's data loader on its run's real data")
     m.set_defaults(func=_bench_ldm)
     a = ap.parse_args(argv)
     return a.func(a)

@@ -81,7 +81,7 @@ class EHRXDiffPipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  progress: bool = True) -> torch.Tensor:
         """Predict I_trg for a batch: ``prev_image`` [B, 3, H, W] in [-1, 1], ``events`` [B, N, D] zero-padded,
-        ``event_mask`` [B, N] (True = real event). Returns [B, 3, H, W] in [-1, 1].
+        ``event_mask`` [B, N] (True = real event). Returns [B, 3, H, W] in [-1, 1] on the CPU, wherever it ran.
 
         ``generator`` may be a list of one generator per row, which makes each row's result independent of the
         batch it was drawn in (what resumable batch generation relies on).
@@ -105,7 +105,7 @@ class EHRXDiffPipeline(DiffusionPipeline):
                             encoder_attention_mask=cond.context_mask).sample
             latents = self.scheduler.step(eps, t, latents, **extra).prev_sample
         images = self.vae.decode((latents / self.config.latent_scale).to(self.vae.dtype)).sample
-        return images.clamp(-1, 1).float()
+        return images.clamp(-1, 1).float().cpu()  # callers mix predictions with CPU tensors (targets, masks)
 
     # -- user-level API --------------------------------------------------------------------------
     def _prev_tensor(self, image) -> torch.Tensor:

@@ -347,9 +347,17 @@ def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int = 4) -
     return out
 
 
+def device():
+    """The device accelerate trains on (a GPU when there is one, else the CPU): sampling and the Eq. 2 checks of
+    saved models run there too - on a GPU machine a pipeline left on the CPU would sample ~100x slower."""
+    from accelerate import PartialState
+    return PartialState().device
+
+
 def load_pipeline(cfg: StudyConfig, name: str):
+    """A trained model's EMA pipeline (D6), on :func:`device`."""
     from .pipeline import EHRXDiffPipeline
-    return EHRXDiffPipeline.from_pretrained(cfg.path("run_dir") / "ldm" / name / "pipeline")
+    return EHRXDiffPipeline.from_pretrained(cfg.path("run_dir") / "ldm" / name / "pipeline").to(device())
 
 
 def test_pairs(cfg: StudyConfig, ds: dict):

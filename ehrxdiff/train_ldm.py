@@ -110,6 +110,8 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
               max_events: int, export_raw: bool = False, max_grad_norm: float | None = None,
               progress: bool = True) -> dict:
     """Train for ``max_steps`` optimizer steps; returns a summary (steps, final losses, samples/s, paths).
+    ``steps_this_run``, ``seconds`` and ``samples_per_second`` count this call only (a resumed run's earlier
+    steps are not timed; a reloaded finished run reports NaN).
 
     ``train_loader`` yields batches of :func:`ehrxdiff.data.collate_pairs`. ``effective_batch`` = loader batch x
     processes x accumulation; the accumulation is derived (at least 1). ``ema_scope="all"`` averages every
@@ -126,7 +128,8 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
                               gradient_accumulation_steps=accum)
     params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    ema = EMAModel(list(model.ema_parameters(ema_scope)), decay=ema_decay)
+    # foreach: one fused update for all tensors; the per-tensor loop costs thousands of tiny kernels per step on a GPU
+    ema = EMAModel(list(model.ema_parameters(ema_scope)), decay=ema_decay, foreach=True)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
@@ -138,6 +141,7 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
         step, seen = int(state["step"]), int(state.get("batch_in_epoch", 0))
         ema.to(accelerator.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
         trim_history(history, step)
+    start_step = step
     if len(train_loader) == 0:
         raise ValueError("LDM train_loader is empty")
     batches_per_epoch = len(train_loader)
@@ -195,9 +199,10 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
             paths["pipeline_raw"] = _export(EHRXDiffPipeline, unwrapped, out / "pipeline_raw", image_size, max_events)
         with ema_weights(ema, unwrapped, ema_scope):
             paths["pipeline"] = _export(EHRXDiffPipeline, unwrapped, out / "pipeline", image_size, max_events)
-    return {"steps": step, "gradient_accumulation": accum, "train_loss": last.get("loss"),
-            "valid": last_valid, "seconds": seconds,
-            "samples_per_second": samples / seconds if seconds > 0 and samples else float("nan"), **paths}
+    trained = step - start_step  # 0 when a finished run was reloaded: no time or speed to report
+    return {"steps": step, "steps_this_run": trained, "gradient_accumulation": accum, "train_loss": last.get("loss"),
+            "valid": last_valid, "seconds": seconds if trained else float("nan"),
+            "samples_per_second": samples / seconds if trained and seconds > 0 else float("nan"), **paths}
 
 
 def _export(pipeline_cls, model: EHRXDiff, path: Path, image_size: int, max_events: int) -> Path:

@@ -9,12 +9,28 @@ import pytest
 from ehrxdiff.config import ROOT, ConfigError, StudyConfig, load_config
 
 
-@pytest.mark.parametrize("profile", ["smoke", "demo", "paper"])
+SHIPPED = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_four_profiles_ship():
+    assert SHIPPED == ["demo", "gpu", "paper", "smoke"]
+
+
+@pytest.mark.parametrize("profile", SHIPPED)
 def test_every_shipped_profile_loads(profile):
     cfg = load_config(profile)
     assert isinstance(cfg, StudyConfig) and cfg.profile == profile
     assert cfg.image_size % cfg.clip_patch_size == 0
     assert (cfg.image_size // cfg.clip_patch_size) ** 2 + 1 == 65, "the paper's 65-token layout (§III-A)"
+
+
+def test_gpu_profile_differs_from_the_demo_only_from_notebook_04_on():
+    """configs/gpu.yaml promises the demo's world, cohort, events and CLIP, so a demo run's 01-03 outputs serve it."""
+    demo, gpu = load_config("demo").to_dict(), load_config("gpu").to_dict()
+    upstream = [k for k in demo if k.startswith(("synthetic", "clip_", "embedding", "split", "pairing"))]
+    upstream += ["max_events", "image_size", "text_style", "null_events", "max_interval_hours", "min_age", "seed"]
+    assert {k: gpu[k] for k in upstream} == {k: demo[k] for k in upstream}
+    assert gpu["ldm_steps"] > demo["ldm_steps"] and gpu["vae_steps"] > demo["vae_steps"]
 
 
 def test_overrides_layer_over_the_profile_and_are_typed():

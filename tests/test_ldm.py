@@ -2,6 +2,7 @@
 
 Tiny random models built from config (no downloads): 16 px images -> f=4 latent 3x4x4, 16-wide tokens.
 """
+import math
 import re
 
 import pytest
@@ -265,7 +266,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert s1["steps"] == 4 and s1["gradient_accumulation"] == 2
     _train(tmp_path / "resumed", 2)                     # "killed" after the checkpoint at step 2
     resumed, s2 = _train(tmp_path / "resumed", 4)       # a new process picks up checkpoint-2
-    assert s2["steps"] == 4
+    assert s2["steps"] == 4 and s2["steps_this_run"] == 2 and s2["seconds"] > 0
+    _, s3 = _train(tmp_path / "resumed", 4)             # a finished run reloaded: nothing trained, nothing timed
+    assert s3["steps_this_run"] == 0 and math.isnan(s3["seconds"]) and math.isnan(s3["samples_per_second"])
     for (name, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
     ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
