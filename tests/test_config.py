@@ -78,3 +78,19 @@ def test_fp32_is_the_configs_name_for_no_autocast():
     from ehrxdiff.train_ldm import resolve_mixed_precision
     assert load_config("smoke", {"ldm_mixed_precision": "fp32"}).ldm_mixed_precision == "fp32"
     assert resolve_mixed_precision("fp32") == "no" and resolve_mixed_precision("bf16") == "bf16"
+
+
+def test_study_seed_fixes_the_initial_weights_whatever_the_rng_did_before():
+    """study.seed runs before every model is built: the init must not depend on what consumed the RNG earlier."""
+    import torch
+
+    from ehrxdiff import study
+    cfg = load_config("smoke")
+    weights = []
+    for burn in (0, 5):
+        torch.rand(burn)   # earlier RNG use that differs between runs
+        study.seed(cfg)
+        weights.append(torch.nn.Linear(4, 3).weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    study.seed(cfg, offset=1)
+    assert not torch.equal(torch.nn.Linear(4, 3).weight, weights[0])
