@@ -252,7 +252,7 @@ def _bench_loader(cfg, batch_size: int, batches: int = 40) -> None:
     """The profile's training loader on its run's real data (notebooks 01-02 done): can it feed the model?"""
     from ehrxdiff import study
     ds = study.datasets(cfg, ("train",))
-    for epoch in (1, 2):   # the second epoch reads from each worker's image cache (if the workers persist)
+    for epoch in (1, 2):   # a fresh loader per epoch, as in training: workers (and their image caches) start anew
         it = iter(study._loader(cfg, ds["train"], shuffle=True, batch_size=batch_size))
         next(it)
         t0 = time.perf_counter()

@@ -98,7 +98,7 @@ def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame 
     from .evaluators import train_evaluator as fit
     root = cfg.source_dirs()["mimic_cxr"]
     arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
-    study.seed(cfg)
+    study.seed_everything(cfg)
     model = CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size, name=cfg.evaluator_arch,
                          init_weights=cfg.xrv_weights, **arch)
     sets = {s: EvaluatorImages(_image_table(pairs[pairs["split"] == s], labels), root, image_size=cfg.image_size)
@@ -133,7 +133,7 @@ def table_classifiers(cfg: StudyConfig, rows: pd.DataFrame, test_keys) -> dict[s
     test = DataLoader(data["test"], batch_size=cfg.eval_batch_size, collate_fn=collate_events)
     out = {}
     for name, use_prev in (("table classifier", False), ("table classifier w/ prev label", True)):
-        study.seed(cfg)   # the head's initial weights
+        study.seed_everything(cfg)   # the head's initial weights
         model = train_table_classifier(TableClassifier(clip.table_tower, use_prev_label=use_prev), data["train"],
                                        data["valid"], output_dir=eval_dir(cfg) / name.replace(" ", "_").replace("/", ""),
                                        epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size, seed=cfg.seed)
@@ -294,7 +294,7 @@ def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
             evaluator = train_evaluator(cfg, samples, None, select_on="val_age_r" if plan["age"] else "val_sex_auroc")
         else:
             arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
-            study.seed(cfg)
+            study.seed_everything(cfg)
             evaluator = CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size,
                                      name=cfg.evaluator_arch, init_weights=cfg.xrv_weights, **arch).eval()
         tag = f"{evaluator.evaluator_id} / FID: {evaluator.feature_id}" + \

@@ -29,7 +29,7 @@ def run_dir(cfg: StudyConfig, *parts: str) -> Path:
     return p
 
 
-def seed(cfg: StudyConfig, offset: int = 0) -> None:
+def seed_everything(cfg: StudyConfig, offset: int = 0) -> None:
     """Seed Python, NumPy and torch from ``cfg.seed`` right before a model is built. Its initial weights come from the
     global RNG, whose state there was not fixed: two fresh runs of notebook 03 trained different CLIP weights (max
     |diff| 0.46) from identical data. The training loops seed only after the model exists."""
@@ -217,7 +217,7 @@ def train_clip(cfg: StudyConfig, ds: dict | None = None) -> dict:
     from .clip import EHRCLIP
     from .train_clip import train_clip as fit
     ds = ds or datasets(cfg, ("train", "valid"))
-    seed(cfg)
+    seed_everything(cfg)
     model = EHRCLIP.from_config(clip_model_config(cfg, ds["train"].store.dim))
     return fit(model, ds["train"], ds["valid"], out_dir=run_dir(cfg, "clip"), epochs=cfg.clip_epochs,
                batch_size=cfg.clip_batch_size, collate_fn=collate(cfg), warmup_steps=cfg.clip_warmup_steps,
@@ -279,7 +279,7 @@ def _first_stage(cfg: StudyConfig, ds: dict):
               image_size=cfg.image_size, norm_num_groups=_groups(cfg.vae_channels))
     if cfg.vae_weights:
         return load_cheff_checkpoint(cfg.vae_weights, layers_per_block=cfg.vae_layers_per_block, **kw)
-    seed(cfg)
+    seed_everything(cfg)
     vae = build_vae(layers_per_block=cfg.vae_layers_per_block, **kw)
     return fit(vae, _loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),
                output_dir=run_dir(cfg, "vae"), max_steps=cfg.vae_steps, learning_rate=cfg.vae_lr,
@@ -329,7 +329,7 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     from .wnull import WithNullSamples
     variant, wnull = variants(cfg)[name]
     vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
-    seed(cfg)   # every variant starts from the same draw of the RNG (a fair ablation)
+    seed_everything(cfg)   # every variant starts from the same draw of the RNG (a fair ablation)
     model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(copy.deepcopy(clip)),
                            vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
                            max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,

@@ -81,7 +81,8 @@ def test_fp32_is_the_configs_name_for_no_autocast():
 
 
 def test_study_seed_fixes_the_initial_weights_whatever_the_rng_did_before():
-    """study.seed runs before every model is built: the init must not depend on what consumed the RNG earlier."""
+    """study.seed_everything runs before every model is built: the initial weights must not depend on what consumed
+    the RNG earlier."""
     import torch
 
     from ehrxdiff import study
@@ -89,8 +90,8 @@ def test_study_seed_fixes_the_initial_weights_whatever_the_rng_did_before():
     weights = []
     for burn in (0, 5):
         torch.rand(burn)   # earlier RNG use that differs between runs
-        study.seed(cfg)
+        study.seed_everything(cfg)
         weights.append(torch.nn.Linear(4, 3).weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
-    study.seed(cfg, offset=1)
+    study.seed_everything(cfg, offset=1)
     assert not torch.equal(torch.nn.Linear(4, 3).weight, weights[0])
