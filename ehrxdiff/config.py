@@ -235,17 +235,27 @@ def profile_file(profile: str) -> Path:
     return p
 
 
-def load_config(profile: str = "demo", params: dict | None = None) -> StudyConfig:
-    """Defaults ← ``configs/<profile>.yaml`` ← ``params``; every key and type validated."""
+def _profile_layers(profile: str, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The profile file's keys, after those of the profile it ``extends`` (a name or a path), base first."""
     path = profile_file(profile)
+    if path in seen:
+        raise ConfigError(f"{path}: profiles extend each other in a cycle")
     try:
         from_file = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(from_file, dict):
         raise ConfigError(f"{path}: must be a mapping of config keys")
+    base = from_file.pop("extends", None)
+    return (_profile_layers(str(base), seen + (path,)) if base is not None else []) + [(path, from_file)]
+
+
+def load_config(profile: str = "demo", params: dict | None = None) -> StudyConfig:
+    """Defaults ← ``configs/<profile>.yaml`` (after the profile it ``extends``, if any) ← ``params``; every key and
+    type validated."""
     values: dict = {"profile": Path(profile).stem}
-    _apply(values, from_file, str(path))
+    for path, from_file in _profile_layers(profile):
+        _apply(values, from_file, str(path))
     _apply(values, params or {}, "params")
     cfg = StudyConfig(**values)
     _validate(cfg)

@@ -29,12 +29,12 @@ def run_dir(cfg: StudyConfig, *parts: str) -> Path:
     return p
 
 
-def seed_everything(cfg: StudyConfig, offset: int = 0) -> None:
+def seed_everything(cfg: StudyConfig) -> None:
     """Seed Python, NumPy and torch from ``cfg.seed`` right before a model is built. Its initial weights come from the
     global RNG, whose state there was not fixed: two fresh runs of notebook 03 trained different CLIP weights (max
     |diff| 0.46) from identical data. The training loops seed only after the model exists."""
     from accelerate.utils import set_seed
-    set_seed(cfg.seed + offset)
+    set_seed(cfg.seed)
 
 
 def figures_dir(cfg: StudyConfig) -> Path:
@@ -305,7 +305,7 @@ def model_seeds(cfg: StudyConfig) -> dict[str, list[int]]:
 
 def load_predictions(cfg: StudyConfig, pair_keys) -> dict[tuple[str, int], "torch.Tensor"]:
     """Notebook 04's predictions of ``pair_keys`` for every model and seed (:func:`model_seeds`), as
-    ``{(model, seed): [N, 1, H, W]}`` at ``image_size``; raises naming the first missing file."""
+    ``{(model, seed): [N, 3, H, W]}`` in [-1, 1] at ``image_size`` (as ``images.load_image``); raises naming the first missing file."""
     import torch
 
     from .baselines import generated_image_table

@@ -93,5 +93,18 @@ def test_study_seed_fixes_the_initial_weights_whatever_the_rng_did_before():
         study.seed_everything(cfg)
         weights.append(torch.nn.Linear(4, 3).weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
-    study.seed_everything(cfg, offset=1)
+    study.seed_everything(load_config("smoke", {"seed": cfg.seed + 1}))
     assert not torch.equal(torch.nn.Linear(4, 3).weight, weights[0])
+
+
+def test_a_profile_extends_another_and_overrides_its_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("clip_epochs: 3\nimage_size: 64\n")
+    (tmp_path / "child.yaml").write_text(f"extends: {tmp_path / 'base.yaml'}\nclip_epochs: 7\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), {"image_size": 32})
+    assert (cfg.clip_epochs, cfg.image_size, cfg.profile) == (7, 32, "child")
+    (tmp_path / "base.yaml").write_text(f"extends: {tmp_path / 'child.yaml'}\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "child.yaml"))
+    (tmp_path / "bad.yaml").write_text("extends: demo\nclip_epoch: 7\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown config key 'clip_epoch'"):
+        load_config(str(tmp_path / "bad.yaml"))
