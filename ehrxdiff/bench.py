@@ -165,13 +165,20 @@ def _bench_cohort(a: argparse.Namespace) -> int:
 
 
 def _bench_ldm(a) -> int:
-    """Random-weight models at a profile's sizes: the cost of training and sampling, not their quality."""
+    """Random-weight models at a profile's sizes: the cost of training and sampling, not their quality.
+
+    Training is timed twice at the same batch size, each step including its collate: the per-step-encoding path
+    (the reference's: the frozen VAE encodes I_prev and I_trg and the CLIP towers run forward and backward every
+    step) and the cached path of the profile's recipe (:mod:`ehrxdiff.cache`: VAE posteriors read, and CLIP tokens too
+    when ``ldm_clip_trainable`` is false). The last line is the speed-up of the cached path (issue 13)."""
     import torch
     from diffusers.training_utils import EMAModel
 
     from ehrxdiff import study
+    from ehrxdiff.cache import collate_cached
     from ehrxdiff.clip import EHRCLIP
     from ehrxdiff.config import load_config
+    from ehrxdiff.data import collate_pairs
     from ehrxdiff.ldm import ClipConditioner, build_ehrxdiff
     from ehrxdiff.pipeline import EHRXDiffPipeline
     from ehrxdiff.vae import build_vae
@@ -182,37 +189,66 @@ def _bench_ldm(a) -> int:
     vae = build_vae(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
                     layers_per_block=cfg.vae_layers_per_block, image_size=cfg.image_size, norm_num_groups=study._groups(cfg.vae_channels))
     clip = EHRCLIP.from_config(study.clip_model_config(cfg, a.event_dim))
-    model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(clip),
-                           max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
-                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=cfg.unet_layers_per_block,
-                           norm_num_groups=study._groups(cfg.unet_channels))
-    b, n = a.batch_size or cfg.ldm_batch_size, cfg.max_events
     dev = torch.device(a.device)
-    model.to(dev)
+
+    def build(clip_trainable: bool):
+        torch.manual_seed(0)
+        return build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(clip),
+                              max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
+                              unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads,
+                              layers_per_block=cfg.unet_layers_per_block, norm_num_groups=study._groups(cfg.unet_channels),
+                              clip_trainable=clip_trainable, snr_gamma=cfg.snr_gamma).to(dev)
+
+    b, n = a.batch_size or cfg.ldm_batch_size, cfg.max_events
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    batch = {"prev_image": torch.rand(b, 3, cfg.image_size, cfg.image_size) * 2 - 1,
-             "target_image": torch.rand(b, 3, cfg.image_size, cfg.image_size) * 2 - 1,
-             "events": torch.randn(b, n, a.event_dim), "event_mask": torch.ones(b, n, dtype=torch.bool),
-             "is_null": torch.zeros(b, dtype=torch.bool), "pair_key": [str(i) for i in range(b)]}
-    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-    params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ema = EMAModel(params, decay=0.999, foreach=True)   # as train_ldm
-    model.train()
+    g = torch.Generator().manual_seed(0)
+    raw_items = [{"prev_image": torch.rand(3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1,
+                  "target_image": torch.rand(3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1,
+                  "events": torch.randn(n, a.event_dim, generator=g), "pair_key": str(i), "is_null": False}
+                 for i in range(b)]
+    per_step = build(True)
+    cached = build(cfg.ldm_clip_trainable)
+    with torch.no_grad():   # what ehrxdiff.cache stores: posteriors and, for frozen towers, tokens
+        raw = collate_pairs(raw_items, max_events=n)
+        dist = vae.to(dev).eval().encode(torch.cat([raw["prev_image"], raw["target_image"]]).to(dev)).latent_dist
+        mean, std = dist.mean.cpu(), dist.std.cpu()
+        cached.clip.eval()
+        img = cached.clip.image_tokens(raw["prev_image"].to(dev)).cpu()
+        tab, tmask = cached.clip.table_tokens(raw["events"].to(dev), raw["event_mask"].to(dev))
+    cached_items = []
+    for i, it in enumerate(raw_items):
+        item = {"prev_mean": mean[i], "target_mean": mean[b + i], "target_std": std[b + i], "pair_key": it["pair_key"],
+                "is_null": False}
+        if cfg.ldm_clip_trainable:
+            item |= {"prev_image": it["prev_image"], "events": it["events"]}
+        else:
+            item |= {"image_tokens": img[i], "table_tokens": tab[i].cpu(), "table_mask": tmask[i].cpu()}
+        cached_items.append(item)
 
-    def step():
-        model(batch).backward()
-        opt.step()
-        opt.zero_grad()
-        ema.step(params)
+    def timed(model, items, collate) -> float:
+        params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        ema = EMAModel(params, decay=0.999, foreach=True)   # as train_ldm
+        model.train()
 
-    step()   # warm-up step, not timed
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(a.train_steps):
-        step()
-    sync()
-    train_s = (time.perf_counter() - t0) / a.train_steps
+        def step():
+            batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate(items).items()}
+            model(batch).backward()
+            opt.step()
+            opt.zero_grad()
+            ema.step(params)
+
+        step()   # warm-up step, not timed
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(a.train_steps):
+            step()
+        sync()
+        return (time.perf_counter() - t0) / a.train_steps
+
+    train_s = timed(per_step, raw_items, lambda items: collate_pairs(items, max_events=n))
+    cached_s = timed(cached, cached_items, lambda items: collate_cached(items, max_events=n))
+    params = [p for m in cached.trainable_modules().values() for p in m.parameters() if p.requires_grad]
     ema_s = {}
     for foreach in (True, False):   # the EMA update alone: one fused update vs diffusers' per-tensor loop
         e = EMAModel(params, decay=0.999, foreach=foreach)
@@ -227,11 +263,18 @@ def _bench_ldm(a) -> int:
           f"tokens x {cfg.clip_width}, {n} events, fp32 on {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", torch threads {torch.get_num_threads()}"))
     print(f"parameters: " + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M"
-                                      for k, m in model.trainable_modules().items()))
-    print(f"train (forward, backward, AdamW, EMA): {train_s:.3f} s/step at batch {b} = {b / train_s:.1f} samples/s")
+                                      for k, m in per_step.trainable_modules().items()))
+    print(f"train, per-step encoding (VAE encode + CLIP towers fine-tuned; collate, forward, backward, AdamW, EMA): "
+          f"{train_s:.3f} s/step at batch {b} = {b / train_s:.1f} samples/s")
+    frozen = "VAE posteriors and CLIP tokens cached" if not cfg.ldm_clip_trainable else \
+        "VAE posteriors cached, CLIP towers fine-tuned"
+    print(f"train, cached path ({frozen}; Min-SNR gamma {cfg.snr_gamma}): {cached_s:.3f} s/step at batch {b} = "
+          f"{b / cached_s:.1f} samples/s")
     print(f"EMA update alone: {ema_s[True] * 1e3:.1f} ms/step fused (foreach), {ema_s[False] * 1e3:.1f} ms/step per tensor")
     if a.loader:
         _bench_loader(cfg, b)
+    model = per_step
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in raw.items()}
     pipe = EHRXDiffPipeline.from_model(model.eval(), sampler="ddim", image_size=cfg.image_size, max_events=n)
     k = a.sample_batch
     for kind, steps in (("ddim", 100), ("dpm++", a.fast_steps)):
@@ -245,6 +288,7 @@ def _bench_ldm(a) -> int:
         sync()
         dt = time.perf_counter() - t0
         print(f"sampling {kind}-{steps}: {dt / k:.3f} s/image (batch {k})")
+    print(f"speed-up of the cached path: {train_s / cached_s:.1f}x")
     return 0
 
 

@@ -102,7 +102,12 @@ class StudyConfig:
     unet_heads: int = 4
     unet_layers_per_block: int = 2           # res blocks per level (paper num_res_blocks 2); CPU profiles use 1
     context_tokens: int = 64                 # C_fusion (paper 1024)
-    ldm_steps: int = 300                     # optimizer steps per variant
+    ldm_steps: int = 300                     # optimizer steps per main model (EHRXDiff, EHRXDiff_w_null)
+    ablation_ldm_steps: int | None = None    # steps per Table IV ablation row; unset → ldm_steps (fewer: caption says so)
+    ldm_cache_first_stage: bool = True       # VAE posteriors computed once (ehrxdiff.cache), not every step
+    ldm_clip_trainable: bool = True          # fine-tune the CLIP towers with Eq. 2 (reference); False → tokens cached
+    null_augmentations: int = 4              # cached jittered copies of each w_null null target (cache only)
+    snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
@@ -273,9 +278,16 @@ def _validate(c: StudyConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")
     for key in ("synthetic_n_patients", "synthetic_image_size", "image_size", "max_events", "clip_epochs",
                 "clip_batch_size", "vae_batch_size", "vae_steps", "ldm_steps", "ldm_batch_size", "ldm_grad_accum", "sample_steps",
-                "context_tokens", "eval_batch_size", "eval_image_size"):
+                "context_tokens", "eval_batch_size", "eval_image_size", "null_augmentations"):
         if getattr(c, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(c, key)}")
+    if c.ablation_ldm_steps is not None and c.ablation_ldm_steps <= 0:
+        raise ConfigError(f"ablation_ldm_steps must be positive or null, got {c.ablation_ldm_steps}")
+    if c.snr_gamma is not None and c.snr_gamma <= 0:
+        raise ConfigError(f"snr_gamma must be positive or null, got {c.snr_gamma}")
+    if c.ldm_cache_first_stage and c.augment_targets == "all":
+        raise ConfigError("augment_targets 'all' jitters every target at every step, which a first-stage cache "
+                          "cannot hold: set ldm_cache_first_stage false with it")
     if c.image_size % c.clip_patch_size:
         raise ConfigError(f"image_size {c.image_size} is not a multiple of clip_patch_size {c.clip_patch_size}")
     from .constants import TABLE_IV_VARIANTS

@@ -347,6 +347,10 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
         rank = summary_table(pd.read_csv(reid).replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}))
         t4.insert(t4.columns.get_loc("evaluator"), "re-id rank", rank["rank percentile"].reindex(t4.index))
         caption4 += "; re-id rank: does the prediction follow I_prev (patient re-identification, chance 0.5)"
+    fewer = {v: study.ldm_steps(cfg, v) for v in rows4[:-1] if study.ldm_steps(cfg, v) < cfg.ldm_steps}
+    if fewer:
+        caption4 += (f"; trained less than the final model ({cfg.ldm_steps:,} steps): "
+                     + ", ".join(f"{v} {n:,} steps" for v, n in fewer.items()))
     write_table(t4, "table4_ablation", fig, caption=caption4)
     demo = results["demographics"]
     order3 = ["GT", "previous image", *study.MAIN_MODELS]

@@ -7,6 +7,7 @@ layout of ``run_dir``:
 
     cohort/pairs.parquet, cohort_report.csv      (01)   events/…, event_store/      (02)
     clip/                                         (03)   vae/, ldm/<variant>/         (04)
+    latent_cache/{first_stage,conditions}-<fingerprint>/  (04: frozen encoders' outputs, ehrxdiff.cache)
     samples/<variant>/seed<k>/<pair_key>.png      (04)   eval/*.csv                   (05)
 """
 from __future__ import annotations
@@ -319,6 +320,54 @@ def load_predictions(cfg: StudyConfig, pair_keys) -> dict[tuple[str, int], "torc
     return out
 
 
+def ldm_steps(cfg: StudyConfig, name: str) -> int:
+    """Optimizer steps of one model: ``ldm_steps`` for the main models, ``ablation_ldm_steps`` (when set) for the
+    other Table IV rows - Table IV's caption says when they trained less."""
+    if name in MAIN_MODELS or cfg.ablation_ldm_steps is None:
+        return cfg.ldm_steps
+    return cfg.ablation_ldm_steps
+
+
+def ldm_caches(cfg: StudyConfig, ds: dict, vae, clip=None):
+    """The frozen encoders' outputs for the train and valid pairs (:mod:`ehrxdiff.cache`), built once per VAE / CLIP
+    and reused by every variant: the VAE posteriors (with ``null_augmentations`` jittered copies of the w_null null
+    targets) and, when ``clip`` (a :class:`~ehrxdiff.ldm.ClipConditioner`) is given, its frozen tokens."""
+    from .cache import CachedPairs, ConditionCache, FirstStageCache
+    pairs = pd.concat([ds[s].pairs for s in ("train", "valid")], ignore_index=True)
+    root, cache_root = ds["train"].image_root, run_dir(cfg, "latent_cache")
+    images = set(pairs["prev_path"].astype(str)) | set(pairs["target_path"].astype(str))
+    first = FirstStageCache.build(vae, image_root=root, paths=images, image_size=cfg.image_size,
+                                  cache_root=cache_root, augment_paths=CachedPairs.null_augment_paths(ds["train"].pairs),
+                                  n_augment=cfg.null_augmentations, seed=cfg.seed)
+    cond = None
+    if clip is not None:
+        cond = ConditionCache.build(clip, pairs=pairs, image_root=root, image_size=cfg.image_size,
+                                    event_store=ds["train"].store, max_events=cfg.max_events, cache_root=cache_root)
+    return first, cond
+
+
+def ldm_loaders(cfg: StudyConfig, ds: dict, *, wnull: bool, vae, clip=None, shuffle_valid: bool = False):
+    """(train, valid) loaders of one LDM: from the caches (``ldm_cache_first_stage``; CLIP tokens too when the
+    towers are frozen and ``clip`` is given) or encoding images every step as the reference does."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from .wnull import WithNullSamples
+    if not cfg.ldm_cache_first_stage:
+        train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
+        return _loader(cfg, train, shuffle=True), _loader(cfg, ds["valid"], shuffle=shuffle_valid)
+    from .cache import CachedPairs, collate_cached
+    first, cond = ldm_caches(cfg, ds, vae, None if cfg.ldm_clip_trainable else clip)
+    col = partial(collate_cached, max_events=cfg.max_events)
+
+    def loader(dataset, shuffle):
+        return DataLoader(dataset, batch_size=cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=col,
+                          num_workers=cfg.num_workers)
+    return (loader(CachedPairs(ds["train"], first, cond, with_null=wnull, seed=cfg.seed), True),
+            loader(CachedPairs(ds["valid"], first, cond), shuffle_valid))
+
+
 def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     """One conditional LDM (§II-C, Eq. 2) around the shared VAE and a copy of the pre-trained CLIP towers."""
     import copy
@@ -326,19 +375,21 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
     from .constants import TABLE_IV_VARIANTS
     from .ldm import ClipConditioner, build_ehrxdiff
     from .train_ldm import train_ldm
-    from .wnull import WithNullSamples
     variant, wnull = variants(cfg)[name]
     vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
     seed_everything(cfg)   # every variant starts from the same draw of the RNG (a fair ablation)
-    model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(copy.deepcopy(clip)),
+    conditioner = ClipConditioner.from_ehrclip(copy.deepcopy(clip))
+    model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=conditioner,
                            vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
                            max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
                            unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=cfg.unet_layers_per_block,
                            norm_num_groups=_groups(cfg.unet_channels), latent_scale=vae.config.scaling_factor,
-                           beta_start=cfg.beta_start, beta_end=cfg.beta_end)
-    train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
-    return train_ldm(model, _loader(cfg, train, shuffle=True), output_dir=run_dir(cfg, "ldm", name),
-                     max_steps=cfg.ldm_steps, valid_loader=_loader(cfg, ds["valid"], shuffle=False),
+                           beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_trainable=cfg.ldm_clip_trainable,
+                           snr_gamma=cfg.snr_gamma)
+    train, valid = ldm_loaders(cfg, ds, wnull=wnull, vae=vae, clip=conditioner)
+    seed_everything(cfg)   # building the caches may or may not draw from the RNG (first build vs reload)
+    return train_ldm(model, train, output_dir=run_dir(cfg, "ldm", name),
+                     max_steps=ldm_steps(cfg, name), valid_loader=valid,
                      learning_rate=cfg.ldm_lr, effective_batch=cfg.ldm_batch_size * cfg.ldm_grad_accum,
                      ema_decay=cfg.ema_decay, mixed_precision=cfg.ldm_mixed_precision,
                      validate_every=cfg.validate_every, max_val_batches=4,
@@ -346,15 +397,26 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
                      image_size=cfg.image_size, max_events=cfg.max_events)
 
 
-def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int = 4) -> pd.DataFrame:
+def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int | None = None) -> pd.DataFrame:
     """Validation Eq. 2 loss of every trained model (EMA weights) with its own condition and with I_prev or S_event
-    swapped between pairs (:func:`ehrxdiff.train_ldm.conditioning_sensitivity`); ``ldm/conditioning_sensitivity.csv``."""
+    swapped between pairs (:func:`ehrxdiff.train_ldm.conditioning_sensitivity`), over the whole validation split
+    (cached inputs make that cheap; ``max_batches`` caps it). Written to ``ldm/conditioning_sensitivity.csv`` and, as
+    a table with the relative increases, ``figures/table_conditioning_sensitivity.{csv,md,tex}``."""
+    from .reporting import write_table
     from .train_ldm import conditioning_sensitivity as sensitivity
-    loader = _loader(cfg, ds["valid"], shuffle=False)
-    rows = {name: sensitivity(load_pipeline(cfg, name).to_model(), loader, max_batches=max_batches)
-            for name in variants(cfg)}
+    rows = {}
+    for name in variants(cfg):
+        model = load_pipeline(cfg, name).to_model()
+        _, valid = ldm_loaders(cfg, ds, wnull=False, vae=model.vae, clip=model.clip)
+        rows[name] = sensitivity(model, valid, max_batches=max_batches)
     out = pd.DataFrame(rows).T.rename_axis("model")
     out.to_csv(run_dir(cfg, "ldm") / "conditioning_sensitivity.csv")
+    shown = out.copy()
+    for c in ("I_prev swapped", "S_event swapped"):
+        shown[f"{c} (% change)"] = 100 * (out[c] / out["own condition"] - 1)
+    write_table(shown.round(5), "table_conditioning_sensitivity", figures_dir(cfg),
+                caption=f"Conditioning sensitivity: validation Eq. 2 loss (EMA weights, {len(ds['valid'])} validation "
+                        "pairs) with each pair's own condition and with another pair's I_prev or S_event")
     return out
 
 

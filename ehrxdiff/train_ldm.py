@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -49,12 +49,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def validation_loss(model: EHRXDiff, loader, *, seed: int = 0, max_batches: int | None = None) -> float:
-    """Eq. 2 on ``loader`` with noise, timesteps and the target's VAE posterior sample drawn from fixed seeds, so
-    values are comparable across steps, between raw and EMA weights, and between conditions
-    (:func:`conditioning_sensitivity`). The global RNG is restored afterwards, so training is not perturbed."""
+    """Eq. 2 (unweighted, whatever the training weighting) on ``loader`` with noise, timesteps and the target's VAE
+    posterior draw from fixed seeds, so values are comparable across steps, between raw and EMA weights, between
+    cached and per-step inputs, and between conditions (:func:`conditioning_sensitivity`). The global RNG is restored
+    afterwards (a cached w_null loader draws its null targets' augmentation from it), so training is not perturbed."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # forward() draws the target latent from the VAE posterior with the global RNG
+        torch.manual_seed(seed)
         return _validation_loss(model, loader, seed=seed, max_batches=max_batches)
+
+
+def batch_size_of(batch: dict) -> int:
+    """Rows of a batch of :func:`ehrxdiff.data.collate_pairs` or :func:`ehrxdiff.cache.collate_cached`."""
+    return len(batch["pair_key"])
 
 
 def _validation_loss(model: EHRXDiff, loader, *, seed: int, max_batches: int | None) -> float:
@@ -67,11 +73,13 @@ def _validation_loss(model: EHRXDiff, loader, *, seed: int, max_batches: int | N
         if max_batches is not None and i >= max_batches:
             break
         batch = _to_device(batch, device)
-        b = batch["prev_image"].shape[0]
+        b = batch_size_of(batch)
         s = model.unet.config.sample_size
-        noise = torch.randn(b, model.vae.config.latent_channels, s, s, generator=gen).to(device)
+        shape = (b, model.vae.config.latent_channels, s, s)
+        noise = torch.randn(shape, generator=gen).to(device)
+        post = torch.randn(shape, generator=gen).to(device)   # the target's posterior draw, fixed too
         t = torch.randint(0, model.noise_scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
-        total += model(batch, timesteps=t, noise=noise).item() * b
+        total += model(batch, timesteps=t, noise=noise, posterior_noise=post, weighted=False).item() * b
         n += b
     model.train(was_training)
     if n == 0:
@@ -92,13 +100,14 @@ class _Swapped:
 
 def conditioning_sensitivity(model: EHRXDiff, loader, *, max_batches: int | None = None) -> dict[str, float]:
     """Does the model use I_prev, and S_event? Eq. 2 on ``loader`` with each pair's own condition, then with I_prev,
-    or the events, of another pair of the batch - same noise and timesteps (:func:`validation_loss`'s fixed
-    generator). A model that uses a condition predicts the noise worse when it is swapped; equal losses mean it
-    ignores it, whatever its samples look like."""
+    or the events, of another pair of the batch - same noise, timesteps and target draws (:func:`validation_loss`'s
+    fixed generator). A model that uses a condition predicts the noise worse when it is swapped; equal losses mean
+    it ignores it, whatever its samples look like. Works on raw and cached batches (``cache.PREV_KEYS`` /
+    ``cache.EVENT_KEYS``: the image or its encodings, the events or their tokens)."""
+    from .cache import EVENT_KEYS, PREV_KEYS
     out = {"own condition": validation_loss(model, loader, max_batches=max_batches),
-           "I_prev swapped": validation_loss(model, _Swapped(loader, ("prev_image",)), max_batches=max_batches),
-           "S_event swapped": validation_loss(model, _Swapped(loader, ("events", "event_mask")),
-                                              max_batches=max_batches)}
+           "I_prev swapped": validation_loss(model, _Swapped(loader, PREV_KEYS), max_batches=max_batches),
+           "S_event swapped": validation_loss(model, _Swapped(loader, EVENT_KEYS), max_batches=max_batches)}
     return out
 
 
@@ -123,9 +132,15 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     history = out / "history.csv"
     set_seed(seed)
     batch_size = train_loader.batch_size or 1
-    accum = max(1, math.ceil(effective_batch / (batch_size * PartialState().num_processes)))
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision),
-                              gradient_accumulation_steps=accum)
+    # cpu=True on a machine without CUDA: accelerate then takes `accelerate launch`'s processes as one gloo group
+    # (MULTI_CPU); without it, each CPU process would train alone on the whole data
+    cpu = not torch.cuda.is_available()
+    accum = max(1, math.ceil(effective_batch / (batch_size * PartialState(cpu=cpu).num_processes)))
+    # a seedable sampler: each epoch's shuffle is a function of (seed, epoch), not of the global RNG at the epoch's
+    # start, so a run resumed mid-epoch replays the same order (skip_first_batches) and draws as an unbroken run
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=cpu,
+                              gradient_accumulation_steps=accum,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed))
     params = [p for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     # foreach: one fused update for all tensors; the per-tensor loop costs thousands of tiny kernels per step on a GPU
@@ -135,10 +150,10 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     accelerator.register_for_checkpointing(ema)
     unwrapped: EHRXDiff = accelerator.unwrap_model(model)
 
-    step, seen = 0, 0  # optimizer steps done; batches of the current epoch already consumed
+    step, seen, epoch = 0, 0, 0  # optimizer steps done; batches of the current epoch already consumed; epoch
     if resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         state = load_checkpoint(accelerator, ckpt)
-        step, seen = int(state["step"]), int(state.get("batch_in_epoch", 0))
+        step, seen, epoch = int(state["step"]), int(state.get("batch_in_epoch", 0)), int(state.get("epoch", 0))
         ema.to(accelerator.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
         trim_history(history, step)
     start_step = step
@@ -150,6 +165,10 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     samples, t0, last, last_valid = 0, time.perf_counter(), {}, None
     while step < max_steps:
         loader = accelerator.skip_first_batches(train_loader, seen) if seen else train_loader
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)   # the shuffle of this epoch (a skipping loader counts its own epochs from 0)
+        if hasattr(getattr(train_loader, "dataset", None), "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)   # per-epoch draws of the dataset (cache.CachedPairs' null targets)
         running = []
         for batch in loader:
             seen += 1
@@ -163,7 +182,7 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             running.append(loss.detach().float().item())
-            samples += batch["prev_image"].shape[0] * accelerator.num_processes
+            samples += batch_size_of(batch) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             ema.step(unwrapped.ema_parameters(ema_scope))
@@ -183,11 +202,13 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
                 last_valid = row
             if step % checkpoint_every == 0 or step == max_steps:
                 save_checkpoint(accelerator, out / "checkpoints", step, checkpoint_limit,
-                                {"stage": "ldm", "batch_in_epoch": seen % batches_per_epoch})
+                                {"stage": "ldm", "batch_in_epoch": seen % batches_per_epoch,
+                                 "epoch": epoch + seen // batches_per_epoch})
             if step >= max_steps:
                 break
         else:
             seen = 0  # epoch finished
+            epoch += 1
     bar.close()
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()

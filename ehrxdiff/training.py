@@ -59,8 +59,10 @@ def save_checkpoint(accelerator: Accelerator, ckpt_root: str | Path, step: int, 
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"checkpoint-{step}"
     tmp = ckpt_root / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)  # leftover of a run killed while saving
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftover of a run killed while saving
+        tmp.mkdir(parents=True)  # before any process writes into it (each writes its own RNG file)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()

@@ -1,0 +1,265 @@
+"""The frozen encoders' caches (issue 13): the cached loss is the per-step loss, stale caches are never read,
+w_null's null targets come from cached augmentations, and cached training resumes - on one process and on two.
+
+Tiny random models (tests/test_ldm.py's sizes) over a tiny folder of real PNG files and a real event store.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from ehrxdiff.cache import CachedPairs, ConditionCache, FirstStageCache, collate_cached, module_fingerprint
+from ehrxdiff.data import PairDataset, collate_pairs
+from ehrxdiff.event_store import EventStore
+from ehrxdiff.ldm import ClipConditioner, build_ehrxdiff
+from test_ldm import EVENT_DIM, MAX_EVENTS, PX, TINY_CLIP, WIDTH, tiny_vae
+
+torch.set_num_threads(1)
+N_IMAGES = 8
+
+
+def tiny_world(root: Path, *, n_pairs: int = 10, seed: int = 0, write: bool = True
+               ) -> tuple[pd.DataFrame, Path, EventStore]:
+    """N_IMAGES grey PNGs, ``n_pairs`` pairs among them (targets repeat, so w_null has fewer null samples than pairs),
+    and an event store with 0-5 events per pair (pair 0 has none). ``write=False`` opens a world written before."""
+    rng = np.random.default_rng(seed)
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(N_IMAGES):
+        pixels = rng.integers(0, 256, (PX, PX), dtype=np.uint8)
+        if write:
+            Image.fromarray(pixels, mode="L").save(img_dir / f"d{i}.png")
+    rows = []
+    for k in range(n_pairs):
+        p, t = k % N_IMAGES, (k * 3 + 1) % N_IMAGES
+        rows.append({"pair_key": f"pair{k}", "prev_path": f"d{p}.png", "target_path": f"d{t}.png",
+                     "prev_dicom_id": f"d{p}", "target_dicom_id": f"d{t}", "split": "train"})
+    pairs = pd.DataFrame(rows)
+    texts = [f"labevents value {i}" for i in range(12)]
+    emb = rng.standard_normal((len(texts), EVENT_DIM)).astype(np.float32)
+    ev = {r["pair_key"]: (rng.integers(0, len(texts), k % 6), np.sort(rng.random(k % 6))) for k, r in enumerate(rows)}
+    store = EventStore.write(root / "store", texts, emb, ev) if write else EventStore.open(root / "store")
+    return pairs, img_dir, store
+
+
+def model(variant=("xattn", True, True), *, clip_trainable=True, snr_gamma=None, seed=0):
+    torch.manual_seed(seed)
+    vae_mode, use_img, use_tab = variant
+    return build_ehrxdiff(vae=tiny_vae(), image_size=PX, clip=ClipConditioner(TINY_CLIP), vae_mode=vae_mode,
+                          use_clip_image=use_img, use_clip_table=use_tab, max_events=MAX_EVENTS, c_fusion=5,
+                          d_clip=WIDTH, unet_channels=(16, 32), num_heads=2, norm_num_groups=8, layers_per_block=1,
+                          clip_trainable=clip_trainable, snr_gamma=snr_gamma)
+
+
+def caches(m, pairs, img_dir, store, cache_root, *, frozen: bool, n_augment: int = 3):
+    from ehrxdiff.wnull import NullTargetAugmentation
+    ds = PairDataset(pairs, img_dir, store, image_size=PX, max_events=MAX_EVENTS)
+    # a stronger jitter than the paper's: at 16 px a 10-degree nearest-neighbour affine can leave an image unchanged
+    first = FirstStageCache.build(m.vae, image_root=img_dir, paths=set(pairs.prev_path) | set(pairs.target_path),
+                                  image_size=PX, cache_root=cache_root, augment_paths=CachedPairs.null_augment_paths(pairs),
+                                  n_augment=n_augment, augmentation=NullTargetAugmentation(degrees=40, scale=(0.6, 0.7)))
+    cond = (ConditionCache.build(m.clip, pairs=pairs, image_root=img_dir, image_size=PX, event_store=store,
+                                 max_events=MAX_EVENTS, cache_root=cache_root) if frozen else None)
+    return ds, first, cond
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["clip-frozen-tokens-cached", "clip-fine-tuned"])
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_cached_loss_equals_per_step_encoding_loss(tmp_path, frozen, snr_gamma):
+    """Same noise, timesteps and posterior draws: the loss from cached posteriors (and tokens) is the loss of
+    encoding the images every step, to float precision - the cache changes the cost, not the objective."""
+    pairs, img_dir, store = tiny_world(tmp_path)
+    m = model(clip_trainable=not frozen, snr_gamma=snr_gamma).eval()
+    ds, first, cond = caches(m, pairs, img_dir, store, tmp_path / "cache", frozen=frozen)
+    cached_ds = CachedPairs(ds, first, cond)
+    idx = list(range(len(ds)))
+    raw = collate_pairs([ds[i] for i in idx], max_events=MAX_EVENTS)
+    cached = collate_cached([cached_ds[i] for i in idx], max_events=MAX_EVENTS)
+    assert ("image_tokens" in cached) == frozen and ("prev_image" in cached) == (not frozen)
+    g = torch.Generator().manual_seed(3)
+    shape = (len(idx), 3, PX // 4, PX // 4)
+    fixed = {"timesteps": torch.randint(0, 1000, (len(idx),), generator=g), "noise": torch.randn(shape, generator=g),
+             "posterior_noise": torch.randn(shape, generator=g)}
+    with torch.no_grad():
+        for weighted in (False, True):
+            a = m(raw, weighted=weighted, **fixed).item()
+            b = m(cached, weighted=weighted, **fixed).item()
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+        other = m(cached, **{**fixed, "posterior_noise": torch.randn(shape, generator=g)}).item()
+    assert other != pytest.approx(a, rel=1e-6)   # the posterior draw is part of what was fixed
+
+
+def test_changed_vae_image_size_or_images_never_read_an_old_cache(tmp_path):
+    pairs, img_dir, store = tiny_world(tmp_path)
+    vae = tiny_vae()
+    paths = sorted(set(pairs.prev_path))
+
+    def build(v=vae, size=PX, root=tmp_path / "cache"):
+        return FirstStageCache.build(v, image_root=img_dir, paths=paths, image_size=size, cache_root=root)
+
+    first = build()
+    again = build()
+    assert again.folder == first.folder and torch.equal(again.mean, first.mean)   # reloaded, not recomputed
+    changed = tiny_vae()
+    with torch.no_grad():
+        changed.encoder.conv_in.weight.add_(0.01)
+    assert module_fingerprint(changed) != module_fingerprint(vae)
+    other_vae = build(v=changed)
+    assert other_vae.folder != first.folder and not torch.allclose(other_vae.mean, first.mean)
+    bigger = build(size=2 * PX)
+    assert bigger.folder != first.folder and bigger.mean.shape[-1] == 2 * first.mean.shape[-1]
+    meta = first.folder / "meta.json"
+    good = meta.read_text()
+    meta.write_text(good.replace('"key": "', '"key": "x'))     # a folder whose stored fingerprint disagrees
+    with pytest.raises(ValueError, match="fingerprint"):
+        build()
+    meta.write_text(good)
+    Image.fromarray(np.zeros((PX, PX), np.uint8), mode="L").save(img_dir / paths[0])   # same name, new content
+    assert build().folder != first.folder
+
+
+def test_condition_cache_follows_the_clip_weights_and_the_events(tmp_path):
+    pairs, img_dir, store = tiny_world(tmp_path)
+    m = model(clip_trainable=False)
+    kw = dict(pairs=pairs, image_root=img_dir, image_size=PX, event_store=store, max_events=MAX_EVENTS,
+              cache_root=tmp_path / "cache")
+    a = ConditionCache.build(m.clip, **kw)
+    tok, mask = a.table("pair3")
+    assert tok.shape == (MAX_EVENTS, WIDTH) and mask.sum() == 3 and not tok[~mask].any()
+    null_tok, null_mask = a.null_table()
+    assert null_mask.sum() == 1 and null_mask[0]                       # the learned null token (D3)
+    assert ConditionCache.build(m.clip, **kw).folder == a.folder
+    with torch.no_grad():
+        m.clip.clip.table_tower.fc.weight.mul_(2)
+    assert ConditionCache.build(m.clip, **kw).folder != a.folder
+    # a changed event store (another embedder, say) is another cache too
+    emb = np.load(store.root / "embeddings.npy").astype(np.float32) + 1
+    pe = {k: (store.text_ids(k), store.times(k)) for k in store.pair_keys}
+    store2 = EventStore.write(tmp_path / "store2", [f"t{i}" for i in range(len(emb))], emb, pe)
+    assert ConditionCache.build(m.clip, **{**kw, "event_store": store2}).folder != a.folder
+
+
+def test_null_samples_draw_cached_augmentations_of_the_previous_image(tmp_path):
+    """One null sample per unique target (§II-D), conditioned on I_prev with the null event set; its target is one
+    of the K cached jittered copies of I_prev, never the unaugmented posterior and never I_trg."""
+    pairs, img_dir, store = tiny_world(tmp_path)
+    m = model(clip_trainable=False)
+    ds, first, cond = caches(m, pairs, img_dir, store, tmp_path / "cache", frozen=True, n_augment=3)
+    data = CachedPairs(ds, first, cond, with_null=True)
+    n_targets = pairs.target_dicom_id.nunique()
+    assert len(data) == len(pairs) + n_targets and first.n_augment == 3
+    seen = set()
+    for epoch in range(20):
+        data.set_epoch(epoch)
+        item = data[len(pairs)]                       # the first null sample: source pair 0
+        assert torch.equal(item["target_mean"], data[len(pairs)]["target_mean"])   # a function of (seed, epoch, i)
+        src = pairs.iloc[0]
+        assert item["is_null"] and item["pair_key"].startswith("pair0")
+        copies = first.aug_mean[first.aug_row[src.prev_path]]
+        k = [i for i in range(3) if torch.equal(item["target_mean"], copies[i])]
+        assert len(k) == 1
+        seen.add(k[0])
+        assert not torch.equal(item["target_mean"], first.posterior(src.prev_path)[0])
+        assert torch.equal(item["prev_mean"], first.posterior(src.prev_path)[0])
+        assert torch.equal(item["table_mask"], cond.null_table()[1])
+    assert len(seen) > 1                               # the copies are drawn, not fixed
+    with pytest.raises(ValueError, match="n_augment"):
+        CachedPairs(ds, FirstStageCache.build(m.vae, image_root=img_dir, paths=set(pairs.prev_path) |
+                                              set(pairs.target_path), image_size=PX, cache_root=tmp_path / "c0"),
+                    cond, with_null=True)
+
+
+def _train_cached(tmp_path, out, max_steps):
+    from ehrxdiff.train_ldm import train_ldm
+    pairs, img_dir, store = tiny_world(tmp_path / "world")
+    m = model(clip_trainable=False, snr_gamma=5.0)
+    ds, first, cond = caches(m, pairs, img_dir, store, tmp_path / "cache", frozen=True)
+    torch.manual_seed(0)
+    loader = DataLoader(CachedPairs(ds, first, cond, with_null=True), batch_size=2, shuffle=True,
+                        collate_fn=lambda it: collate_cached(it, max_events=MAX_EVENTS),
+                        generator=torch.Generator().manual_seed(0))
+    valid = DataLoader(CachedPairs(ds, first, cond), batch_size=4, collate_fn=collate_cached)
+    s = train_ldm(m, loader, output_dir=out, max_steps=max_steps, valid_loader=valid, learning_rate=1e-3,
+                  effective_batch=2, validate_every=2, max_val_batches=1, checkpoint_every=2, mixed_precision="no",
+                  image_size=PX, max_events=MAX_EVENTS, progress=False)
+    return m, s
+
+
+def test_cached_training_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    straight, s1 = _train_cached(tmp_path, tmp_path / "straight", 5)
+    assert s1["steps"] == 5 and s1["samples_per_second"] > 0
+    _train_cached(tmp_path, tmp_path / "resumed", 2)                 # "killed" after the checkpoint at step 2
+    resumed, s2 = _train_cached(tmp_path, tmp_path / "resumed", 5)  # resumes mid-epoch from checkpoint-2
+    assert s2["steps_this_run"] == 3
+    for (name, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert not any(p.requires_grad for p in resumed.clip.parameters())   # frozen towers stay frozen
+    hist = pd.read_csv(tmp_path / "resumed" / "history.csv")
+    assert hist[hist.split == "train"].step.tolist() == [1, 2, 3, 4, 5]
+
+
+DISTRIBUTED = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    from accelerate import PartialState
+    from torch.utils.data import DataLoader
+    from ehrxdiff.cache import CachedPairs, collate_cached
+    from ehrxdiff.train_ldm import train_ldm
+    from test_cache import MAX_EVENTS, PX, caches, model, tiny_world
+    torch.set_num_threads(1)
+    tmp, steps = Path(sys.argv[2]), int(sys.argv[3])
+    state = PartialState(cpu=True)   # as train_ldm on a machine without CUDA
+    pairs, img_dir, store = tiny_world(tmp / "world", write=False)   # written by the test before the launch
+    m = model(clip_trainable=False, snr_gamma=5.0)
+    ds, first, cond = caches(m, pairs, img_dir, store, tmp / f"cache{state.process_index}", frozen=True)
+    data = CachedPairs(ds, first, cond, with_null=True)
+    loader = DataLoader(data, batch_size=2, shuffle=True, collate_fn=lambda it: collate_cached(it, MAX_EVENTS))
+    s = train_ldm(m, loader, output_dir=tmp / "run", max_steps=steps, learning_rate=1e-3, effective_batch=4,
+                  checkpoint_every=2, mixed_precision="no", image_size=PX, max_events=MAX_EVENTS, progress=False)
+    # what each process was served in one epoch of the same (prepared) loader: its own shard
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    even = torch.utils.data.Subset(data, range(16))   # 16 = 4 batches x 2 per process x 2: no wrap-around padding
+    keys = [k for b in acc.prepare(DataLoader(even, batch_size=2, collate_fn=lambda it: collate_cached(it, MAX_EVENTS)))
+            for k in b["pair_key"]]
+    (tmp / f"rank{state.process_index}.json").write_text(json.dumps(
+        {"world": state.num_processes, "steps": s["steps"], "this_run": s["steps_this_run"], "keys": keys,
+         "accum": s["gradient_accumulation"]}))
+""")
+
+
+def test_cached_training_under_accelerate_launch_two_processes_checkpoints_and_resumes(tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo): each process reads its own shard of the cached pairs,
+    the run checkpoints, and a second launch resumes from the checkpoint to the end."""
+    script = tmp_path / "train2.py"
+    script.write_text(DISTRIBUTED)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    import json
+    tiny_world(tmp_path / "world")
+    for steps, this_run in ((2, 2), (4, 2)):
+        run = subprocess.run([*launch, str(script), str(tests), str(tmp_path), str(steps)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(r["world"] == 2 and r["steps"] == steps and r["this_run"] == this_run for r in ranks), ranks
+    assert ranks[0]["accum"] == 1                                     # 2 per process x 2 processes = 4
+    k0, k1 = set(ranks[0]["keys"]), set(ranks[1]["keys"])
+    assert len(k0) == len(k1) == 8 and not k0 & k1                    # disjoint shards of the 16 items
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+    assert not math.isnan(float(pd.read_csv(tmp_path / "run" / "history.csv").loss.iloc[-1]))
