@@ -306,6 +306,70 @@ def _bench_loader(cfg, batch_size: int, batches: int = 40) -> None:
               f"= {n * batch_size / dt:.0f} samples/s")
 
 
+def _bench_curve(a) -> int:
+    """A learning curve of one model of a profile against CPU time (issue 13: measure learning, not just speed).
+
+    Trains ``--model`` with the profile's recipe and any ``-p KEY VALUE`` overrides, in stages of ``--every`` optimizer
+    steps (each stage resumes the last one's checkpoint, so the curve is one training run), and after each stage
+    scores the EMA weights: the validation Eq. 2 loss with the own condition and with I_prev or S_event swapped
+    (:func:`ehrxdiff.train_ldm.conditioning_sensitivity`, the whole validation split) and the patient re-identification
+    of ``--pairs`` test predictions (:mod:`ehrxdiff.identity`; sampler and steps of the profile, seed 0). Needs
+    notebooks 01-03 of the profile's run; the VAE is notebook 04's (trained here if missing). One tidy row per stage
+    goes to ``<out>/curve.csv``; ``train_seconds`` counts training only."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ehrxdiff import identity, study
+    from ehrxdiff.config import load_config
+    from ehrxdiff.pipeline import EHRXDiffPipeline
+    from ehrxdiff.sampling import pair_seed
+    from ehrxdiff.train_ldm import conditioning_sensitivity
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(a.profile, {k: v for k, v in a.param})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = study.datasets(cfg)
+    vae, clip = study.train_vae(cfg, ds), study.load_clip(cfg)
+    test = study.test_pairs(cfg, ds)
+    test = test.with_pairs(test.pairs.iloc[: a.pairs])
+    items = [test[i] for i in range(len(test))]
+    batch = study.collate(cfg)(items)
+    prev = batch["prev_image"].numpy()
+    gt = identity.reidentification(batch["target_image"].numpy(), prev)["rank_percentile"]
+    rows, train_s, t_start = [], 0.0, time.perf_counter()
+    print(f"{a.model} on {cfg.profile} with {dict(a.param)}; re-id of the real next film on {len(items)} test pairs: "
+          f"{gt:.3f}", flush=True)
+    for stage in range(1, a.stages + 1):
+        s = study.train_variant(cfg, a.model, ds, vae, clip, output_dir=out, max_steps=stage * a.every,
+                                progress=False)
+        train_s += 0.0 if np.isnan(s["seconds"]) else s["seconds"]
+        pipe = EHRXDiffPipeline.from_pretrained(out / "pipeline")
+        model = pipe.to_model()
+        _, valid = study.ldm_loaders(cfg, ds, wnull=False, vae=model.vae, clip=model.clip)
+        sens = conditioning_sensitivity(model, valid)
+        pipe.use_sampler(cfg.sampler, clip_x0=cfg.sample_clip_x0)
+        gens = [torch.Generator().manual_seed(pair_seed(0, k)) for k in batch["pair_key"]]
+        uses_table = pipe.adaptor.config.use_clip_table
+        pred = pipe.generate(batch["prev_image"], batch["events"] if uses_table else None,
+                             batch["event_mask"] if uses_table else None, num_inference_steps=cfg.sample_steps,
+                             eta=cfg.sample_eta, generator=gens, progress=False)
+        own = sens["own condition"]
+        row = {"model": a.model, "step": s["steps"], "samples": s["steps"] * cfg.ldm_batch_size * cfg.ldm_grad_accum,
+               "train_seconds": round(train_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
+               "samples_per_second": round(s["samples_per_second"], 1), "valid_loss": own,
+               "I_prev swapped %": 100 * (sens["I_prev swapped"] / own - 1),
+               "S_event swapped %": 100 * (sens["S_event swapped"] / own - 1),
+               "reid_rank": identity.reidentification(pred.numpy(), prev)["rank_percentile"], "reid_rank_gt": gt,
+               **{f"param {k}": v for k, v in a.param}}
+        rows.append(row)
+        pd.DataFrame(rows).to_csv(out / "curve.csv", index=False)
+        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                        if not k.startswith("param")), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -335,6 +399,17 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--batch-size", type=int, default=None, help="training batch (default: the profile's ldm_batch_size)")
     m.add_argument("--loader", action="store_true", help="also time the profile's data loader on its run's real data")
     m.set_defaults(func=_bench_ldm)
+    lc = sub.add_parser("curve", help="learning curve of one model: re-id and conditioning sensitivity vs CPU time")
+    lc.add_argument("--profile", default="demo")
+    lc.add_argument("--model", default="EHRXDiff", help="a model of the profile (study.variants)")
+    lc.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="config override, as ./run_all.sh -p")
+    lc.add_argument("--every", type=int, default=100, help="optimizer steps per stage")
+    lc.add_argument("--stages", type=int, default=5)
+    lc.add_argument("--pairs", type=int, default=80, help="test pairs sampled for the re-identification")
+    lc.add_argument("--threads", type=int, default=None)
+    lc.add_argument("--out", required=True, help="folder of the run (checkpoints, pipeline, curve.csv)")
+    lc.set_defaults(func=_bench_curve)
     a = ap.parse_args(argv)
     return a.func(a)
 

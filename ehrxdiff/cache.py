@@ -272,13 +272,20 @@ class CachedPairs(Dataset):
     the cached augmented copies of I_prev), as :class:`ehrxdiff.wnull.WithNullSamples`. The copy is drawn uniformly
     per visit from (``seed``, epoch, index) - not from the global RNG, which a prefetching loader advances ahead of
     the step - so a resumed run draws the same copies as an unbroken one; the trainer calls :meth:`set_epoch`.
+
+    ``event_dropout`` p (not in the paper; InstructPix2Pix's conditioning dropout, Brooks et al. 2023): each visit of a
+    real pair replaces its S_event by the null event set with probability p, the target staying I_trg, so the model
+    learns eps(I_prev, null) on every kind of pair - the reference branch of event guidance - and must take from the
+    events what they add. Drawn like the null targets, from (``seed``, epoch, index).
     """
 
     def __init__(self, base, first_stage: FirstStageCache, conditions: ConditionCache | None = None, *,
-                 with_null: bool = False, seed: int = 0):
+                 with_null: bool = False, seed: int = 0, event_dropout: float = 0.0):
         from .wnull import null_source_indices
+        if not 0.0 <= event_dropout < 1.0:
+            raise ValueError(f"event_dropout must be in [0, 1), got {event_dropout}")
         self.base, self.fs, self.cc = base, first_stage, conditions
-        self.seed, self.epoch = int(seed), 0
+        self.seed, self.epoch, self.event_dropout = int(seed), 0, float(event_dropout)
         self.pairs = base.pairs
         self.prev_paths = self.pairs["prev_path"].astype(str).tolist()
         self.target_paths = self.pairs["target_path"].astype(str).tolist()
@@ -306,22 +313,24 @@ class CachedPairs(Dataset):
         j = self.null_sources[i - len(self.pairs)] if null else i
         prev = self.prev_paths[j]
         prev_mean, _ = self.fs.posterior(prev)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
         if null:
-            k = int(np.random.default_rng([self.seed, self.epoch, i]).integers(self.fs.n_augment))
-            t_mean, t_std = self.fs.augmented(prev, k)
+            t_mean, t_std = self.fs.augmented(prev, int(rng.integers(self.fs.n_augment)))
         else:
             t_mean, t_std = self.fs.posterior(self.target_paths[j])
+        no_events = null or (self.event_dropout > 0 and rng.random() < self.event_dropout)
         item = {"prev_mean": prev_mean, "target_mean": t_mean, "target_std": t_std, "is_null": null,
                 "pair_key": self.keys[j] + (NULL_SUFFIX if null else "")}
         if self.cc is not None:
             if self.cc.image_row:
                 item["image_tokens"] = self.cc.image(prev)
             if self.cc.pair_row:
-                item["table_tokens"], item["table_mask"] = self.cc.null_table() if null else self.cc.table(self.keys[j])
+                item["table_tokens"], item["table_mask"] = (self.cc.null_table() if no_events
+                                                            else self.cc.table(self.keys[j]))
         else:
             raw = self.base[j]
             item["prev_image"] = raw["prev_image"]
-            item["events"] = raw["events"][:0] if null else raw["events"]
+            item["events"] = raw["events"][:0] if no_events else raw["events"]
         return item
 
 

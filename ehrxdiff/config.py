@@ -108,6 +108,7 @@ class StudyConfig:
     ldm_clip_trainable: bool = True          # fine-tune the CLIP towers with Eq. 2 (reference); False → tokens cached
     null_augmentations: int = 4              # cached jittered copies of each w_null null target (cache only)
     snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
+    event_dropout: float = 0.0               # share of real pairs trained with the null event set (not in the paper)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
@@ -123,6 +124,7 @@ class StudyConfig:
     sample_steps: int = 50
     sample_eta: float = 1.0
     sample_clip_x0: float | None = None      # clip predicted x0 to ±this (not in the paper; for short CPU runs)
+    event_guidance_scale: float = 1.0        # guidance on S_event vs the null event set (not in the paper; 1 = none)
     sample_seeds: list = field(default_factory=lambda: [0, 1, 2])
     sample_batch_size: int = 32
     eval_max_pairs: int = 0                  # test pairs generated and scored (0 = the whole test split)
@@ -285,6 +287,10 @@ def _validate(c: StudyConfig) -> None:
         raise ConfigError(f"ablation_ldm_steps must be positive or null, got {c.ablation_ldm_steps}")
     if c.snr_gamma is not None and c.snr_gamma <= 0:
         raise ConfigError(f"snr_gamma must be positive or null, got {c.snr_gamma}")
+    if not 0 <= c.event_dropout < 1:
+        raise ConfigError(f"event_dropout must be in [0, 1), got {c.event_dropout}")
+    if c.event_dropout and not c.ldm_cache_first_stage:
+        raise ConfigError("event_dropout is drawn by the cached training set: it needs ldm_cache_first_stage true")
     if c.ldm_cache_first_stage and c.augment_targets == "all":
         raise ConfigError("augment_targets 'all' jitters every target at every step, which a first-stage cache "
                           "cannot hold: set ldm_cache_first_stage false with it")

@@ -11,7 +11,10 @@ components being ModelMixin/ConfigMixin classes that diffusers imports from ``eh
     out.images[0].save("pred.png")
 
 Sampling follows the reference (paper-reference §9): x_T ~ N(0, I), the condition computed once, no classifier-
-free guidance, decode z / 0.18215, clamp to [-1, 1].
+free guidance, decode z / 0.18215, clamp to [-1, 1]. ``event_guidance_scale`` s != 1 (not in the paper) adds
+InstructPix2Pix-style guidance on the events (Brooks et al. 2023): with the same I_prev, the no-event branch that
+EHRXDiff_w_null learned from its null samples (§II-D) is the reference, eps = eps(I_prev, null) + s * (eps(I_prev,
+S_event) - eps(I_prev, null)); s = 1 is the paper's sampler exactly, s = 0 the null-event prediction exactly.
 """
 from __future__ import annotations
 
@@ -79,12 +82,13 @@ class EHRXDiffPipeline(DiffusionPipeline):
     def generate(self, prev_image: torch.Tensor, events: torch.Tensor | None = None,
                  event_mask: torch.Tensor | None = None, *, num_inference_steps: int = 100, eta: float = 1.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
-                 progress: bool = True) -> torch.Tensor:
+                 progress: bool = True, event_guidance_scale: float = 1.0) -> torch.Tensor:
         """Predict I_trg for a batch: ``prev_image`` [B, 3, H, W] in [-1, 1], ``events`` [B, N, D] zero-padded,
         ``event_mask`` [B, N] (True = real event). Returns [B, 3, H, W] in [-1, 1] on the CPU, wherever it ran.
 
         ``generator`` may be a list of one generator per row, which makes each row's result independent of the
-        batch it was drawn in (what resumable batch generation relies on).
+        batch it was drawn in (what resumable batch generation relies on). ``event_guidance_scale``: see the module
+        docstring (the two branches are separate UNet calls, so s = 0 and s = 1 reproduce the plain predictions).
         """
         device, dtype = self._execution_device, self.unet.dtype
         prev = prev_image.to(device=device, dtype=dtype)
@@ -92,6 +96,15 @@ class EHRXDiffPipeline(DiffusionPipeline):
             events, event_mask = events.to(device=device, dtype=dtype), event_mask.to(device)
         cond = encode_condition(adaptor=self.adaptor, vae=self.vae, clip=self.clip, prev_image=prev,
                                 events=events, event_mask=event_mask)
+        s = float(event_guidance_scale)
+        null_cond = None
+        if s != 1.0:
+            if not self.adaptor.config.use_clip_table:
+                raise ValueError("event_guidance_scale != 1 needs a model conditioned on the events (CLIP table)")
+            b = prev.shape[0]
+            null_cond = encode_condition(adaptor=self.adaptor, vae=self.vae, clip=self.clip, prev_image=prev,
+                                         events=prev.new_zeros(b, 1, self.clip.event_dim),
+                                         event_mask=torch.zeros(b, 1, dtype=torch.bool, device=device))
         b, c = prev.shape[0], self.vae.config.latent_channels
         size = self.unet.config.sample_size
         latents = randn_tensor((b, c, size, size), generator=generator, device=device, dtype=dtype)
@@ -100,9 +113,13 @@ class EHRXDiffPipeline(DiffusionPipeline):
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
-            x = unet_input(self.scheduler.scale_model_input(latents, t), cond)
-            eps = self.unet(x, t, encoder_hidden_states=cond.context,
+            scaled = self.scheduler.scale_model_input(latents, t)
+            eps = self.unet(unet_input(scaled, cond), t, encoder_hidden_states=cond.context,
                             encoder_attention_mask=cond.context_mask).sample
+            if null_cond is not None:
+                eps_null = self.unet(unet_input(scaled, null_cond), t, encoder_hidden_states=null_cond.context,
+                                     encoder_attention_mask=null_cond.context_mask).sample
+                eps = eps_null + s * (eps - eps_null)
             latents = self.scheduler.step(eps, t, latents, **extra).prev_sample
         images = self.vae.decode((latents / self.config.latent_scale).to(self.vae.dtype)).sample
         return images.clamp(-1, 1).float().cpu()  # callers mix predictions with CPU tensors (targets, masks)

@@ -36,12 +36,13 @@ def png_path(out_dir: str | Path, pair_key: str) -> Path:
 def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sampler: str = "ddim",
                    num_inference_steps: int = 100, eta: float = 1.0, batch_size: int = 8,
                    collate_fn=None, num_workers: int = 0, progress: bool = True,
-                   clip_x0: float | None = None) -> dict:
+                   clip_x0: float | None = None, event_guidance_scale: float = 1.0) -> dict:
     """Write ``out_dir/<pair_key>.png`` (8-bit grey, image_size^2) for every item of ``dataset``.
 
     ``dataset`` yields items as :class:`ehrxdiff.data.PairDataset` (batched by ``collate_fn``, default
     ``data.collate_pairs``). Items whose PNG exists are skipped (resume). Returns a summary with the number of
-    images written/skipped and seconds per generated image.
+    images written/skipped and seconds per generated image. ``event_guidance_scale``: see
+    :class:`ehrxdiff.pipeline.EHRXDiffPipeline` (1 = the paper's sampler).
     """
     from .data import collate_pairs
     from .ldm import SAMPLER_ALIASES
@@ -62,7 +63,8 @@ def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sample
         uses_table = pipe.adaptor.config.use_clip_table
         images = pipe.generate(batch["prev_image"], batch["events"] if uses_table else None,
                                batch["event_mask"] if uses_table else None,
-                               num_inference_steps=num_inference_steps, eta=eta, generator=gens, progress=False)
+                               num_inference_steps=num_inference_steps, eta=eta, generator=gens, progress=False,
+                               event_guidance_scale=event_guidance_scale if uses_table else 1.0)
         for key, gray in zip(batch["pair_key"], to_uint8(images)):
             tmp = png_path(out, key).with_suffix(".tmp.png")
             Image.fromarray(gray, mode="L").save(tmp)

@@ -364,37 +364,46 @@ def ldm_loaders(cfg: StudyConfig, ds: dict, *, wnull: bool, vae, clip=None, shuf
     def loader(dataset, shuffle):
         return DataLoader(dataset, batch_size=cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=col,
                           num_workers=cfg.num_workers)
-    return (loader(CachedPairs(ds["train"], first, cond, with_null=wnull, seed=cfg.seed), True),
+    return (loader(CachedPairs(ds["train"], first, cond, with_null=wnull, seed=cfg.seed,
+                               event_dropout=cfg.event_dropout), True),
             loader(CachedPairs(ds["valid"], first, cond), shuffle_valid))
 
 
-def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip) -> dict:
-    """One conditional LDM (§II-C, Eq. 2) around the shared VAE and a copy of the pre-trained CLIP towers."""
+def build_variant(cfg: StudyConfig, name: str, vae, clip):
+    """A fresh model of one Table IV variant (§II-C) around the shared VAE and a copy of the pre-trained CLIP towers,
+    seeded so every variant starts from the same draw of the RNG (a fair ablation)."""
     import copy
 
     from .constants import TABLE_IV_VARIANTS
     from .ldm import ClipConditioner, build_ehrxdiff
-    from .train_ldm import train_ldm
-    variant, wnull = variants(cfg)[name]
+    variant, _ = variants(cfg)[name]
     vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
-    seed_everything(cfg)   # every variant starts from the same draw of the RNG (a fair ablation)
-    conditioner = ClipConditioner.from_ehrclip(copy.deepcopy(clip))
-    model = build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=conditioner,
-                           vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
-                           max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
-                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads, layers_per_block=cfg.unet_layers_per_block,
-                           norm_num_groups=_groups(cfg.unet_channels), latent_scale=vae.config.scaling_factor,
-                           beta_start=cfg.beta_start, beta_end=cfg.beta_end, clip_trainable=cfg.ldm_clip_trainable,
-                           snr_gamma=cfg.snr_gamma)
-    train, valid = ldm_loaders(cfg, ds, wnull=wnull, vae=vae, clip=conditioner)
+    seed_everything(cfg)
+    return build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(copy.deepcopy(clip)),
+                          vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
+                          max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
+                          unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads,
+                          layers_per_block=cfg.unet_layers_per_block, norm_num_groups=_groups(cfg.unet_channels),
+                          latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                          clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma)
+
+
+def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_dir: Path | None = None,
+                  max_steps: int | None = None, progress: bool = True) -> dict:
+    """Train one conditional LDM (Eq. 2) of :func:`variants`; resumes, or reloads a finished run. ``output_dir`` and
+    ``max_steps`` (default ``ldm/<name>`` and :func:`ldm_steps`) let a learning curve train the same recipe in
+    stages elsewhere (``python -m ehrxdiff.bench curve``)."""
+    from .train_ldm import train_ldm
+    model = build_variant(cfg, name, vae, clip)
+    train, valid = ldm_loaders(cfg, ds, wnull=variants(cfg)[name][1], vae=vae, clip=model.clip)
     seed_everything(cfg)   # building the caches may or may not draw from the RNG (first build vs reload)
-    return train_ldm(model, train, output_dir=run_dir(cfg, "ldm", name),
-                     max_steps=ldm_steps(cfg, name), valid_loader=valid,
+    return train_ldm(model, train, output_dir=output_dir or run_dir(cfg, "ldm", name),
+                     max_steps=max_steps or ldm_steps(cfg, name), valid_loader=valid,
                      learning_rate=cfg.ldm_lr, effective_batch=cfg.ldm_batch_size * cfg.ldm_grad_accum,
                      ema_decay=cfg.ema_decay, mixed_precision=cfg.ldm_mixed_precision,
                      validate_every=cfg.validate_every, max_val_batches=4,
                      checkpoint_every=cfg.validate_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
-                     image_size=cfg.image_size, max_events=cfg.max_events)
+                     image_size=cfg.image_size, max_events=cfg.max_events, progress=progress)
 
 
 def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int | None = None) -> pd.DataFrame:
@@ -455,6 +464,6 @@ def generate(cfg: StudyConfig, name: str, test, seeds) -> pd.DataFrame:
         s = generate_split(pipe, test, sample_dir(cfg, name, seed), seed=seed,
                            sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
                            eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg),
-                           clip_x0=cfg.sample_clip_x0)
+                           clip_x0=cfg.sample_clip_x0, event_guidance_scale=cfg.event_guidance_scale)
         rows.append({"model": name, "seed": seed, **s})
     return pd.DataFrame(rows)

@@ -263,3 +263,25 @@ def test_cached_training_under_accelerate_launch_two_processes_checkpoints_and_r
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
     assert not math.isnan(float(pd.read_csv(tmp_path / "run" / "history.csv").loss.iloc[-1]))
+
+
+def test_event_dropout_trains_a_share_of_real_pairs_with_the_null_event_set(tmp_path):
+    """InstructPix2Pix's conditioning dropout on S_event: the target stays I_trg, the events become S_null, for about
+    the asked share of visits, drawn reproducibly per (seed, epoch, index)."""
+    pairs, img_dir, store = tiny_world(tmp_path, n_pairs=40)
+    m = model(clip_trainable=False)
+    ds, first, cond = caches(m, pairs, img_dir, store, tmp_path / "cache", frozen=True)
+    null_tokens = cond.null_table()[0]
+    data = CachedPairs(ds, first, cond, event_dropout=0.3, seed=1)
+    with_events = [i for i in range(len(pairs)) if i % 6]   # tiny_world gives pairs 0, 6, 12, ... no events at all
+    dropped = []
+    for epoch in range(10):
+        data.set_epoch(epoch)
+        for i in with_events:
+            item = data[i]
+            assert torch.equal(item["target_mean"], first.posterior(pairs.target_path[i])[0]) and not item["is_null"]
+            dropped.append(torch.equal(item["table_tokens"], null_tokens))
+            assert torch.equal(data[i]["table_tokens"], item["table_tokens"])   # reproducible
+    assert 0.2 < np.mean(dropped) < 0.4
+    plain = CachedPairs(ds, first, cond)
+    assert not any(torch.equal(plain[i]["table_tokens"], null_tokens) for i in with_events)

@@ -46,7 +46,8 @@ def test_unknown_key_is_an_error_that_suggests_the_right_one():
 
 @pytest.mark.parametrize("bad", [{"clip_epochs": 1.5}, {"filter_inputevents": "maybe"}, {"pairing": "random"},
                                  {"image_size": -64}, {"image_size": 30}, {"ldm_mixed_precision": False},
-                                 {"ldm_mixed_precision": "fp8"}])
+                                 {"ldm_mixed_precision": "fp8"}, {"snr_gamma": 0}, {"ablation_ldm_steps": 0},
+                                 {"null_augmentations": 0}, {"ldm_clip_trainable": "no"}])
 def test_bad_values_are_rejected(bad):
     with pytest.raises(ConfigError):
         load_config("smoke", bad)
@@ -108,3 +109,17 @@ def test_a_profile_extends_another_and_overrides_its_keys(tmp_path):
     (tmp_path / "bad.yaml").write_text("extends: demo\nclip_epoch: 7\n")
     with pytest.raises(ConfigError, match="bad.yaml: unknown config key 'clip_epoch'"):
         load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_a_first_stage_cache_refuses_per_step_jitter_of_every_target():
+    """augment_targets 'all' (the released code) draws a new affine of every target each step: no cache holds that."""
+    with pytest.raises(ConfigError, match="ldm_cache_first_stage"):
+        load_config("smoke", {"augment_targets": "all"})
+    assert load_config("smoke", {"augment_targets": "all", "ldm_cache_first_stage": False}).augment_targets == "all"
+
+
+def test_paper_profile_keeps_the_papers_recipe():
+    """Fine-tuned CLIP towers and plain Eq. 2 in the paper profile; the demo's short-run recipe is its own."""
+    paper, demo = load_config("paper"), load_config("demo")
+    assert paper.ldm_clip_trainable and paper.snr_gamma is None
+    assert not demo.ldm_clip_trainable and demo.snr_gamma == 5.0

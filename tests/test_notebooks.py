@@ -64,6 +64,11 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert {"GT", "EHRXDiff", "EHRXDiff_w_null"} <= set(reid["method"]) and reid["rank_percentile"].between(0, 1).all()
     t4 = pd.read_csv(tmp_path / "fig" / "table4_ablation.csv", index_col=0)
     assert t4["re-id rank"].ne("–").all()
+    assert "xattn-CLIPtab 2 steps" in (tmp_path / "fig" / "table4_ablation.md").read_text()   # trained less: said
+    table_sens = pd.read_csv(tmp_path / "fig" / "table_conditioning_sensitivity.csv", index_col=0)
+    assert set(table_sens.index) == set(sens.index) and "I_prev swapped (% change)" in table_sens
+    assert any((tmp_path / "run" / "latent_cache").glob("first_stage-*/tensors.safetensors"))
+    assert any((tmp_path / "run" / "latent_cache").glob("conditions-*/tensors.safetensors"))
     for fig in ("fig_qualitative", "fig_difference_maps", "fig_table2_auroc_bars"):
         assert (tmp_path / "fig" / f"{fig}.png").exists() and (tmp_path / "fig" / f"{fig}.pdf").exists()
     # 07: what-if, uncertainty, rollout and sampler study write their CSVs and figures

@@ -115,3 +115,27 @@ def test_generate_split_is_resumable_and_batch_independent(tmp_path):
         a = np.asarray(Image.open(tmp_path / "a" / f"{k}.png"))
         b = np.asarray(Image.open(tmp_path / "b" / f"{k}.png"))
         assert a.shape == (PX, PX) and np.array_equal(a, b), k
+
+
+def test_event_guidance_at_one_is_the_plain_sampler_and_at_zero_the_null_event_prediction():
+    """eps = eps(I_prev, null) + s (eps(I_prev, S_event) - eps(I_prev, null)) (InstructPix2Pix's text guidance on the
+    events; not in the paper): s = 1 must be the paper's sampler bit for bit, s = 0 the prediction without events,
+    and any other s something else."""
+    pipe = tiny_pipe()
+    with torch.no_grad():   # a random UNet ignores its context too little to matter; make the events count
+        pipe.adaptor.token_mixer.weight.mul_(20)
+    prev, events, mask = inputs()
+
+    def run(ev, m, **kw):
+        return pipe.generate(prev, ev, m, num_inference_steps=4, eta=1.0, generator=torch.Generator().manual_seed(5),
+                             progress=False, **kw)
+
+    plain = run(events, mask)
+    assert torch.equal(run(events, mask, event_guidance_scale=1.0), plain)
+    no_events = run(torch.zeros(2, 1, EVENT_DIM), torch.zeros(2, 1, dtype=torch.bool))
+    assert torch.equal(run(events, mask, event_guidance_scale=0.0), no_events)
+    assert not torch.allclose(no_events[0], plain[0], atol=1e-4)      # row 0 has events: they change the prediction
+    assert not torch.allclose(run(events, mask, event_guidance_scale=3.0)[0], plain[0], atol=1e-4)
+    with pytest.raises(ValueError, match="event_guidance_scale"):
+        tiny_pipe("concat-VAE").generate(prev, None, None, num_inference_steps=2, event_guidance_scale=2.0,
+                                         progress=False)
