@@ -109,6 +109,7 @@ class StudyConfig:
     null_augmentations: int = 4              # cached jittered copies of each w_null null target (cache only)
     snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
     event_dropout: float = 0.0               # share of real pairs trained with the null event set (not in the paper)
+    ldm_parallel_models: int = 1             # models trained at once, one worker process each (CPU: cores split)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
@@ -206,7 +207,12 @@ def _coerce(key: str, value, source: str):
     base = next((a for a in args if a is not type(None)), hint) if args else hint
     base = typing.get_origin(base) or base
     if isinstance(value, str) and base is not str:
-        value = yaml.safe_load(value)
+        raw, value = value, yaml.safe_load(value)
+        if base is float and isinstance(value, str):   # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(raw)
+            except ValueError:
+                pass
     if value is None:
         if optional:
             return None
@@ -280,7 +286,8 @@ def _validate(c: StudyConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")
     for key in ("synthetic_n_patients", "synthetic_image_size", "image_size", "max_events", "clip_epochs",
                 "clip_batch_size", "vae_batch_size", "vae_steps", "ldm_steps", "ldm_batch_size", "ldm_grad_accum", "sample_steps",
-                "context_tokens", "eval_batch_size", "eval_image_size", "null_augmentations"):
+                "context_tokens", "eval_batch_size", "eval_image_size", "null_augmentations",
+                "ldm_parallel_models"):
         if getattr(c, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(c, key)}")
     if c.ablation_ldm_steps is not None and c.ablation_ldm_steps <= 0:

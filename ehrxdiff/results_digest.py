@@ -2,7 +2,8 @@
 
 ``python -m ehrxdiff.results_digest runs/demo figures --readme README.md`` replaces the block between
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with: run times (``timings.csv``), Tables I–IV
-(``figures/table*.md``), patient re-identification (``eval/reidentification.csv``), the paper's claims
+(``figures/table*.md``), the diffusion models' training (``ldm/training_summary.csv``) and conditioning
+sensitivity (``figures/table_conditioning_sensitivity.md``), patient re-identification (``eval/reidentification.csv``), the paper's claims
 (``eval/claims.csv``), CLIP retrieval (``clip/retrieval_valid.csv``) and notebook 07's what-if agreement, calibration,
 rollout and sampler study (``simulation/*.csv``). A part whose file is missing is left out with a line saying so.
 The prose that interprets the numbers stays outside the block, written by a person who has read them.
@@ -41,6 +42,15 @@ def _reidentification(run: Path) -> str:
     return (f"**Do the predictions follow the previous image?** Patient re-identification from I_prev on the {n} scored "
             f"test pairs (`ehrxdiff.identity`; chance: top-1 {chance:.3f}, rank 0.5; GT = the real next film):\n\n"
             + to_markdown(df.rename_axis("method").reset_index(), index=False))
+
+
+def _training(run: Path) -> str:
+    t = pd.read_csv(run / "ldm" / "training_summary.csv", index_col=0)
+    out = t[[c for c in ("steps", "samples_seen", "seconds", "samples_per_second") if c in t]].copy()
+    out["seconds"] = out["seconds"].round(0)
+    out["samples_per_second"] = out["samples_per_second"].round(1)
+    return (f"**Diffusion models trained** (`{run}/ldm/training_summary.csv`; samples/s of each model's own process):\n\n"
+            + to_markdown(out.rename_axis("model").reset_index(), index=False))
 
 
 def _claims(run: Path) -> str:
@@ -104,6 +114,9 @@ def digest(run_dir: str | Path, figures_dir: str | Path) -> str:
     parts = []
     for name, fn in (("timings", lambda: _timings(run)),
                      *((t, (lambda t=t: (fig / f"{t}.md").read_text().strip())) for t in TABLE_NAMES),
+                     ("training", lambda: _training(run)),
+                     ("conditioning sensitivity",
+                      lambda: (fig / "table_conditioning_sensitivity.md").read_text().strip()),
                      ("re-identification", lambda: _reidentification(run)), ("claims", lambda: _claims(run)),
                      ("CLIP retrieval", lambda: _retrieval(run)), ("what-if", lambda: _whatif(run)),
                      ("calibration", lambda: _calibration(run)), ("rollout", lambda: _rollout(run)),

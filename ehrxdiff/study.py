@@ -406,6 +406,44 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
                      image_size=cfg.image_size, max_events=cfg.max_events, progress=progress)
 
 
+def _train_worker(cfg: StudyConfig, name: str, vae, clip, threads: int) -> dict:
+    """One model in a worker process (:func:`train_variants`): its own torch threads, its own datasets."""
+    import torch
+    torch.set_num_threads(threads)
+    return train_variant(cfg, name, datasets(cfg, ("train", "valid")), vae, clip, progress=False)
+
+
+def train_variants(cfg: StudyConfig, ds: dict, vae, clip) -> dict[str, dict]:
+    """Train every model of :func:`variants` (main models first); ``{name: train_ldm summary}``.
+
+    ``ldm_parallel_models`` > 1 trains that many at a time, each in a worker process with an equal share of the CPU
+    cores as torch threads (spawned: a forked torch process can hang in OpenMP). On the demo's 2 cores two 1-thread
+    processes trained ~70 samples/s each against ~110-120 for one 2-thread process (``bench curve`` / ``bench ldm``),
+    since the small UNet's kernels do not use two threads fully. Models go in waves of that many, in order, so a lone
+    last model trains in this process on every core. The caches are built once here, before any worker starts.
+    Results per model are the same as sequential training up to float rounding (another thread count)."""
+    import os
+    names = list(variants(cfg))
+    if cfg.ldm_parallel_models <= 1:
+        return {name: train_variant(cfg, name, ds, vae, clip) for name in names}
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from .ldm import ClipConditioner
+    ldm_caches(cfg, ds, vae, None if cfg.ldm_clip_trainable else ClipConditioner.from_ehrclip(clip))
+    k = cfg.ldm_parallel_models
+    threads = max(1, (os.cpu_count() or 1) // k)
+    out = {}
+    for wave in (names[i:i + k] for i in range(0, len(names), k)):   # in waves: a lone last model gets every core
+        if len(wave) == 1:
+            out[wave[0]] = train_variant(cfg, wave[0], ds, vae, clip)
+            continue
+        with cf.ProcessPoolExecutor(max_workers=len(wave), mp_context=mp.get_context("spawn")) as pool:
+            futures = {name: pool.submit(_train_worker, cfg, name, vae, clip, threads) for name in wave}
+            out |= {name: f.result() for name, f in futures.items()}
+    return out
+
+
 def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int | None = None) -> pd.DataFrame:
     """Validation Eq. 2 loss of every trained model (EMA weights) with its own condition and with I_prev or S_event
     swapped between pairs (:func:`ehrxdiff.train_ldm.conditioning_sensitivity`), over the whole validation split

@@ -221,7 +221,8 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
         with ema_weights(ema, unwrapped, ema_scope):
             paths["pipeline"] = _export(EHRXDiffPipeline, unwrapped, out / "pipeline", image_size, max_events)
     trained = step - start_step  # 0 when a finished run was reloaded: no time or speed to report
-    return {"steps": step, "steps_this_run": trained, "gradient_accumulation": accum, "train_loss": last.get("loss"),
+    return {"steps": step, "steps_this_run": trained, "gradient_accumulation": accum,
+            "samples_seen": step * batch_size * accelerator.num_processes * accum, "train_loss": last.get("loss"),
             "valid": last_valid, "seconds": seconds if trained else float("nan"),
             "samples_per_second": samples / seconds if trained and seconds > 0 else float("nan"), **paths}
 

@@ -39,6 +39,13 @@ def test_overrides_layer_over_the_profile_and_are_typed():
     assert cfg.synthetic is False is (cfg.mimic_iv_dir is None)
 
 
+def test_a_float_in_e_notation_without_a_dot_is_a_float():
+    """``-p ldm_lr 1e-3``: YAML 1.1 reads it as a string; the config reads it as the number it is."""
+    assert load_config("smoke", {"ldm_lr": "1e-3"}).ldm_lr == 1e-3
+    with pytest.raises(ConfigError, match="ldm_lr must be float"):
+        load_config("smoke", {"ldm_lr": "fast"})
+
+
 def test_unknown_key_is_an_error_that_suggests_the_right_one():
     with pytest.raises(ConfigError, match="did you mean 'clip_epochs'"):
         load_config("smoke", {"clip_epochz": 2})
@@ -47,7 +54,8 @@ def test_unknown_key_is_an_error_that_suggests_the_right_one():
 @pytest.mark.parametrize("bad", [{"clip_epochs": 1.5}, {"filter_inputevents": "maybe"}, {"pairing": "random"},
                                  {"image_size": -64}, {"image_size": 30}, {"ldm_mixed_precision": False},
                                  {"ldm_mixed_precision": "fp8"}, {"snr_gamma": 0}, {"ablation_ldm_steps": 0},
-                                 {"null_augmentations": 0}, {"ldm_clip_trainable": "no"}])
+                                 {"null_augmentations": 0}, {"ldm_clip_trainable": 1}, {"event_dropout": 1.0},
+                                 {"ldm_parallel_models": 0}])
 def test_bad_values_are_rejected(bad):
     with pytest.raises(ConfigError):
         load_config("smoke", bad)
