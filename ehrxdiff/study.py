@@ -417,10 +417,12 @@ def train_variants(cfg: StudyConfig, ds: dict, vae, clip) -> dict[str, dict]:
     """Train every model of :func:`variants` (main models first); ``{name: train_ldm summary}``.
 
     ``ldm_parallel_models`` > 1 trains that many at a time, each in a worker process with an equal share of the CPU
-    cores as torch threads (spawned: a forked torch process can hang in OpenMP). On the demo's 2 cores two 1-thread
-    processes trained ~70 samples/s each against ~110-120 for one 2-thread process (``bench curve`` / ``bench ldm``),
-    since the small UNet's kernels do not use two threads fully. Models go in waves of that many, in order, so a lone
-    last model trains in this process on every core. The caches are built once here, before any worker starts.
+    cores as torch threads (spawned: a forked torch process can hang in OpenMP). The small demo UNet does not keep two
+    threads busy: in learning-curve runs two 1-thread processes trained ~70 samples/s each, and in the demo run
+    EHRXDiff and EHRXDiff_w_null trained at 64.6 and 62.3 samples/s side by side (validation and checkpoints
+    included) against 107-126 samples/s for one 2-thread process in ``bench ldm`` (training steps only) - about the
+    same throughput, measured end to end only this way. Models go in waves of that many, in order, so a lone last
+    model trains in this process on every core. The caches are built once here, before any worker starts.
     Results per model are the same as sequential training up to float rounding (another thread count)."""
     import os
     names = list(variants(cfg))
