@@ -52,7 +52,7 @@ def validation_loss(model: EHRXDiff, loader, *, seed: int = 0, max_batches: int 
     """Eq. 2 (unweighted, whatever the training weighting) on ``loader`` with noise, timesteps and the target's VAE
     posterior draw from fixed seeds, so values are comparable across steps, between raw and EMA weights, between
     cached and per-step inputs, and between conditions (:func:`conditioning_sensitivity`). The global RNG is restored
-    afterwards (a cached w_null loader draws its null targets' augmentation from it), so training is not perturbed."""
+    afterwards, so training is not perturbed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _validation_loss(model, loader, seed=seed, max_batches=max_batches)
