@@ -351,10 +351,8 @@ def _bench_curve(a) -> int:
         sens = conditioning_sensitivity(model, valid)
         pipe.use_sampler(cfg.sampler, clip_x0=cfg.sample_clip_x0)
         gens = [torch.Generator().manual_seed(pair_seed(0, k)) for k in batch["pair_key"]]
-        uses_table = pipe.adaptor.config.use_clip_table
-        pred = pipe.generate(batch["prev_image"], batch["events"] if uses_table else None,
-                             batch["event_mask"] if uses_table else None, num_inference_steps=cfg.sample_steps,
-                             eta=cfg.sample_eta, generator=gens, progress=False)
+        pred = pipe.generate(batch["prev_image"], batch["events"], batch["event_mask"],   # unused by non-table rows
+                             num_inference_steps=cfg.sample_steps, eta=cfg.sample_eta, generator=gens, progress=False)
         own = sens["own condition"]
         row = {"model": a.model, "step": s["steps"], "samples": s["steps"] * cfg.ldm_batch_size * cfg.ldm_grad_accum,
                "train_seconds": round(train_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),

@@ -8,9 +8,9 @@ step; on a 2-core CPU re-encoding I_prev and I_trg was half of each demo step (i
   target, paper-reference §7.1), so training from the cache is the same objective, not an approximation.
   EHRXDiff_w_null's null targets are *augmented* copies of I_prev (§II-D, D4); a fresh RandomAffine per step has
   no finite cache, so ``n_augment`` jittered copies of each such image are encoded once (seeded) and a null sample
-  draws one of them uniformly. With K copies the model sees K poses of each null target instead of a new one per
-  visit - at the demo's ~10 epochs, K = 4 covers a null target's visits about half the time; the cost is K encodes
-  per null source image, paid once.
+  draws one of them uniformly. With K copies the model sees at most K poses of each null target instead of a new one
+  per visit (the demo's 600 steps at batch 64 visit each about 4 times, with K = 2); the cost is K encodes per null
+  source image, paid once.
 * :class:`ConditionCache` - when the CLIP towers are frozen (``ldm_clip_trainable: false``; the reference fine-
   tunes them, the paper profile keeps that), the image tower's tokens of I_prev and the table tower's tokens of
   S_event per pair, plus the tokens of the null event set, computed once in eval mode.
