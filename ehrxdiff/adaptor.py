@@ -17,6 +17,12 @@ ClipImgAdaptor, ...), a lone source is passed through without the token-mixing L
 A config with no context source at all (Table IV row 1, concat-VAE alone) gets one learned constant token, so
 the same cross-attention UNet serves every row; a constant context carries no information about the pair.
 
+``fusion="tokens"`` (not in the paper; issue 14) skips the token-axis Linear when several sources are fused: the
+context is the sources' tokens side by side (3 + 65 + max_events) with the table's padding mask, so the UNet's
+cross-attention can pick an event by its content wherever it sits in the history. The Linear instead gives each
+fused token fixed weights per *position* of the padded table, and a drug given at hour 3 or hour 30 lands on
+different positions. ``fusion="linear"`` is the paper's adaptor.
+
 Mask semantics (a deliberate cleanup of the reference, which mixes the transformer's outputs at padded positions
 into the context): padded event tokens are **zeroed** before the token-axis Linear, so the fused context does not
 depend on how a row was padded, and rows with a different number of events stay comparable. Positions are fixed by
@@ -32,6 +38,7 @@ from torch import nn
 from .constants import C_FUSION, D_CLIP, LATENT_CHANNELS, MAX_EVENTS, N_IMAGE_TOKENS, TABLE_IV_VARIANTS  # noqa: F401
 
 VAE_MODES = ("xattn", "concat", None)
+FUSIONS = ("linear", "tokens")
 
 # Table IV rows as adaptor configs live in constants.TABLE_IV_VARIANTS (re-exported here).
 
@@ -46,21 +53,26 @@ class FusionAdaptor(ModelMixin, ConfigMixin):
         max_events: the table is padded to exactly this many tokens before fusion.
         c_fusion: output tokens when more than one source is fused (C_fusion).
         vae_mode, use_clip_image, use_clip_table: the Table IV variant.
+        fusion: ``linear`` (the paper: a Linear over the token axis to ``c_fusion`` tokens) or ``tokens`` (the
+            sources' tokens side by side, masked; module docstring).
     """
 
     @register_to_config
     def __init__(self, *, latent_channels: int = LATENT_CHANNELS, latent_size: int = 64, d_clip: int = D_CLIP,
                  n_image_tokens: int = N_IMAGE_TOKENS, max_events: int = MAX_EVENTS, c_fusion: int = C_FUSION,
-                 vae_mode: str | None = "xattn", use_clip_image: bool = True, use_clip_table: bool = True):
+                 vae_mode: str | None = "xattn", use_clip_image: bool = True, use_clip_table: bool = True,
+                 fusion: str = "linear"):
         super().__init__()
         # A single-source variant has no weights of its own (Table IV rows 2-4 skip the mixing Linear); this
         # buffer gives save_pretrained something to write so from_pretrained can load every variant alike.
         self.register_buffer("format_version", torch.tensor(1), persistent=True)
         if vae_mode not in VAE_MODES:
             raise ValueError(f"vae_mode must be one of {VAE_MODES}, got {vae_mode!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         self.vae_projector = nn.Linear(latent_size * latent_size, d_clip) if vae_mode == "xattn" else None
         n_in = self.n_source_tokens
-        if self.n_sources > 1:
+        if self.n_sources > 1 and fusion == "linear":
             self.token_mixer = nn.Linear(n_in, c_fusion)  # mixes the token axis: [B, D, n_in] -> [B, D, C_fusion]
             self.null_context = None
         elif self.n_sources == 0:
@@ -84,9 +96,9 @@ class FusionAdaptor(ModelMixin, ConfigMixin):
     @property
     def n_context_tokens(self) -> int:
         """Tokens of the context this adaptor outputs (what the UNet cross-attends to)."""
-        if self.n_sources > 1:
+        if self.n_sources > 1 and self.config.fusion == "linear":
             return self.config.c_fusion
-        return self.n_source_tokens if self.n_sources == 1 else 1
+        return self.n_source_tokens if self.n_sources >= 1 else 1
 
     @property
     def needs_vae_latent(self) -> bool:
@@ -152,4 +164,8 @@ class FusionAdaptor(ModelMixin, ConfigMixin):
         if x.shape[1] != self.n_source_tokens:
             raise ValueError(f"{x.shape[1]} source tokens, expected {self.n_source_tokens} "
                              f"(image tokens must number n_image_tokens={c.n_image_tokens})")
+        if c.fusion == "tokens":   # side by side: the table's padding mask, every other token valid
+            mask = torch.cat([m if m is not None else torch.ones(p.shape[:2], dtype=torch.bool, device=p.device)
+                              for p, m in zip(parts, masks)], dim=1)
+            return x, (None if bool(mask.all()) else mask)
         return self.token_mixer(x.transpose(1, 2)).transpose(1, 2), None

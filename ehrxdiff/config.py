@@ -109,6 +109,7 @@ class StudyConfig:
     null_augmentations: int = 4              # cached jittered copies of each w_null null target (cache only)
     snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
     event_dropout: float = 0.0               # share of real pairs trained with the null event set (not in the paper)
+    adaptor_fusion: str = "linear"           # linear (paper: token-axis Linear) | tokens (side by side; not in the paper)
     ldm_parallel_models: int = 1             # models trained at once, one worker process each (CPU: cores split)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
@@ -126,6 +127,7 @@ class StudyConfig:
     sample_eta: float = 1.0
     sample_clip_x0: float | None = None      # clip predicted x0 to ±this (not in the paper; for short CPU runs)
     event_guidance_scale: float = 1.0        # guidance on S_event vs the null event set (not in the paper; 1 = none)
+    guidance_sweep: list = field(default_factory=list)   # more s for EHRXDiff_w_null's guidance sweep (issue 14)
     sample_seeds: list = field(default_factory=lambda: [0, 1, 2])
     sample_batch_size: int = 32
     eval_max_pairs: int = 0                  # test pairs generated and scored (0 = the whole test split)
@@ -278,7 +280,7 @@ def load_config(profile: str = "demo", params: dict | None = None) -> StudyConfi
 def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
-               "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"),
+               "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"), "adaptor_fusion": ("linear", "tokens"),
                "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
                "evaluator_arch": ("demo", "densenet121"), "own_check_images": ("decode", "header", "none")}
     for key, ok in choices.items():
@@ -298,6 +300,9 @@ def _validate(c: StudyConfig) -> None:
         raise ConfigError(f"event_dropout must be in [0, 1), got {c.event_dropout}")
     if c.event_dropout and not c.ldm_cache_first_stage:
         raise ConfigError("event_dropout is drawn by the cached training set: it needs ldm_cache_first_stage true")
+    for key, values in (("event_guidance_scale", [c.event_guidance_scale]), ("guidance_sweep", c.guidance_sweep)):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in values):
+            raise ConfigError(f"{key} must be finite numbers >= 0 (1 = the paper's sampler), got {values}")
     if c.ldm_cache_first_stage and c.augment_targets == "all":
         raise ConfigError("augment_targets 'all' jitters every target at every step, which a first-stage cache "
                           "cannot hold: set ldm_cache_first_stage false with it")

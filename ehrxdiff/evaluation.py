@@ -182,11 +182,15 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
                                     "auroc": v} for k, v in weighted_macro_auroc(pl).items()]))
     for name, scores in table_classifiers(cfg, rows, test_pairs["pair_key"]).items():
         add(name, 0, scores)
-    for name, seeds in study.model_seeds(cfg).items():
-        for seed in seeds:
-            table = generated_image_table(test_pairs["pair_key"], study.sample_dir(cfg, name, seed))
-            img = score_images(cfg, evaluator, table, study.sample_dir(cfg, name, seed))
-            add(name, seed, img.table, img, gt.features)
+    if study.reconstruction_dir(cfg).is_dir():   # notebook 04's VAE reconstructions of I_trg: the ceiling row
+        d = study.reconstruction_dir(cfg)
+        rec = score_images(cfg, evaluator, generated_image_table(test_pairs["pair_key"], d), d)
+        add(study.RECONSTRUCTION, 0, rec.table, rec, gt.features)
+    for run in study.sample_runs(cfg):            # every model, its controls and the guidance sweep
+        for seed in run.seeds:
+            d = study.sample_dir(cfg, run, seed)
+            img = score_images(cfg, evaluator, generated_image_table(test_pairs["pair_key"], d), d)
+            add(run.method, seed, img.table, img, gt.features)
     out = {"auroc_summary": pd.concat(summaries, ignore_index=True),
            "auroc_per_label": pd.concat(per_labels, ignore_index=True), "demographics": pd.DataFrame(demo)}
     if cfg.synthetic:
@@ -280,9 +284,10 @@ def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
     prev = torch.stack([it["prev_image"] for it in items])
     sims = [_similarity_rows("previous image", 0, keys, prev, target)]
     generated = []                         # (name, seed, sample dir): every model's predictions of notebook 04
+    runs = {r.method: r for r in study.sample_runs(cfg)}
     for (name, seed), pred in study.load_predictions(cfg, keys).items():
         sims.append(_similarity_rows(name, seed, keys, pred, target))
-        generated.append((name, seed, study.sample_dir(cfg, name, seed)))
+        generated.append((name, seed, study.sample_dir(cfg, runs[name], seed)))
     per_pair = pd.concat(sims, ignore_index=True)[["method", "seed", "pair_key", "metric", "value"]]
     summary = (per_pair.groupby(["method", "seed", "metric"], sort=False)["value"]
                .agg(value="mean", n_pairs="count").reset_index())
@@ -335,9 +340,20 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     summ = results["auroc_summary"]
     ceiling = results["ceiling"].iloc[0].to_dict() if "ceiling" in results else None
     main = [*BASELINES, *study.MAIN_MODELS]
-    t2 = auroc_table(summ[summ["method"].isin(main)], index_order=main, ceiling=ceiling)
+    rows2 = [m for m in table2_rows(cfg) if m in set(summ["method"])]
+    t2 = auroc_table(summ[summ["method"].isin(rows2)], index_order=rows2, ceiling=ceiling)
     write_table(t2, "table2_imagenome_auroc", fig, caption="Table II: Chest ImaGenome weighted-macro AUROC on the test "
-                "pairs (all / diff / same), mean ± std over sampling seeds")
+                "pairs (all / diff / same), mean ± std over sampling seeds. " + _sampling_note(cfg))
+    out_sweep = guidance_sweep_table(cfg, results)
+    if out_sweep is not None:
+        sweep_tidy, sweep_shown = out_sweep
+        sweep_tidy.to_csv(eval_dir(cfg) / "guidance_sweep.csv", index=False)
+        write_table(sweep_shown, "table_guidance_sweep", fig, caption=f"Event guidance sweep of "
+                    f"{study.GUIDANCE_SWEEP_MODEL}: eps = eps(I_prev, null) + s (eps(I_prev, S_event) - eps(I_prev, "
+                    f"null)); s = 0 is the no-S_event prediction, s = 1 the paper's sampler; the study samples at s = "
+                    f"{cfg.event_guidance_scale:g}. Mean ± std over sampling seeds; re-id rank 0.5 = chance")
+        from .reporting import plot_guidance_sweep
+        plot_guidance_sweep(sweep_tidy, fig / "fig_guidance_sweep", chosen=cfg.event_guidance_scale)
     rows4 = [v for v in study.variants(cfg) if v not in study.MAIN_MODELS] + ["EHRXDiff"]
     t4 = auroc_table(summ[summ["method"].isin(rows4)].replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}),
                      index_order=[*rows4[:-1], study.FINAL_VARIANT], ceiling=ceiling)
@@ -361,7 +377,60 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     per = results["auroc_per_label"]
     plot_label_heatmap(per[per["method"].isin(main)], fig / "fig_auroc_per_label", index_order=[m for m in main
                        if m != "previous label"])
-    return {"table2": t2, "table3": t3, "table4": t4}
+    out = {"table2": t2, "table3": t3, "table4": t4}
+    if out_sweep is not None:
+        out["guidance sweep"] = out_sweep[1]
+    return out
+
+
+def table2_rows(cfg: StudyConfig) -> list[str]:
+    """Table II's rows: the baselines, the first stage's ceiling, then each main model with its controls."""
+    runs = study.sample_runs(cfg)
+    models = [r.method for m in study.MAIN_MODELS for r in runs
+              if r.model == m and (r.events != study.OWN_EVENTS or r.method == m)]
+    return [*BASELINES, study.RECONSTRUCTION, *models]
+
+
+def _sampling_note(cfg: StudyConfig) -> str:
+    s = cfg.event_guidance_scale
+    return ("Models sampled with their own S_event" + (f" and event guidance s = {s:g}" if s != 1 else "")
+            + "; shuffled S_event: each test pair given another test pair's events (one fixed permutation, "
+            "samples/shuffled_events.csv), no S_event: the null event set - same model and sampling seeds "
+            "(controls not in the paper)")
+
+
+def guidance_sweep_table(cfg: StudyConfig, results: dict[str, pd.DataFrame]):
+    """(tidy, shown): AUROC all / diff / same, FID and re-id rank of :data:`study.GUIDANCE_SWEEP_MODEL` against the
+    event guidance scale s (issue 14), with the shuffled-events control at the study's s; None without a sweep."""
+    from .reporting import seed_table
+    sweep = study.guidance_sweep_runs(cfg)
+    if not sweep:
+        return None
+    shuffled = [r for r in study.sample_runs(cfg) if r.model == study.GUIDANCE_SWEEP_MODEL
+                and r.events == study.SHUFFLED_EVENTS]
+    entries = [(s, "own", r) for s, r in sweep.items()] + [(r.scale, "shuffled", r) for r in shuffled]
+    summ, demo = results["auroc_summary"], results["demographics"]
+    reid = pd.read_csv(p) if (p := eval_dir(cfg) / "reidentification.csv").exists() else None
+    rows = []
+    for s, events, run in entries:
+        a = summ[summ["method"] == run.method]
+        rows += [{"s": s, "events": events, "method": run.method, "seed": r.seed, "metric": f"AUROC {r.subset}",
+                  "value": r.auroc} for r in a.itertuples()]
+        f = demo[(demo["method"] == run.method) & (demo["metric"] == "FID")]
+        rows += [{"s": s, "events": events, "method": run.method, "seed": r.seed, "metric": "FID", "value": r.value}
+                 for r in f.itertuples()]
+        if reid is not None:
+            rr = reid[reid["method"] == run.method]
+            rows += [{"s": s, "events": events, "method": run.method, "seed": r.seed, "metric": "re-id rank",
+                      "value": r.rank_percentile} for r in rr.itertuples()]
+    tidy = pd.DataFrame(rows)
+    if not len(tidy):
+        return None
+    tidy["row"] = [f"s = {s:g}, {e} S_event" for s, e in zip(tidy["s"], tidy["events"])]
+    order = [f"s = {s:g}, {e} S_event" for e, s, _ in sorted({(e, s, e != "own") for s, e, _ in entries},
+                                                               key=lambda t: (t[2], t[1]))]
+    cols = [c for c in ("AUROC all", "AUROC diff", "AUROC same", "FID", "re-id rank") if c in set(tidy["metric"])]
+    return tidy, seed_table(tidy, index="row", columns="metric", index_order=order, column_order=cols)
 
 
 def write_label_free_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -398,27 +467,88 @@ def write_label_free_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) 
     return out
 
 
+HOLDS, FAILS, UNDECIDED = "holds", "fails", "undecided (within noise)"
+
+
+def verdict(difference: float, spread: float, k: float) -> str:
+    """A claim "ours > compared with" tested with a margin: ``holds`` when the difference exceeds k spreads,
+    ``fails`` when it is below -k spreads, otherwise ``undecided (within noise)`` (also when a number is missing)."""
+    if not (np.isfinite(difference) and np.isfinite(spread)):
+        return UNDECIDED
+    if difference > k * spread:
+        return HOLDS
+    return FAILS if difference < -k * spread else UNDECIDED
+
+
+def _claim(claim: str, a: pd.Series, b: pd.Series, k: float, *, gate: str | None = None) -> dict:
+    """One row of claims.csv from both sides' values per sampling seed (``a``, ``b``: seed → value).
+
+    When both sides were sampled with the same (>= 2) seeds - a model and its own controls, or two models sampled
+    with the same noise - the spread is the seed SD of the per-seed differences (a paired comparison: the noise both
+    share cancels); otherwise sqrt(sd_a^2 + sd_b^2), a single-seed side counting 0. ``gate``: a reason the claim
+    cannot be counted."""
+    a, b = a.dropna(), b.dropna()
+    paired = len(a) >= 2 and set(a.index) == set(b.index)
+    if paired:
+        spread = float((a - b.reindex(a.index)).std(ddof=1))
+    else:
+        spread = float(np.hypot(np.nan_to_num(a.std(ddof=1)), np.nan_to_num(b.std(ddof=1))))
+    ma, mb = (float(x.mean()) if len(x) else np.nan for x in (a, b))
+    return {"claim": claim, "ours": ma, "ours sd": float(a.std(ddof=1)) if len(a) > 1 else np.nan,
+            "compared with": mb, "compared sd": float(b.std(ddof=1)) if len(b) > 1 else np.nan,
+            "difference": ma - mb, "spread": spread, "paired": paired, "margin": k * spread,
+            "verdict": f"undecided ({gate})" if gate else verdict(ma - mb, spread, k)}
+
+
 def claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The paper's three claims, checked on these numbers (mean over seeds): hold or not, with the values.
+    """The paper's three claims and the events control (issue 14), as tests that can fail: each compares two
+    means over sampling seeds with a margin of k x the seed spread (:func:`_claim`: paired over seeds where both
+    sides share them; 2 spreads for *diff* comparisons, 1 for w_null vs EHRXDiff on *same*) and says ``holds``,
+    ``fails`` or ``undecided (within noise)``. The spread is the sampling seeds' only: the models are trained once,
+    so training noise is not in it.
+
+    * own S_event beats the shuffled-events control on *diff*, per main model: what the events contribute;
+    * EHRXDiff_w_null beats the previous image on *diff* - counted only when w_null also beats its shuffled
+      control: otherwise any image that differs from I_prev beats it there (the previous image scores low on *diff*
+      by construction) and the check could not fail;
+    * EHRXDiff_w_null beats EHRXDiff on *same*;
+    * the full model beats the best Table IV variant without the CLIP table on *diff* (Table IV's claim; rows
+      trained less than the final model are compared as they are: the table's caption says so).
+
     Without labels: whether each main model is closer to I_trg than the previous image, per image metric."""
     if "auroc_summary" not in results:
         return _similarity_claims(results)
-    m = results["auroc_summary"].groupby(["method", "subset"])["auroc"].mean()
+    summ = results["auroc_summary"]
+    m = summ.groupby(["method", "subset"])["auroc"].mean()
 
-    def get(method, subset):
-        return float(m.get((method, subset), np.nan))
-    checks = [
-        ("EHRXDiff_w_null beats the previous image on diff", get("EHRXDiff_w_null", "diff"), get("previous image", "diff")),
-        ("EHRXDiff_w_null beats EHRXDiff on same", get("EHRXDiff_w_null", "same"), get("EHRXDiff", "same")),
-        ("dropping the table events lowers diff (EHRXDiff vs best variant without CLIP-table)", get("EHRXDiff", "diff"),
-         max([get(v, "diff") for v in ("concat-VAE", "xattn-VAE", "xattn-CLIPimg") if (v, "diff") in m.index],
-             default=np.nan)),
-    ]
-    return pd.DataFrame([{"claim": c, "ours": a, "compared with": b,
-                          "holds": bool(a > b) if np.isfinite(a) and np.isfinite(b) else None} for c, a, b in checks])
+    def get(method, subset) -> pd.Series:
+        """seed → AUROC of one method on one subset (empty when the method was not scored)."""
+        g = summ[(summ["method"] == method) & (summ["subset"] == subset)]
+        return g.groupby("seed")["auroc"].mean()
+
+    rows, uses_events = [], {}
+    for model in study.MAIN_MODELS:
+        if (f"{model} (shuffled S_event)", "diff") in m.index:
+            row = _claim(f"{model}'s own S_event beat shuffled S_event on diff (events matter)", get(model, "diff"),
+                         get(f"{model} (shuffled S_event)", "diff"), 2.0)
+            rows.append(row)
+            uses_events[model] = row["verdict"] == HOLDS
+    w = "EHRXDiff_w_null"
+    gate = None if uses_events.get(w, True) else "w_null does not beat its shuffled-events control on diff"
+    rows.append(_claim("EHRXDiff_w_null beats the previous image on diff", get(w, "diff"),
+                       get("previous image", "diff"), 2.0, gate=gate))
+    rows.append(_claim("EHRXDiff_w_null beats EHRXDiff on same", get(w, "same"), get("EHRXDiff", "same"), 1.0))
+    without = [v for v in ("concat-VAE", "xattn-VAE", "xattn-CLIPimg") if (v, "diff") in m.index]
+    best = max(without, key=lambda v: m[(v, "diff")], default=None)
+    rows.append(_claim(f"dropping the table events lowers diff (EHRXDiff vs the best variant without CLIP-table"
+                       f"{': ' + best if best else ''})", get("EHRXDiff", "diff"),
+                       get(best, "diff") if best else pd.Series(dtype=float), 2.0))
+    return pd.DataFrame(rows)
 
 
 def _similarity_claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Without labels: each main model closer to I_trg than the previous image, per image metric (2 seed spreads;
+    for MSE, lower is better, so the rows compare -MSE and report MSE)."""
     from .metrics import HIGHER_IS_BETTER, IMAGE_METRICS
     vs = results["vs_previous_image"]
     out = []
@@ -427,10 +557,11 @@ def _similarity_claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
             g = vs[(vs["method"] == model) & (vs["metric"] == metric)]
             if not len(g):
                 continue
-            a, b = float(g["model"].mean()), float(g["previous image"].mean())
-            ok = (a > b if HIGHER_IS_BETTER[metric] else a < b) if np.isfinite(a) and np.isfinite(b) else None
-            out.append({"claim": f"{model} is closer to I_trg than the previous image ({metric})", "ours": a,
-                        "compared with": b, "holds": ok})
+            sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0   # "better" as a positive difference
+            row = _claim(f"{model} is closer to I_trg than the previous image ({metric})",
+                         sign * g.groupby("seed")["model"].mean(), sign * g.groupby("seed")["previous image"].mean(), 2.0)
+            row["ours"], row["compared with"] = sign * row["ours"], sign * row["compared with"]
+            out.append(row)
     return pd.DataFrame(out)
 
 

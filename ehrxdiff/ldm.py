@@ -344,7 +344,7 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
                    num_heads: int = UNET_HEADS, layers_per_block: int = 2, norm_num_groups: int = 32,
                    latent_scale: float = LATENT_SCALE, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                    beta_start: float = BETA_START, beta_end: float = BETA_END, clip_trainable: bool = True,
-                   snr_gamma: float | None = None) -> EHRXDiff:
+                   snr_gamma: float | None = None, fusion: str = "linear") -> EHRXDiff:
     """Assemble a fresh EHRXDiff for one Table IV variant around a (trained) VAE and (pre-trained) CLIP.
 
     Shapes follow from the parts: latent size = ``image_size / f``, D_CLIP = the CLIP token width (image tower
@@ -370,7 +370,8 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
         raise ValueError("d_clip is needed when no CLIP tower is used")
     adaptor = FusionAdaptor(latent_channels=vae.config.latent_channels, latent_size=latent_size, d_clip=d_clip,
                             n_image_tokens=max(n_image_tokens, 1), max_events=max_events, c_fusion=c_fusion,
-                            vae_mode=vae_mode, use_clip_image=use_clip_image, use_clip_table=use_clip_table)
+                            vae_mode=vae_mode, use_clip_image=use_clip_image, use_clip_table=use_clip_table,
+                            fusion=fusion)
     unet = build_unet(latent_channels=vae.config.latent_channels, sample_size=latent_size,
                       block_out_channels=unet_channels, layers_per_block=layers_per_block,
                       attention_levels=attention_levels, num_heads=num_heads, cross_attention_dim=d_clip,

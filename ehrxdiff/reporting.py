@@ -158,6 +158,26 @@ def plot_auroc_bars(results: pd.DataFrame, path_stem: str | Path, *, hue: str = 
     return fig
 
 
+def plot_guidance_sweep(tidy: pd.DataFrame, path_stem: str | Path, *, chosen: float | None = None):
+    """Event guidance sweep (issue 14): one panel per metric (AUROC all / diff / same, FID, re-id rank) against s,
+    own S_event as a line with the seed sd, the shuffled-events control as separate points; ``chosen`` is marked."""
+    metrics = [m for m in ("AUROC all", "AUROC diff", "AUROC same", "FID", "re-id rank") if m in set(tidy["metric"])]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 2.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        d = tidy[tidy["metric"] == metric]
+        sns.lineplot(data=d, x="s", y="value", hue="events", hue_order=["own", "shuffled"], style="events",
+                     markers=True, dashes=False, errorbar="sd", err_style="bars", ax=ax, legend=ax is axes[0][-1])
+        if chosen is not None:
+            ax.axvline(chosen, color="0.6", linewidth=0.8, linestyle=":")
+        ax.set(title=metric, xlabel="event guidance s", ylabel="")
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="S_event")
+    sns.despine(fig)
+    fig.tight_layout()
+    save_figure(fig, path_stem)
+    return fig
+
+
 def plot_label_heatmap(per_label: pd.DataFrame, path_stem: str | Path, *, index: str = "method",
                        index_order=None, subsets=SUBSETS):
     """Per-label AUROC (mean over seeds) as method × label heatmaps, one panel per subset."""

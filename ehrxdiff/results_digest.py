@@ -3,7 +3,8 @@
 ``python -m ehrxdiff.results_digest runs/demo figures --readme README.md`` replaces the block between
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with: run times (``timings.csv``), Tables I–IV
 (``figures/table*.md``), the diffusion models' training (``ldm/training_summary.csv``) and conditioning
-sensitivity (``figures/table_conditioning_sensitivity.md``), patient re-identification (``eval/reidentification.csv``), the paper's claims
+sensitivity (``figures/table_conditioning_sensitivity.md``), the event guidance sweep
+(``figures/table_guidance_sweep.md``), patient re-identification (``eval/reidentification.csv``), the paper's claims
 (``eval/claims.csv``), CLIP retrieval (``clip/retrieval_valid.csv``) and notebook 07's what-if agreement, calibration,
 rollout and sampler study (``simulation/*.csv``). A part whose file is missing is left out with a line saying so.
 The prose that interprets the numbers stays outside the block, written by a person who has read them.
@@ -55,8 +56,9 @@ def _training(run: Path) -> str:
 
 def _claims(run: Path) -> str:
     c = pd.read_csv(run / "eval" / "claims.csv")
-    for col in ("ours", "compared with"):
-        c[col] = c[col].map(_num)
+    for col in ("ours", "ours sd", "compared with", "compared sd", "difference", "margin"):
+        if col in c:
+            c[col] = c[col].map(_num)
     return f"**The paper's claims, checked on these numbers** (`{run}/eval/claims.csv`):\n\n" + to_markdown(c, index=False)
 
 
@@ -72,17 +74,19 @@ def _retrieval(run: Path) -> str:
 
 def _whatif(run: Path) -> str:
     w = pd.read_csv(run / "simulation" / "whatif_agreement.csv")
-    cols = {"intervention": "added", "label": "finding", "n_pairs": "pairs", "lowers_rate": "model: P fell (share)",
+    cols = {"intervention": "added", "label": "finding", "events": "S_event", "n_pairs": "pairs",
+            "lowers_rate": "model: P fell (share)",
             "mean_delta_p": "model: mean ΔP", "true_lowers_rate": "world: severity fell (share)",
             "mean_delta_true": "world: mean Δseverity", "agreement": "agreement", "n_true_effect": "pairs with a true effect"}
-    w = w[list(cols)].rename(columns=cols)
+    w = w[[c for c in cols if c in w]].rename(columns=cols)
     for c in ("model: P fell (share)", "world: severity fell (share)", "agreement"):
         w[c] = w[c].map(lambda x: _num(x, 2))
     for c in ("model: mean ΔP", "world: mean Δseverity"):
         w[c] = w[c].map(lambda x: f"{x:+.2g}" if pd.notna(x) else "–")
     w["pairs with a true effect"] = w["pairs with a true effect"].astype(int)
     return (f"**What-if** (notebook 07; `{run}/simulation/whatif_agreement.csv`; the world's true effect from "
-            "re-simulating the same course with the intervention added):\n\n" + to_markdown(w, index=False))
+            "re-simulating the same course with the intervention added; shuffled S_event: the same edit on another "
+            "pair's events, scored against this pair's truth):\n\n" + to_markdown(w, index=False))
 
 
 def _calibration(run: Path) -> str:
@@ -117,6 +121,7 @@ def digest(run_dir: str | Path, figures_dir: str | Path) -> str:
                      ("training", lambda: _training(run)),
                      ("conditioning sensitivity",
                       lambda: (fig / "table_conditioning_sensitivity.md").read_text().strip()),
+                     ("guidance sweep", lambda: (fig / "table_guidance_sweep.md").read_text().strip()),
                      ("re-identification", lambda: _reidentification(run)), ("claims", lambda: _claims(run)),
                      ("CLIP retrieval", lambda: _retrieval(run)), ("what-if", lambda: _whatif(run)),
                      ("calibration", lambda: _calibration(run)), ("rollout", lambda: _rollout(run)),

@@ -49,7 +49,7 @@ def admission_chains(pairs: pd.DataFrame, *, max_steps: int, max_chains: int | N
 
 
 def rollout(pipe, dataset, chains: pd.DataFrame, *, seeds: Sequence[int], num_inference_steps: int,
-            eta: float = 1.0) -> dict[str, dict]:
+            eta: float = 1.0, event_guidance_scale: float = 1.0) -> dict[str, dict]:
     """Predictions per (chain, step): {"rollout": {(chain, step): [S, 3, H, W]}, "one_step": {...}}.
 
     ``dataset``: a :class:`ehrxdiff.data.PairDataset` holding the chains' pairs. All chains advance together,
@@ -61,7 +61,7 @@ def rollout(pipe, dataset, chains: pd.DataFrame, *, seeds: Sequence[int], num_in
         keys = rows["pair_key"].tolist()
         events = [EventList.from_store(dataset.store, k) for k in keys]
         true_prev = torch.stack([dataset[index[k]]["prev_image"] for k in keys])
-        kw = dict(num_inference_steps=num_inference_steps, eta=eta)
+        kw = dict(num_inference_steps=num_inference_steps, eta=eta, event_guidance_scale=event_guidance_scale)
         one = predict(pipe, true_prev, events, keys, seeds, **kw)
         if step == 1:
             roll = one

@@ -28,7 +28,7 @@ def _features(evaluator, images: torch.Tensor) -> np.ndarray:
 
 def sampler_study(pipe, evaluator, dataset, label_rows: pd.DataFrame, *, samplers: Sequence[str],
                   steps: Sequence[int], seed: int, eta: float = 1.0, clip_x0: float | None = None,
-                  batch_size: int = 32) -> pd.DataFrame:
+                  batch_size: int = 32, event_guidance_scale: float = 1.0) -> pd.DataFrame:
     """Tidy rows (sampler, steps, metric, value, n_pairs) for every pair of ``dataset`` (a PairDataset).
 
     metrics: ``AUROC all/diff/same`` (weighted macro), ``FID`` (evaluator features of I_pred vs I_trg; small sets
@@ -52,7 +52,8 @@ def sampler_study(pipe, evaluator, dataset, label_rows: pd.DataFrame, *, sampler
                 predict(pipe, prev[:1], events[:1], keys[:1], [seed], num_inference_steps=1, eta=eta)  # warm-up
                 t0 = time.perf_counter()
                 imgs = torch.cat([predict(pipe, prev[i:i + batch_size], events[i:i + batch_size],
-                                          keys[i:i + batch_size], [seed], num_inference_steps=n, eta=eta)[:, 0]
+                                          keys[i:i + batch_size], [seed], num_inference_steps=n, eta=eta,
+                                          event_guidance_scale=event_guidance_scale)[:, 0]
                                   for i in range(0, len(keys), batch_size)])
                 secs = (time.perf_counter() - t0) / max(len(keys), 1)
                 tags = {"sampler": sampler, "steps": int(n), "n_pairs": len(keys)}

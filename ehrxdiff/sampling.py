@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .images import to_uint8
@@ -31,6 +31,32 @@ def pair_seed(seed: int, pair_key: str) -> int:
 
 def png_path(out_dir: str | Path, pair_key: str) -> Path:
     return Path(out_dir) / f"{pair_key}.png"
+
+
+class WithEvents(Dataset):
+    """The items of a :class:`ehrxdiff.data.PairDataset` with another S_event: ``events_of[pair_key]``'s events (the
+    shuffled-events control, ``study.shuffled_events``) or, with ``events_of=None``, the null event set (no events:
+    the collate gives an all-False mask row, as the w_null null samples and the guidance's null branch see it).
+    Everything else of the item - I_prev, I_trg, the pair key and so the sampling noise - stays the pair's own."""
+
+    def __init__(self, dataset, events_of: dict[str, str] | None):
+        self.dataset, self.events_of = dataset, events_of
+        self.pairs = dataset.pairs
+        if events_of is not None:
+            missing = set(self.pairs["pair_key"].astype(str)) - set(events_of)
+            if missing:
+                raise KeyError(f"events_of has no source pair for {len(missing)} pair(s), e.g. {sorted(missing)[0]}")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.dataset[i])
+        if self.events_of is None:
+            item["events"] = item["events"][:0]
+        else:
+            item["events"] = torch.from_numpy(self.dataset.events(self.events_of[str(item["pair_key"])]))
+        return item
 
 
 def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sampler: str = "ddim",

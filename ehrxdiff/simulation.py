@@ -77,7 +77,8 @@ class Context:
     @property
     def steps(self) -> dict:
         c = self.cfg
-        return dict(num_inference_steps=c.sample_steps, eta=c.sample_eta)
+        s = c.event_guidance_scale if study.uses_events(c, c.simulation_model) else 1.0
+        return dict(num_inference_steps=c.sample_steps, eta=c.sample_eta, event_guidance_scale=s)
 
     @property
     def whatif_seeds(self) -> list[int]:
@@ -165,6 +166,7 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     to the world's true severity change (synthetic data only; on real data the truth columns are NaN).
     Without labels: skipped (empty tables), since both effects are changes in P(finding)."""
     from .synthetic.counterfactual import pair_true_effects
+    from .reporting import write_table
     from .whatif import INTERVENTIONS, EventList, agreement, intervention_effects, plot_effects
     if not ctx.has_labels:
         ctx.skip("what-if effects and agreement", "they compare changes in the evaluator's P(finding)")
@@ -177,14 +179,23 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     hours = {k: added_hours(EventList.from_store(ds.store, k)) for k in keys}
     emb = study.make_embedder(cfg)
     course = (pd.read_parquet(cfg.synthetic_root / "ground_truth" / "course.parquet") if cfg.synthetic else None)
-    parts = []
-    for iv in cfg.whatif_interventions:
-        eff = intervention_effects(ctx.pipe, ctx.evaluator, ds, keys, iv, hours=hours, embedder=emb.embed,
-                                   seeds=ctx.whatif_seeds, text_style=cfg.text_style,
-                                   batch_size=cfg.sample_batch_size, **ctx.steps)
+    # the shuffled-events control (issue 14): the same edit on another what-if pair's S_event (a fixed, recorded
+    # permutation), added at that history's oldest visible hour; scored against this pair's true effect
+    perm = study.shuffled_events(cfg, ds.pairs)
+    perm.to_csv(sim_dir(cfg) / "whatif_shuffled_events.csv", index=False)
+    events_of = dict(zip(perm["pair_key"], perm["events_of"]))
+    shuffled_hours = {k: added_hours(EventList.from_store(ds.store, events_of[k])) for k in keys}
+    parts, truths = [], {}
+    for iv, events in ((iv, ev) for iv in cfg.whatif_interventions for ev in ("own", "shuffled")):
+        shuffled = events == "shuffled"
+        eff = intervention_effects(ctx.pipe, ctx.evaluator, ds, keys, iv, hours=shuffled_hours if shuffled else hours,
+                                   embedder=emb.embed, seeds=ctx.whatif_seeds, text_style=cfg.text_style,
+                                   batch_size=cfg.sample_batch_size, events_of=events_of if shuffled else None,
+                                   **ctx.steps)
         if course is not None:
-            truth = pair_true_effects(course, ds.pairs, INTERVENTIONS[iv]["action"], hours, seed=cfg.seed)
-            eff = eff.merge(truth, on=["pair_key", "label"], how="left")
+            if iv not in truths:
+                truths[iv] = pair_true_effects(course, ds.pairs, INTERVENTIONS[iv]["action"], hours, seed=cfg.seed)
+            eff = eff.merge(truths[iv], on=["pair_key", "label"], how="left")
         else:
             eff = eff.assign(delta_true=np.nan, replay_error=np.nan, interval_hours=np.nan)
         parts.append(eff)
@@ -193,6 +204,12 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary = agreement(effects)
     effects.to_csv(sim_dir(cfg) / "whatif_effects.csv", index=False)
     summary.to_csv(sim_dir(cfg) / "whatif_agreement.csv", index=False)
+    write_table(summary.round(4), "table_whatif_agreement", study.figures_dir(cfg), index=False,
+                caption=f"What-if agreement with the world ({cfg.simulation_model}, {len(keys)} test pairs, "
+                        f"{len(ctx.whatif_seeds)} seed(s), event guidance s = {ctx.steps['event_guidance_scale']:g}): "
+                        "the share of pairs with a true effect (|Δ severity| ≥ 0.01) where the model's P(finding) "
+                        "moved the same way; shuffled: the same edit on another pair's S_event (fixed permutation, "
+                        "simulation/whatif_shuffled_events.csv)")
     plot_effects(effects, summary, study.figures_dir(cfg) / "fig_whatif_effects")
     _timed(ctx, "what-if", t0)
     return effects, summary
@@ -293,7 +310,8 @@ def run_sampler_study(ctx: Context) -> pd.DataFrame:
     ds = ctx.subset(cfg.sampler_study_pairs, pool=ctx.scored)
     table = sampler_study(ctx.pipe, ctx.evaluator, ds, ctx.label_rows, samplers=cfg.sampler_study_samplers,
                           steps=cfg.sampler_study_steps, seed=cfg.sample_seeds[0], eta=cfg.sample_eta,
-                          clip_x0=cfg.sample_clip_x0, batch_size=cfg.sample_batch_size)
+                          clip_x0=cfg.sample_clip_x0, batch_size=cfg.sample_batch_size,
+                          event_guidance_scale=ctx.steps["event_guidance_scale"])
     table.to_csv(sim_dir(cfg) / "sampler_study.csv", index=False)
     if not ctx.has_labels:
         from .metrics import image_similarity

@@ -8,7 +8,8 @@ layout of ``run_dir``:
     cohort/pairs.parquet, cohort_report.csv      (01)   events/…, event_store/      (02)
     clip/                                         (03)   vae/, ldm/<variant>/         (04)
     latent_cache/{first_stage,conditions}-<fingerprint>/  (04: frozen encoders' outputs, ehrxdiff.cache)
-    samples/<variant>/seed<k>/<pair_key>.png      (04)   eval/*.csv                   (05)
+    samples/<run>/seed<k>/<pair_key>.png          (04: SampleRun.folder)   eval/*.csv  (05)
+    samples/shuffled_events.csv, samples/vae-reconstruction/seed0/  (04: the controls of issue 14)
 """
 from __future__ import annotations
 
@@ -304,19 +305,98 @@ def model_seeds(cfg: StudyConfig) -> dict[str, list[int]]:
             for name in variants(cfg)}
 
 
+OWN_EVENTS, SHUFFLED_EVENTS, NO_EVENTS = "own", "shuffled", "none"
+GUIDANCE_SWEEP_MODEL = "EHRXDiff_w_null"   # the model trained on the no-event branch (§II-D null samples)
+RECONSTRUCTION = "VAE reconstruction of I_trg"   # Table II's first-stage ceiling (issue 14)
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """One way of sampling a trained model's test predictions (notebook 04), scored as one row (notebook 05).
+
+    ``events``: ``own`` (the pair's S_event, the paper), ``shuffled`` (another test pair's S_event by the fixed
+    permutation of :func:`shuffled_events`: the control that says what the events contribute, not in the paper) or
+    ``none`` (the null event set). ``scale``: the event guidance s of :class:`ehrxdiff.pipeline.EHRXDiffPipeline`
+    (1 = the paper). ``method`` is the row's name in the tables: the model's name for its main run."""
+    model: str
+    events: str
+    scale: float
+    method: str
+    seeds: tuple
+
+    @property
+    def folder(self) -> str:
+        """``samples/<folder>/seed<k>``: the model's name for own events at s = 1, else tagged with both, so PNGs
+        sampled another way are never resumed into a run."""
+        tag = {OWN_EVENTS: "", SHUFFLED_EVENTS: "shuffled", NO_EVENTS: "no-events"}[self.events]
+        if self.scale != 1.0 and self.events != NO_EVENTS:
+            tag = "-".join(t for t in (tag, f"s{self.scale:g}") if t)
+        return f"{self.model}@{tag}" if tag else self.model
+
+
+def uses_events(cfg: StudyConfig, name: str) -> bool:
+    """Whether a trained model reads S_event (a CLIP-table variant of Table IV)."""
+    from .constants import TABLE_IV_VARIANTS
+    return TABLE_IV_VARIANTS[variants(cfg)[name][0]][2]
+
+
+def sample_runs(cfg: StudyConfig) -> list[SampleRun]:
+    """Every sampling run of the study, main runs first. Each model is sampled with its own events at
+    ``event_guidance_scale`` (models without S_event at s = 1). Each main model that reads S_event also gets two
+    controls with the same seeds, ``<model> (shuffled S_event)`` and ``<model> (no S_event)`` (issue 14: their gap
+    to the own-events row is what the events contribute), and :data:`GUIDANCE_SWEEP_MODEL` every s of
+    ``guidance_sweep`` (``<model> (s = 2)``; s = 0 is the no-S_event run, exactly: Brooks et al.'s guidance at 0)."""
+    runs, seeds = [], model_seeds(cfg)
+    for name in variants(cfg):
+        s = cfg.event_guidance_scale if uses_events(cfg, name) else 1.0
+        runs.append(SampleRun(name, OWN_EVENTS, s, name, tuple(seeds[name])))
+    for name in MAIN_MODELS:
+        if not uses_events(cfg, name):
+            continue
+        s, sd = cfg.event_guidance_scale, tuple(seeds[name])
+        runs.append(SampleRun(name, SHUFFLED_EVENTS, s, f"{name} (shuffled S_event)", sd))
+        runs.append(SampleRun(name, NO_EVENTS, 1.0, f"{name} (no S_event)", sd))
+        if name == GUIDANCE_SWEEP_MODEL:
+            runs += [SampleRun(name, OWN_EVENTS, float(g), f"{name} (s = {g:g})", sd)
+                     for g in dict.fromkeys(float(g) for g in cfg.guidance_sweep) if g not in (0.0, s)]
+    return runs
+
+
+def guidance_sweep_runs(cfg: StudyConfig) -> dict[float, SampleRun]:
+    """The runs of the guidance sweep, s → run (s = 0 is the no-S_event run, the configured s the main run)."""
+    runs = [r for r in sample_runs(cfg) if r.model == GUIDANCE_SWEEP_MODEL]
+    out = {0.0: r for r in runs if r.events == NO_EVENTS}
+    out |= {r.scale: r for r in runs if r.events == OWN_EVENTS}
+    return dict(sorted(out.items())) if len(out) > 1 else {}
+
+
+def shuffled_events(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The shuffled-events control's fixed permutation: each pair's S_event is replaced by another pair's
+    (``pair_key`` → ``events_of``). One random cycle through all pairs (seeded by ``seed``), so no pair keeps its
+    own events; notebook 04 records it in ``samples/shuffled_events.csv``."""
+    import numpy as np
+    keys = sorted(pairs["pair_key"].astype(str))
+    if len(keys) < 2:
+        raise ValueError("the shuffled-events control needs at least 2 test pairs")
+    order = np.random.default_rng([cfg.seed, 14]).permutation(len(keys))
+    partner = {keys[order[i]]: keys[order[(i + 1) % len(keys)]] for i in range(len(keys))}
+    return pd.DataFrame({"pair_key": keys, "events_of": [partner[k] for k in keys]})
+
+
 def load_predictions(cfg: StudyConfig, pair_keys) -> dict[tuple[str, int], "torch.Tensor"]:
-    """Notebook 04's predictions of ``pair_keys`` for every model and seed (:func:`model_seeds`), as
-    ``{(model, seed): [N, 3, H, W]}`` in [-1, 1] at ``image_size`` (as ``images.load_image``); raises naming the first missing file."""
+    """Notebook 04's predictions of ``pair_keys`` for every sampling run and seed (:func:`sample_runs`), as
+    ``{(method, seed): [N, 3, H, W]}`` in [-1, 1] at ``image_size`` (as ``images.load_image``); raises naming the
+    first missing file."""
     import torch
 
     from .baselines import generated_image_table
     from .images import load_image
     keys, out = list(pair_keys), {}
-    for name, seeds in model_seeds(cfg).items():
-        for seed in seeds:
-            d = sample_dir(cfg, name, seed)
+    for run in sample_runs(cfg):
+        for seed in run.seeds:
+            d = sample_dir(cfg, run, seed)
             generated_image_table(keys, d)
-            out[(name, seed)] = torch.stack([load_image(d / f"{k}.png", cfg.image_size) for k in keys])
+            out[(run.method, seed)] = torch.stack([load_image(d / f"{k}.png", cfg.image_size) for k in keys])
     return out
 
 
@@ -385,7 +465,7 @@ def build_variant(cfg: StudyConfig, name: str, vae, clip):
                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads,
                           layers_per_block=cfg.unet_layers_per_block, norm_num_groups=_groups(cfg.unet_channels),
                           latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                          clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma)
+                          clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion)
 
 
 def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_dir: Path | None = None,
@@ -491,19 +571,66 @@ def test_pairs(cfg: StudyConfig, ds: dict):
     return test
 
 
-def sample_dir(cfg: StudyConfig, name: str, seed: int) -> Path:
-    return cfg.path("run_dir") / "samples" / name / f"seed{seed}"
+def sample_dir(cfg: StudyConfig, run: "str | SampleRun", seed: int) -> Path:
+    """``samples/<run folder>/seed<k>``; a model's name means its main run (its own events at its guidance)."""
+    if isinstance(run, str):
+        run = next((r for r in sample_runs(cfg) if r.method == run), None) or SampleRun(run, OWN_EVENTS, 1.0, run, ())
+    return cfg.path("run_dir") / "samples" / run.folder / f"seed{seed}"
 
 
-def generate(cfg: StudyConfig, name: str, test, seeds) -> pd.DataFrame:
-    """I_pred for every test pair with each seed (D6: EMA weights; DDIM or DPM-Solver++), resumable."""
-    from .sampling import generate_split
-    pipe = load_pipeline(cfg, name)
-    rows = []
-    for seed in seeds:
-        s = generate_split(pipe, test, sample_dir(cfg, name, seed), seed=seed,
-                           sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
-                           eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg),
-                           clip_x0=cfg.sample_clip_x0, event_guidance_scale=cfg.event_guidance_scale)
-        rows.append({"model": name, "seed": seed, **s})
+def reconstruction_dir(cfg: StudyConfig) -> Path:
+    """``samples/vae-reconstruction/seed0``: the first stage's reconstructions of I_trg (:data:`RECONSTRUCTION`)."""
+    return cfg.path("run_dir") / "samples" / "vae-reconstruction" / "seed0"
+
+
+def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.DataFrame:
+    """I_pred for every test pair, sampling run (:func:`sample_runs`) and seed (D6: EMA weights; DDIM or
+    DPM-Solver++), resumable; records the shuffled-events permutation (``samples/shuffled_events.csv``) and writes
+    the VAE reconstructions of I_trg (:func:`reconstruct_targets`). One row per run and seed."""
+    from .sampling import WithEvents, generate_split
+    runs = sample_runs(cfg) if runs is None else runs
+    perm = shuffled_events(cfg, test.pairs)
+    perm.to_csv(run_dir(cfg, "samples") / "shuffled_events.csv", index=False)
+    events_of = dict(zip(perm["pair_key"], perm["events_of"]))
+    rows, pipes = [], {}
+    for run in runs:
+        pipe = pipes.setdefault(run.model, load_pipeline(cfg, run.model))
+        data = {OWN_EVENTS: test, SHUFFLED_EVENTS: WithEvents(test, events_of), NO_EVENTS: WithEvents(test, None)}
+        for seed in run.seeds:
+            s = generate_split(pipe, data[run.events], sample_dir(cfg, run, seed), seed=seed,
+                               sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
+                               eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg),
+                               clip_x0=cfg.sample_clip_x0, event_guidance_scale=run.scale, progress=False)
+            rows.append({"method": run.method, "model": run.model, "events": run.events, "guidance": run.scale,
+                         **s})
+    if pipes:
+        rec = reconstruct_targets(cfg, test, next(iter(pipes.values())).vae)
+        rows.append({"method": RECONSTRUCTION, "model": "VAE", "events": "", "guidance": float("nan"), **rec})
     return pd.DataFrame(rows)
+
+
+def reconstruct_targets(cfg: StudyConfig, test, vae) -> dict:
+    """The first stage's reconstruction of every I_trg (posterior mean, decoded) as 8-bit PNGs like the
+    predictions: Table II's ceiling row, since no diffusion model on this VAE can produce a better image of
+    I_trg than its own reconstruction (issue 14). Resumable as :func:`ehrxdiff.sampling.generate_split`."""
+    import torch
+    from PIL import Image
+
+    from .images import to_uint8
+    from .sampling import png_path
+    out = reconstruction_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, k in enumerate(test.pairs["pair_key"]) if not png_path(out, k).is_file()]
+    t0 = time.perf_counter()
+    for start in range(0, len(todo), cfg.sample_batch_size):
+        items = [test[i] for i in todo[start:start + cfg.sample_batch_size]]
+        x = torch.stack([it["target_image"] for it in items]).to(vae.device, vae.dtype)
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).cpu()
+        for it, gray in zip(items, to_uint8(recon)):
+            tmp = png_path(out, it["pair_key"]).with_suffix(".tmp.png")
+            Image.fromarray(gray, mode="L").save(tmp)
+            tmp.replace(png_path(out, it["pair_key"]))
+    seconds = time.perf_counter() - t0
+    return {"written": len(todo), "skipped": len(test) - len(todo), "seconds": seconds,
+            "seconds_per_image": seconds / len(todo) if todo else float("nan"), "seed": 0}

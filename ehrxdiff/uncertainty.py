@@ -22,14 +22,16 @@ from .whatif import EventList, finding_probabilities, predict
 
 
 def sample_many(pipe, prev_images: torch.Tensor, event_lists: Sequence[EventList], pair_keys: Sequence[str], *,
-                n_samples: int, num_inference_steps: int, eta: float = 1.0, batch_pairs: int = 8) -> torch.Tensor:
+                n_samples: int, num_inference_steps: int, eta: float = 1.0, batch_pairs: int = 8,
+                event_guidance_scale: float = 1.0) -> torch.Tensor:
     """N predictions per pair: [B, N, 3, H, W] (sample k uses seed k, so sample 0 is the study's seed-0 image
     when the study's first sampling seed is 0)."""
     out = []
     for i in range(0, len(pair_keys), batch_pairs):
         sl = slice(i, i + batch_pairs)
         out.append(predict(pipe, prev_images[sl], list(event_lists[sl]), list(pair_keys[sl]), range(n_samples),
-                           num_inference_steps=num_inference_steps, eta=eta))
+                           num_inference_steps=num_inference_steps, eta=eta,
+                           event_guidance_scale=event_guidance_scale))
     return torch.cat(out)
 
 

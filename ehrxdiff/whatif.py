@@ -166,11 +166,13 @@ def stack_events(lists: Sequence[EventList], *, max_events: int, dim: int) -> tu
 
 
 def predict(pipe, prev_images: torch.Tensor, event_lists: Sequence[EventList], pair_keys: Sequence[str],
-            seeds: Sequence[int], *, num_inference_steps: int, eta: float = 1.0) -> torch.Tensor:
+            seeds: Sequence[int], *, num_inference_steps: int, eta: float = 1.0,
+            event_guidance_scale: float = 1.0) -> torch.Tensor:
     """I_pred [B, S, 3, H, W] for B (I_prev, S_event) with each of S seeds; image noise = pair_seed(seed, key).
 
     One ``generate`` call of B x S rows: a row's result depends on its inputs and generator only, so two calls
     with the same keys and seeds see the same noise (what makes factual and counterfactual comparable).
+    ``event_guidance_scale``: the study's s (:class:`ehrxdiff.pipeline.EHRXDiffPipeline`); 1 for models without S_event.
     """
     b, s = len(event_lists), len(seeds)
     dim = pipe.clip.event_dim if pipe.clip is not None else 1
@@ -181,7 +183,8 @@ def predict(pipe, prev_images: torch.Tensor, event_lists: Sequence[EventList], p
             for key in pair_keys for seed in seeds]
     prev = prev_images.repeat_interleave(s, dim=0)
     out = pipe.generate(prev, events if uses_table else None, mask if uses_table else None,
-                        num_inference_steps=num_inference_steps, eta=eta, generator=gens, progress=False)
+                        num_inference_steps=num_inference_steps, eta=eta, generator=gens, progress=False,
+                        event_guidance_scale=event_guidance_scale if uses_table else 1.0)
     return out.reshape(b, s, *out.shape[1:])
 
 
@@ -223,10 +226,11 @@ class WhatIf:
 
 
 def what_if(pipe, prev_image: torch.Tensor, factual: EventList, counterfactual: EventList, *, pair_key: str,
-            seeds: Sequence[int], num_inference_steps: int, eta: float = 1.0, evaluator=None) -> WhatIf:
+            seeds: Sequence[int], num_inference_steps: int, eta: float = 1.0, evaluator=None,
+            event_guidance_scale: float = 1.0) -> WhatIf:
     """Predict I_trg from ``prev_image`` [3, H, W] under both histories with the same seeds (module docstring)."""
     prev = prev_image.unsqueeze(0)
-    kw = dict(num_inference_steps=num_inference_steps, eta=eta)
+    kw = dict(num_inference_steps=num_inference_steps, eta=eta, event_guidance_scale=event_guidance_scale)
     f = predict(pipe, prev, [factual], [pair_key], seeds, **kw)[0]
     cf = predict(pipe, prev, [counterfactual], [pair_key], seeds, **kw)[0]
     probs = pd.DataFrame(columns=["history", "seed", "label", "probability"])
@@ -241,26 +245,30 @@ def what_if(pipe, prev_image: torch.Tensor, factual: EventList, counterfactual: 
 
 def intervention_effects(pipe, evaluator, dataset, pair_keys: Sequence[str], intervention: str, *, hours: dict,
                          embedder, seeds: Sequence[int], num_inference_steps: int, eta: float = 1.0,
-                         text_style: str = "plain", batch_size: int = 16) -> pd.DataFrame:
+                         text_style: str = "plain", batch_size: int = 16, event_guidance_scale: float = 1.0,
+                         events_of: dict[str, str] | None = None) -> pd.DataFrame:
     """Add ``intervention`` at ``hours[pair_key]`` to each pair's S_event; per (pair, label) the evaluator's
     P(finding) under both histories (mean over seeds) and their difference ``delta_p`` = counterfactual − factual.
-    ``dataset``: a :class:`ehrxdiff.data.PairDataset` holding the pairs (I_prev and the event store)."""
+    ``dataset``: a :class:`ehrxdiff.data.PairDataset` holding the pairs (I_prev and the event store).
+    ``events_of`` (pair_key → another pair): the shuffled-events control (issue 14) - both histories start from the
+    other pair's S_event, the edit and I_prev stay this pair's, so the effect is compared with this pair's truth."""
     index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
     labels = list(evaluator.labels)
     rows = []
     for start in range(0, len(pair_keys), batch_size):
         keys = list(pair_keys[start:start + batch_size])
         prev = torch.stack([dataset[index[k]]["prev_image"] for k in keys])
-        fact = [EventList.from_store(dataset.store, k) for k in keys]
+        fact = [EventList.from_store(dataset.store, events_of[k] if events_of else k) for k in keys]
         cf = [f.add_intervention(intervention, hours[k], embedder=embedder, text_style=text_style)
               for f, k in zip(fact, keys)]
-        kw = dict(num_inference_steps=num_inference_steps, eta=eta)
+        kw = dict(num_inference_steps=num_inference_steps, eta=eta, event_guidance_scale=event_guidance_scale)
         pf = finding_probabilities(evaluator, predict(pipe, prev, fact, keys, seeds, **kw).flatten(0, 1))
         pc = finding_probabilities(evaluator, predict(pipe, prev, cf, keys, seeds, **kw).flatten(0, 1))
         pf, pc = (p.reshape(len(keys), len(seeds), -1).mean(1) for p in (pf, pc))
         for i, k in enumerate(keys):
             for j, lab in enumerate(labels):
                 rows.append({"pair_key": k, "intervention": intervention, "hours": hours[k], "label": lab,
+                             "events": "shuffled" if events_of else "own",
                              "p_factual": float(pf[i, j]), "p_counterfactual": float(pc[i, j]),
                              "delta_p": float(pc[i, j] - pf[i, j])})
     return pd.DataFrame(rows)
@@ -272,13 +280,15 @@ def agreement(effects: pd.DataFrame, *, min_true_effect: float = 0.01) -> pd.Dat
     ``effects`` carries ``delta_p`` (model) and ``delta_true`` (the world's severity change for the same edit).
     ``lowers_rate``: share of pairs where the predicted probability fell; ``agreement``: share of pairs whose
     true change is at least ``min_true_effect`` in size where the model moved the same way; mean effects and
-    the Spearman correlation of the two."""
+    the Spearman correlation of the two. With an ``events`` column (own / shuffled S_event, the control of
+    issue 14) one row per events kind as well."""
     out = []
-    for (iv, lab), g in effects.groupby(["intervention", "label"], sort=False):
+    effects = effects if "events" in effects else effects.assign(events="own")
+    for (iv, lab, ev), g in effects.groupby(["intervention", "label", "events"], sort=False):
         if lab not in INTERVENTIONS[iv]["lowers"]:
             continue
         real = g[g["delta_true"].abs() >= min_true_effect]
-        out.append({"intervention": iv, "label": lab, "n_pairs": len(g),
+        out.append({"intervention": iv, "label": lab, "events": ev, "n_pairs": len(g),
                     "lowers_rate": float((g["delta_p"] < 0).mean()),
                     "mean_delta_p": float(g["delta_p"].mean()),
                     "sem_delta_p": float(g["delta_p"].std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else np.nan,
@@ -339,6 +349,9 @@ def plot_effects(effects: pd.DataFrame, summary: pd.DataFrame, path_stem=None):
     import matplotlib.pyplot as plt
 
     from .plots import _finish
+    if "events" in summary:   # the own-events rows; the shuffled control is in the agreement table
+        summary = summary[summary["events"] == "own"]
+        effects = effects[effects["events"] == "own"]
     n = max(len(summary), 1)
     fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2), squeeze=False)
     for ax, (_, s) in zip(axes[0], summary.iterrows()):

@@ -135,7 +135,9 @@ def test_label_free_own_cohort_runs_every_notebook(tmp_path, monkeypatch):
     assert counts["previous image"] == 1 and counts["EHRXDiff"] == counts["EHRXDiff_w_null"] == 2
     assert per_pair["value"].notna().all() and per_pair.groupby(["method", "seed", "metric"]).size().eq(n_pairs).all()
     vs = pd.read_csv(ev / "vs_previous_image.csv")
-    assert set(vs["method"]) == {"EHRXDiff", "EHRXDiff_w_null"} and vs["share_pairs_better"].between(0, 1).all()
+    runs = {"EHRXDiff", "EHRXDiff_w_null", "EHRXDiff_w_null (s = 1)"} | {
+        f"{m} ({c} S_event)" for m in ("EHRXDiff", "EHRXDiff_w_null") for c in ("shuffled", "no")}
+    assert set(vs["method"]) == runs and vs["share_pairs_better"].between(0, 1).all()   # with issue 14's controls
     demo = pd.read_csv(ev / "demographics.csv")
     assert set(demo["metric"]) == {"FID", "sex AUROC"}                   # sex in the table, no age: no age r
     assert demo["evaluator"].str.contains("trained on sex/age only").all()

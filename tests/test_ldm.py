@@ -323,3 +323,20 @@ def test_conditioning_sensitivity_sees_only_the_conditions_a_model_uses():
     state = torch.get_rng_state()
     assert validation_loss(model, loader) == validation_loss(model, loader)
     assert torch.equal(torch.get_rng_state(), state)          # validation leaves training's RNG untouched
+
+
+def test_token_fusion_keeps_every_source_token_and_the_table_mask():
+    """adaptor fusion "tokens" (issue 14): no token-axis Linear; an event's token reaches the context unchanged
+    wherever it sits, padded events are masked out, and the context does not depend on the padding."""
+    a = FusionAdaptor(latent_channels=3, latent_size=4, d_clip=WIDTH, n_image_tokens=5, max_events=MAX_EVENTS,
+                      c_fusion=7, vae_mode="xattn", use_clip_image=True, use_clip_table=True, fusion="tokens")
+    assert a.token_mixer is None and a.n_context_tokens == 3 + 5 + MAX_EVENTS
+    table = torch.randn(2, 3, WIDTH)
+    ctx, mask = a(vae_latent=torch.randn(2, 3, 4, 4), image_tokens=torch.randn(2, 5, WIDTH), table_tokens=table,
+                  table_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]).bool())
+    assert ctx.shape == (2, 3 + 5 + MAX_EVENTS, WIDTH)
+    assert torch.equal(ctx[0, 8:10], table[0, :2]) and not ctx[0, 10:].any()
+    assert mask[:, :8].all() and mask[0, 8:].tolist() == [True, True] + [False] * 4
+    with pytest.raises(ValueError, match="fusion"):
+        FusionAdaptor(latent_channels=3, latent_size=4, d_clip=WIDTH, n_image_tokens=5, max_events=MAX_EVENTS,
+                      fusion="mean")

@@ -58,6 +58,18 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
             assert (tmp_path / "fig" / f"{table}.{ext}").stat().st_size > 0
     t2 = pd.read_csv(tmp_path / "fig" / "table2_imagenome_auroc.csv", index_col=0)
     assert {"GT", "previous image", "previous label", "EHRXDiff", "EHRXDiff_w_null"} <= set(t2.index)
+    controls = {f"{m} ({c} S_event)" for m in ("EHRXDiff", "EHRXDiff_w_null") for c in ("shuffled", "no")}
+    assert controls | {"VAE reconstruction of I_trg"} <= set(t2.index)          # issue 14's rows
+    perm = pd.read_csv(tmp_path / "run" / "samples" / "shuffled_events.csv")
+    assert len(perm) == 8 and (perm["pair_key"] != perm["events_of"]).all() and set(perm["events_of"]) == set(
+        perm["pair_key"])                                                        # a fixed derangement, recorded
+    assert (tmp_path / "run" / "samples" / "EHRXDiff_w_null@shuffled-s2" / "seed1").is_dir()
+    sweep = pd.read_csv(tmp_path / "fig" / "table_guidance_sweep.csv", index_col=0)
+    assert {"s = 0, own S_event", "s = 1, own S_event", "s = 2, own S_event", "s = 2, shuffled S_event"} == set(
+        sweep.index) and "re-id rank" in sweep
+    claims = pd.read_csv(tmp_path / "run" / "eval" / "claims.csv")
+    assert claims["verdict"].str.match(r"holds|fails|undecided \(").all() and len(claims) == 5
+    assert {"margin", "ours sd", "compared sd"} <= set(claims.columns)
     sens = pd.read_csv(tmp_path / "run" / "ldm" / "conditioning_sensitivity.csv", index_col=0)   # 04
     assert {"own condition", "I_prev swapped", "S_event swapped"} <= set(sens.columns) and len(sens) >= 2
     reid = pd.read_csv(tmp_path / "run" / "eval" / "reidentification.csv")   # 04: does I_pred follow I_prev?
@@ -78,5 +90,8 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     for fig in ("fig_whatif_example", "fig_whatif_effects", "fig_uncertainty", "fig_calibration", "fig_rollout",
                 "fig_sampler_study"):
         assert (tmp_path / "fig" / f"{fig}.png").exists() and (tmp_path / "fig" / f"{fig}.pdf").exists(), fig
+    agree = pd.read_csv(tmp_path / "fig" / "table_whatif_agreement.csv")
+    assert set(agree["events"]) == {"own", "shuffled"} and agree["agreement"].between(0, 1).any()
+    assert (sim / "whatif_shuffled_events.csv").exists()
     effects = pd.read_csv(sim / "whatif_effects.csv")
     assert effects["delta_true"].notna().all()       # the synthetic world's truth next to every model effect
