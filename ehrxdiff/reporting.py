@@ -163,8 +163,10 @@ def plot_guidance_sweep(tidy: pd.DataFrame, path_stem: str | Path, *, chosen: fl
     own S_event as a line with the seed sd, the shuffled-events control as separate points; ``chosen`` is marked."""
     metrics = [m for m in ("AUROC all", "AUROC diff", "AUROC same", "FID", "re-id rank") if m in set(tidy["metric"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 2.6), squeeze=False)
+    span = float(tidy["s"].max() - tidy["s"].min()) or 1.0
     for ax, metric in zip(axes[0], metrics):
-        d = tidy[tidy["metric"] == metric]
+        d = tidy[tidy["metric"] == metric].copy()
+        d.loc[d["events"] == "shuffled", "s"] += 0.04 * span   # dodge: the control sits beside its own-events point
         sns.lineplot(data=d, x="s", y="value", hue="events", hue_order=["own", "shuffled"], style="events",
                      markers=True, dashes=False, errorbar="sd", err_style="bars", ax=ax, legend=ax is axes[0][-1])
         if chosen is not None:

@@ -76,7 +76,7 @@ def test_sample_runs_name_every_control_once_and_the_sweep_reuses_them():
     assert sweep[0.0] == by["EHRXDiff_w_null (no S_event)"] and sweep[2.0] == by["EHRXDiff_w_null"]
     assert sweep[1.0].folder == "EHRXDiff_w_null" and sweep[1.0].method == "EHRXDiff_w_null (s = 1)"
     assert study.sample_dir(cfg, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null@s2"  # a name = its main run
-    plain = load_config("demo")
+    plain = load_config("demo", {"event_guidance_scale": 1.0})
     assert study.sample_dir(plain, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null"
 
 

@@ -68,7 +68,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert {"s = 0, own S_event", "s = 1, own S_event", "s = 2, own S_event", "s = 2, shuffled S_event"} == set(
         sweep.index) and "re-id rank" in sweep
     claims = pd.read_csv(tmp_path / "run" / "eval" / "claims.csv")
-    assert claims["verdict"].str.match(r"holds|fails|undecided \(").all() and len(claims) == 5
+    assert claims["verdict"].str.match(r"holds|fails|undecided \(").all() and len(claims) == 7
     assert {"margin", "ours sd", "compared sd"} <= set(claims.columns)
     sens = pd.read_csv(tmp_path / "run" / "ldm" / "conditioning_sensitivity.csv", index_col=0)   # 04
     assert {"own condition", "I_prev swapped", "S_event swapped"} <= set(sens.columns) and len(sens) >= 2
