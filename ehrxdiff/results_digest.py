@@ -56,7 +56,7 @@ def _training(run: Path) -> str:
 
 def _claims(run: Path) -> str:
     c = pd.read_csv(run / "eval" / "claims.csv")
-    for col in ("ours", "ours sd", "compared with", "compared sd", "difference", "margin"):
+    for col in ("ours", "ours sd", "compared with", "compared sd", "difference", "spread", "margin"):
         if col in c:
             c[col] = c[col].map(_num)
     return f"**The paper's claims, checked on these numbers** (`{run}/eval/claims.csv`):\n\n" + to_markdown(c, index=False)
