@@ -181,12 +181,15 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     course = (pd.read_parquet(cfg.synthetic_root / "ground_truth" / "course.parquet") if cfg.synthetic else None)
     # the shuffled-events control (issue 14): the same edit on another what-if pair's S_event (a fixed, recorded
     # permutation), added at that history's oldest visible hour; scored against this pair's true effect
-    perm = study.shuffled_events(cfg, ds.pairs)
-    perm.to_csv(sim_dir(cfg) / "whatif_shuffled_events.csv", index=False)
-    events_of = dict(zip(perm["pair_key"], perm["events_of"]))
-    shuffled_hours = {k: added_hours(EventList.from_store(ds.store, events_of[k])) for k in keys}
+    kinds, events_of, shuffled_hours = ("own",), None, None
+    if len(keys) >= 2:   # one pair has no other pair's events to borrow
+        perm = study.shuffled_events(cfg, ds.pairs)
+        perm.to_csv(sim_dir(cfg) / "whatif_shuffled_events.csv", index=False)
+        events_of = dict(zip(perm["pair_key"], perm["events_of"]))
+        shuffled_hours = {k: added_hours(EventList.from_store(ds.store, events_of[k])) for k in keys}
+        kinds = ("own", "shuffled")
     parts, truths = [], {}
-    for iv, events in ((iv, ev) for iv in cfg.whatif_interventions for ev in ("own", "shuffled")):
+    for iv, events in ((iv, ev) for iv in cfg.whatif_interventions for ev in kinds):
         shuffled = events == "shuffled"
         eff = intervention_effects(ctx.pipe, ctx.evaluator, ds, keys, iv, hours=shuffled_hours if shuffled else hours,
                                    embedder=emb.embed, seeds=ctx.whatif_seeds, text_style=cfg.text_style,

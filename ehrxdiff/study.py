@@ -307,7 +307,7 @@ def model_seeds(cfg: StudyConfig) -> dict[str, list[int]]:
 
 OWN_EVENTS, SHUFFLED_EVENTS, NO_EVENTS = "own", "shuffled", "none"
 GUIDANCE_SWEEP_MODEL = "EHRXDiff_w_null"   # the model trained on the no-event branch (§II-D null samples)
-RECONSTRUCTION = "VAE reconstruction of I_trg"   # Table II's first-stage ceiling (issue 14)
+RECONSTRUCTION = "VAE reconstruction of I_trg"   # Table II's first-stage row (issue 14)
 
 
 @dataclass(frozen=True)
@@ -594,6 +594,8 @@ def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.
     events_of = dict(zip(perm["pair_key"], perm["events_of"]))
     rows, pipes = [], {}
     for run in runs:
+        if run.events == SHUFFLED_EVENTS:
+            _match_permutation(sample_dir(cfg, run, 0).parent, perm)
         pipe = pipes.setdefault(run.model, load_pipeline(cfg, run.model))
         data = {OWN_EVENTS: test, SHUFFLED_EVENTS: WithEvents(test, events_of), NO_EVENTS: WithEvents(test, None)}
         for seed in run.seeds:
@@ -609,10 +611,23 @@ def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.
     return pd.DataFrame(rows)
 
 
+def _match_permutation(folder: Path, perm: pd.DataFrame) -> None:
+    """A shuffled-events run folder keeps the permutation its PNGs were sampled with; when the test pairs or the seed
+    changed it, the old PNGs are removed rather than resumed into the new control."""
+    import shutil
+    record = folder / "shuffled_events.csv"
+    if record.exists() and not pd.read_csv(record, dtype=str).equals(perm.astype(str)):
+        log.warning("%s: sampled with another shuffled-events permutation; its PNGs are removed", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    perm.to_csv(record, index=False)
+
+
 def reconstruct_targets(cfg: StudyConfig, test, vae) -> dict:
     """The first stage's reconstruction of every I_trg (posterior mean, decoded) as 8-bit PNGs like the
-    predictions: Table II's ceiling row, since no diffusion model on this VAE can produce a better image of
-    I_trg than its own reconstruction (issue 14). Resumable as :func:`ehrxdiff.sampling.generate_split`."""
+    predictions: Table II's first-stage row (issue 14). A diffusion model on this VAE draws its images through the
+    same decoder, so the findings the evaluator reads in these are about the best its predictions can carry.
+    Resumable as :func:`ehrxdiff.sampling.generate_split`."""
     import torch
     from PIL import Image
 

@@ -142,3 +142,17 @@ def test_whatif_agreement_reports_own_and_shuffled_events_apart():
                         "delta_true": [-0.3, -0.2, -0.3, -0.2]})
     out = agreement(eff).set_index("events")
     assert out.loc["own", "agreement"] == 1.0 and out.loc["shuffled", "agreement"] == 0.5
+
+
+def test_a_changed_permutation_never_resumes_old_shuffled_samples(tmp_path):
+    from ehrxdiff.study import _match_permutation
+    folder = tmp_path / "EHRXDiff@shuffled"
+    a = pd.DataFrame({"pair_key": ["p0", "p1", "p2"], "events_of": ["p1", "p2", "p0"]})
+    _match_permutation(folder, a)
+    (folder / "seed0").mkdir()
+    (folder / "seed0" / "p0.png").write_bytes(b"x")
+    _match_permutation(folder, a)                                   # same permutation: the PNG is resumed
+    assert (folder / "seed0" / "p0.png").exists()
+    b = a.assign(events_of=["p2", "p0", "p1"])
+    _match_permutation(folder, b)                                   # another one: the old PNGs are gone
+    assert not (folder / "seed0").exists() and pd.read_csv(folder / "shuffled_events.csv").equals(b)
