@@ -70,7 +70,9 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
     from . import cohort
     out = run_dir(cfg, "cohort")
     if not force and (out / "pairs.parquet").exists() and (out / "cohort_report.csv").exists():
-        return cohort.CohortResult(pd.read_parquet(out / "pairs.parquet"), pd.read_csv(out / "cohort_report.csv"))
+        res = cohort.CohortResult(pd.read_parquet(out / "pairs.parquet"), pd.read_csv(out / "cohort_report.csv"))
+        check_pairs(res.pairs, where=f"the cohort in {out}", report=res.report)
+        return res
     src = prepare_sources(cfg)
     if cfg.own_cohort:
         from .own_cohort import build_own_cohort
@@ -80,6 +82,7 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
                                split_file=cfg.split_file, check_images=cfg.own_check_images,
                                threads=cfg.duckdb_threads)
         res.write(out)
+        check_pairs(res.pairs, where=f"the own cohort ({cfg.path('own_images')})", report=res.report)
         return res
     res = cohort.build_cohort(src["mimic_iv"], src["mimic_cxr"], pairing=cfg.pairing,
                               max_interval_hours=cfg.max_interval_hours, min_age=cfg.min_age,
@@ -87,7 +90,37 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
                               valid_fraction=cfg.valid_fraction, split_file=cfg.split_file,
                               memory_limit=cfg.duckdb_memory_limit, threads=cfg.duckdb_threads)
     res.write(out)
+    check_pairs(res.pairs, where=f"the cohort of {src['mimic_iv']} and {src['mimic_cxr']}", report=res.report)
     return res
+
+
+class EmptyCohortError(ValueError):
+    """The study would go on with no pairs, or with a split that has none: said where it happens (notebook 01/02),
+    not later by a trainer or an AUROC with an unrelated message."""
+
+
+def _funnel_text(report: pd.DataFrame) -> str:
+    """The cohort report's funnel in one line: each kept count and the drops that emptied it."""
+    parts = []
+    for r in report.itertuples():
+        if r.kind == "kept" or int(r.n):
+            parts.append(f"{r.what}: {int(r.n):,}" + ("" if r.kind == "kept" else " dropped"))
+    return "; ".join(parts)
+
+
+def check_pairs(pairs: pd.DataFrame, *, where: str, report: pd.DataFrame | None = None,
+                splits=("train", "valid", "test")) -> None:
+    """Stop with :class:`EmptyCohortError` when ``pairs`` is empty or one of ``splits`` has no pair (issue 15)."""
+    if not len(pairs):
+        why = f" The funnel (cohort_report.csv): {_funnel_text(report)}." if report is not None else ""
+        raise EmptyCohortError(f"{where}: 0 pairs.{why} Check that the images link to admissions (times, ids) and "
+                               "that max_interval_hours / pairing / min_age keep some pairs.")
+    counts = pairs["split"].value_counts() if "split" in pairs else pd.Series(dtype=int)
+    empty = [s for s in splits if int(counts.get(s, 0)) == 0]
+    if empty:
+        raise EmptyCohortError(f"{where}: {len(pairs):,} pairs, but none in the {', '.join(empty)} split(s) "
+                               f"(counts: {counts.to_dict()}). Use more patients, change test_fraction / "
+                               "valid_fraction, or give a split_file that fills every split.")
 
 
 def write_table1(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -178,6 +211,7 @@ def _resplit(cfg: StudyConfig, pairs: pd.DataFrame, kept_keys) -> pd.DataFrame:
                                       valid_fraction=cfg.valid_fraction).to_numpy()
     kept.to_parquet(out, index=False)
     write_table1(cfg, kept)
+    check_pairs(kept, where=f"the study's samples (pairs with >= 1 event, {out})")
     return kept
 
 

@@ -1,4 +1,6 @@
 """Your own cohort (issue 7, deliverable 4): a hand-made two-table cohort with real-world image files."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -190,10 +192,13 @@ def test_study_glue_runs_the_own_cohort(cohort_files, cohort, tmp_path):
     """Config keys own_images/own_events route notebooks 01-05's glue to the own cohort (same files downstream)."""
     from ehrxdiff import evaluation, study
     from ehrxdiff.config import load_config
+    keys = sorted(cohort.pairs["pair_key"])          # 6 pairs of 3 patients: a split file fills every split
+    (tmp_path / "split.json").write_text(json.dumps({"train": keys[:4], "valid": keys[4:5], "test": keys[5:]}))
     cfg = load_config("smoke", {"own_images": str(cohort_files / "images.csv"),
                                 "own_events": str(cohort_files / "events.parquet"),
                                 "run_dir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"),
-                                "figures_dir": str(tmp_path / "fig"), "embedding_backend": "hashing"})
+                                "figures_dir": str(tmp_path / "fig"), "embedding_backend": "hashing",
+                                "split_file": str(tmp_path / "split.json")})
     assert cfg.own_cohort and not cfg.synthetic
     assert cfg.source_dirs() == {"mimic_cxr": cohort_files}
     res = study.build_cohort(cfg)
@@ -216,3 +221,19 @@ def test_own_cohort_config_needs_both_tables():
         load_config("smoke", {"own_images": "x.csv"})
     with pytest.raises(ConfigError, match="not both"):
         load_config("smoke", {"own_images": "x.csv", "own_events": "y.csv", "mimic_iv_dir": "m"})
+
+
+def test_a_cohort_with_an_empty_split_or_no_pairs_stops_in_notebook_01(cohort_files, tmp_path):
+    """Issue 15 item 4: 0 pairs, or a split without pairs, is an error where the cohort is built, naming why."""
+    from ehrxdiff import study
+    from ehrxdiff.config import load_config
+    base = {"own_images": str(cohort_files / "images.csv"), "own_events": str(cohort_files / "events.parquet"),
+            "data_dir": str(tmp_path / "data"), "figures_dir": str(tmp_path / "fig")}
+    cfg = load_config("smoke", base | {"run_dir": str(tmp_path / "a")})
+    with pytest.raises(study.EmptyCohortError, match=r"6 pairs, but none in the valid, test split\(s\)"):
+        study.build_cohort(cfg)                      # 3 patients, split by patient: all 6 pairs land in train
+    with pytest.raises(study.EmptyCohortError, match=r"6 pairs, but none in the valid, test"):
+        study.build_cohort(cfg)                      # the cached cohort is checked too
+    cfg = load_config("smoke", base | {"run_dir": str(tmp_path / "b"), "max_interval_hours": 0.5})
+    with pytest.raises(study.EmptyCohortError, match=r"0 pairs\. The funnel \(cohort_report.csv\): .*interval"):
+        study.build_cohort(cfg)
