@@ -601,3 +601,52 @@ def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events:
         res = EventResult.read(tmp)
     res.root = None
     return res
+
+
+PAIR_INPUT_COLUMNS = ("pair_key", "subject_id", "hadm_id", "prev_time", "target_time")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ehrxdiff.events``: S_event of a cohort from the shell, as notebook 02 extracts it - the companion of
+    ``python -m ehrxdiff.cohort`` (its ``pairs.parquet`` is the input), with the same error handling: a problem with
+    an input file is one line naming it, exit status 2."""
+    import argparse
+
+    import duckdb
+
+    from ehrxdiff.sources import MissingTableError, SchemaError
+    ap = argparse.ArgumentParser(prog="python -m ehrxdiff.events", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--mimic-iv", required=True, help="MIMIC-IV v2.2 root (holds hosp/ and icu/)")
+    ap.add_argument("--cohort", required=True, help="pairs.parquet of python -m ehrxdiff.cohort (or its --out folder)")
+    ap.add_argument("--out", required=True, help="output folder: events.parquet, event_texts.parquet, event_report.csv")
+    ap.add_argument("--max-events", type=int, default=MAX_EVENTS, help=f"most recent events per pair (default {MAX_EVENTS})")
+    ap.add_argument("--text-style", choices=sorted(TEXT_STYLES), default="plain")
+    ap.add_argument("--no-filter-inputevents", action="store_true", help="keep every inputevents item (the released code)")
+    ap.add_argument("--memory-limit", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    path = Path(a.cohort)
+    path = path / "pairs.parquet" if path.is_dir() else path
+    try:
+        if not path.is_file():
+            raise MissingTableError(f"{path}: no such file (the cohort's pairs.parquet: python -m ehrxdiff.cohort --out DIR)")
+        pairs = pd.read_parquet(path)
+        missing = [c for c in PAIR_INPUT_COLUMNS if c not in pairs.columns]
+        if missing:
+            raise SchemaError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, pairs.columns))})")
+        out = extract_events_to_dir(a.mimic_iv, pairs, a.out, max_events=a.max_events, text_style=a.text_style,
+                                    filter_inputevents=not a.no_filter_inputevents, memory_limit=a.memory_limit,
+                                    threads=a.threads)
+    except (SchemaError, MissingTableError, ValueError, OSError, duckdb.Error) as exc:
+        print(f"error: {exc}")
+        return 2
+    report = pd.read_csv(out / "event_report.csv")
+    print(report.to_string(index=False))
+    n = pd.read_parquet(out / "event_pairs.parquet")
+    print(f"wrote {out / 'events.parquet'}: {int(n['n_events'].sum()):,} events of {len(n):,} pair(s) "
+          f"({len(pairs) - len(n):,} of {len(pairs):,} pairs have no event)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from ehrxdiff.events import event_columns, extract_events, serialize_event
+from ehrxdiff.events import EventResult, event_columns, extract_events, serialize_event
 from ehrxdiff.sources import MissingTableError, SchemaError
 from mimic_fixture import write_mimic_table
 
@@ -304,3 +304,25 @@ def test_gunzip_thread_gives_identical_files_and_raises_on_a_truncated_gzip(mimi
     gz.write_bytes(gz.read_bytes()[:-12])  # drop the gzip trailer and the end of the deflate stream
     with pytest.raises(RuntimeError, match="chartevents.csv.gz"):
         extract_events_to_dir(broken, _pairs(), tmp_path / "ev2", tables=("chartevents",), threads=2, gunzip_thread=True)
+
+
+def test_events_command_line_extracts_a_cohort_and_names_bad_inputs(mimic_iv, tmp_path, capsys):
+    """``python -m ehrxdiff.events`` (issue 15 item 6): the cohort's pairs.parquet in, notebook 02's files out;
+    a missing file or column is one line naming it, exit status 2."""
+    from ehrxdiff.events import main
+    _pairs().to_parquet(tmp_path / "pairs.parquet", index=False)
+    assert main(["--mimic-iv", str(mimic_iv), "--cohort", str(tmp_path), "--out", str(tmp_path / "ev"),
+                 "--threads", "1"]) == 0
+    out = EventResult.read(tmp_path / "ev")
+    assert out.for_pair("t_p") == extract_events(mimic_iv, _pairs(), threads=1).for_pair("t_p")
+    assert "events of 1 pair(s) (1 of 2 pairs have no event)" in capsys.readouterr().out
+    assert main(["--mimic-iv", str(mimic_iv), "--cohort", str(tmp_path / "nope.parquet"), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "nope.parquet: no such file" in capsys.readouterr().out
+    _pairs().drop(columns=["hadm_id"]).to_parquet(tmp_path / "bad.parquet", index=False)
+    assert main(["--mimic-iv", str(mimic_iv), "--cohort", str(tmp_path / "bad.parquet"), "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "bad.parquet: missing column(s) hadm_id" in capsys.readouterr().out
+    assert main(["--mimic-iv", str(tmp_path / "empty"), "--cohort", str(tmp_path), "--out", str(tmp_path / "z"),
+                 "--threads", "1"]) == 2
+    assert capsys.readouterr().out.startswith("error: ")
