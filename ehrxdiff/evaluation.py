@@ -506,7 +506,7 @@ def _claim(claim: str, a: pd.Series, b: pd.Series, k: float, *, gate: str | None
 def claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The paper's three claims and the events control (issue 14), as tests that can fail: each compares two
     means over sampling seeds with a margin of k x the seed spread (:func:`_claim`: paired over seeds where both
-    sides share them; 2 spreads for *diff* comparisons, 1 for w_null vs EHRXDiff on *same*) and says ``holds``,
+    sides share them; 2 spreads on *diff* and *all*, 1 for w_null vs EHRXDiff on *same*) and says ``holds``,
     ``fails`` or ``undecided (within noise)``. The spread is the sampling seeds' only: the models are trained once,
     so training noise is not in it.
 
