@@ -354,7 +354,7 @@ def _bench_curve(a) -> int:
         pred = pipe.generate(batch["prev_image"], batch["events"], batch["event_mask"],   # unused by non-table rows
                              num_inference_steps=cfg.sample_steps, eta=cfg.sample_eta, generator=gens, progress=False)
         own = sens["own condition"]
-        row = {"model": a.model, "step": s["steps"], "samples": s["steps"] * cfg.ldm_batch_size * cfg.ldm_grad_accum,
+        row = {"model": a.model, "step": s["steps"], "samples": s["samples_seen"],
                "train_seconds": round(train_s, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
                "samples_per_second": round(s["samples_per_second"], 1), "valid_loss": own,
                "I_prev swapped %": 100 * (sens["I_prev swapped"] / own - 1),

@@ -182,15 +182,13 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
                                     "auroc": v} for k, v in weighted_macro_auroc(pl).items()]))
     for name, scores in table_classifiers(cfg, rows, test_pairs["pair_key"]).items():
         add(name, 0, scores)
-    if study.reconstruction_dir(cfg).is_dir():   # notebook 04's VAE reconstructions of I_trg: the ceiling row
-        d = study.reconstruction_dir(cfg)
-        rec = score_images(cfg, evaluator, generated_image_table(test_pairs["pair_key"], d), d)
-        add(study.RECONSTRUCTION, 0, rec.table, rec, gt.features)
-    for run in study.sample_runs(cfg):            # every model, its controls and the guidance sweep
-        for seed in run.seeds:
-            d = study.sample_dir(cfg, run, seed)
-            img = score_images(cfg, evaluator, generated_image_table(test_pairs["pair_key"], d), d)
-            add(run.method, seed, img.table, img, gt.features)
+    rec = study.reconstruction_dir(cfg)
+    generated = [(study.RECONSTRUCTION, 0, rec)] if rec.is_dir() else []
+    generated += [(run.method, seed, study.sample_dir(cfg, run, seed))   # every model, its controls, the sweep
+                  for run in study.sample_runs(cfg) for seed in run.seeds]
+    for method, seed, d in generated:   # notebook 04's PNGs (the VAE reconstructions of I_trg first)
+        img = score_images(cfg, evaluator, generated_image_table(test_pairs["pair_key"], d), d)
+        add(method, seed, img.table, img, gt.features)
     out = {"auroc_summary": pd.concat(summaries, ignore_index=True),
            "auroc_per_label": pd.concat(per_labels, ignore_index=True), "demographics": pd.DataFrame(demo)}
     if cfg.synthetic:
@@ -411,27 +409,23 @@ def guidance_sweep_table(cfg: StudyConfig, results: dict[str, pd.DataFrame]):
         return None
     shuffled = [r for r in study.sample_runs(cfg) if r.model == study.GUIDANCE_SWEEP_MODEL
                 and r.events == study.SHUFFLED_EVENTS]
-    entries = [(s, "own", r) for s, r in sweep.items()] + [(r.scale, "shuffled", r) for r in shuffled]
+    entries = pd.DataFrame([(s, "own", r.method) for s, r in sweep.items()]
+                           + [(r.scale, "shuffled", r.method) for r in shuffled], columns=["s", "events", "method"])
     summ, demo = results["auroc_summary"], results["demographics"]
-    reid = pd.read_csv(p) if (p := eval_dir(cfg) / "reidentification.csv").exists() else None
-    rows = []
-    for s, events, run in entries:
-        a = summ[summ["method"] == run.method]
-        rows += [{"s": s, "events": events, "method": run.method, "seed": r.seed, "metric": f"AUROC {r.subset}",
-                  "value": r.auroc} for r in a.itertuples()]
-        f = demo[(demo["method"] == run.method) & (demo["metric"] == "FID")]
-        rows += [{"s": s, "events": events, "method": run.method, "seed": r.seed, "metric": "FID", "value": r.value}
-                 for r in f.itertuples()]
-        if reid is not None:
-            rr = reid[reid["method"] == run.method]
-            rows += [{"s": s, "events": events, "method": run.method, "seed": r.seed, "metric": "re-id rank",
-                      "value": r.rank_percentile} for r in rr.itertuples()]
-    tidy = pd.DataFrame(rows)
+    long = [summ.assign(metric="AUROC " + summ["subset"], value=summ["auroc"]),
+            demo[demo["metric"] == "FID"]]
+    if (p := eval_dir(cfg) / "reidentification.csv").exists():
+        reid = pd.read_csv(p)
+        long.append(reid.assign(metric="re-id rank", value=reid["rank_percentile"]))
+    long = pd.concat([d[["method", "seed", "metric", "value"]] for d in long], ignore_index=True)
+    tidy = entries.merge(long, on="method")
     if not len(tidy):
         return None
-    tidy["row"] = [f"s = {s:g}, {e} S_event" for s, e in zip(tidy["s"], tidy["events"])]
-    order = [f"s = {s:g}, {e} S_event" for e, s, _ in sorted({(e, s, e != "own") for s, e, _ in entries},
-                                                               key=lambda t: (t[2], t[1]))]
+    def label(frame):
+        return [f"s = {s:g}, {e} S_event" for s, e in zip(frame["s"], frame["events"])]
+    tidy["row"] = label(tidy)
+    order = list(dict.fromkeys(label(entries.assign(control=entries["events"] != "own")
+                                     .sort_values(["control", "s"], kind="stable"))))
     cols = [c for c in ("AUROC all", "AUROC diff", "AUROC same", "FID", "re-id rank") if c in set(tidy["metric"])]
     return tidy, seed_table(tidy, index="row", columns="metric", index_order=order, column_order=cols)
 

@@ -33,6 +33,14 @@ def png_path(out_dir: str | Path, pair_key: str) -> Path:
     return Path(out_dir) / f"{pair_key}.png"
 
 
+def save_png(out_dir: str | Path, pair_key: str, gray) -> None:
+    """``out_dir/<pair_key>.png`` from an 8-bit grey [H, W] array, written atomically: a killed run never leaves a
+    truncated PNG behind for a resumed one to skip."""
+    tmp = png_path(out_dir, pair_key).with_suffix(".tmp.png")
+    Image.fromarray(gray, mode="L").save(tmp)
+    tmp.replace(png_path(out_dir, pair_key))
+
+
 class WithEvents(Dataset):
     """The items of a :class:`ehrxdiff.data.PairDataset` with another S_event: ``events_of[pair_key]``'s events (the
     shuffled-events control, ``study.shuffled_events``) or, with ``events_of=None``, the null event set (no events:
@@ -92,9 +100,7 @@ def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sample
                                num_inference_steps=num_inference_steps, eta=eta, generator=gens, progress=False,
                                event_guidance_scale=event_guidance_scale if uses_table else 1.0)
         for key, gray in zip(batch["pair_key"], to_uint8(images)):
-            tmp = png_path(out, key).with_suffix(".tmp.png")
-            Image.fromarray(gray, mode="L").save(tmp)
-            tmp.replace(png_path(out, key))  # atomic: a killed run never leaves a truncated PNG behind
+            save_png(out, key, gray)
             written += 1
     seconds = time.perf_counter() - t0
     return {"written": written, "skipped": len(keys) - len(todo), "seconds": seconds,

@@ -625,13 +625,15 @@ def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.
     runs = sample_runs(cfg) if runs is None else runs
     perm = shuffled_events(cfg, test.pairs)
     perm.to_csv(run_dir(cfg, "samples") / "shuffled_events.csv", index=False)
-    events_of = dict(zip(perm["pair_key"], perm["events_of"]))
+    data = {OWN_EVENTS: test, SHUFFLED_EVENTS: WithEvents(test, dict(zip(perm["pair_key"], perm["events_of"]))),
+            NO_EVENTS: WithEvents(test, None)}
     rows, pipes = [], {}
     for run in runs:
         if run.events == SHUFFLED_EVENTS:
             _match_permutation(sample_dir(cfg, run, 0).parent, perm)
-        pipe = pipes.setdefault(run.model, load_pipeline(cfg, run.model))
-        data = {OWN_EVENTS: test, SHUFFLED_EVENTS: WithEvents(test, events_of), NO_EVENTS: WithEvents(test, None)}
+        if run.model not in pipes:   # one load per model, shared by its controls and sweep runs
+            pipes[run.model] = load_pipeline(cfg, run.model)
+        pipe = pipes[run.model]
         for seed in run.seeds:
             s = generate_split(pipe, data[run.events], sample_dir(cfg, run, seed), seed=seed,
                                sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
@@ -663,10 +665,9 @@ def reconstruct_targets(cfg: StudyConfig, test, vae) -> dict:
     same decoder, so the findings the evaluator reads in these are about the best its predictions can carry.
     Resumable as :func:`ehrxdiff.sampling.generate_split`."""
     import torch
-    from PIL import Image
 
     from .images import to_uint8
-    from .sampling import png_path
+    from .sampling import png_path, save_png
     out = reconstruction_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i, k in enumerate(test.pairs["pair_key"]) if not png_path(out, k).is_file()]
@@ -677,9 +678,7 @@ def reconstruct_targets(cfg: StudyConfig, test, vae) -> dict:
         with torch.no_grad():
             recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).cpu()
         for it, gray in zip(items, to_uint8(recon)):
-            tmp = png_path(out, it["pair_key"]).with_suffix(".tmp.png")
-            Image.fromarray(gray, mode="L").save(tmp)
-            tmp.replace(png_path(out, it["pair_key"]))
+            save_png(out, it["pair_key"], gray)
     seconds = time.perf_counter() - t0
     return {"written": len(todo), "skipped": len(test) - len(todo), "seconds": seconds,
             "seconds_per_image": seconds / len(todo) if todo else float("nan"), "seed": 0}
