@@ -17,8 +17,11 @@ also drops trailing zeros (``85.0`` -> ``85``), the genhpf style keeps one (``85
 
 Linkage (paper-reference §2.5): events join a pair through **hadm_id** with prev_time <= time <=
 target_time (both inclusive, exact timestamps); rows with a null hadm_id cannot link and are counted.
-Per pair events are time-ordered with a stable tie-break (table order, then file row order), the most
-recent ``max_events`` kept, and pairs left with no event dropped.
+Per pair events are time-ordered with a total order that depends on the data only: time, then table order
+(:data:`EVENT_TABLES`), then the event's raw column values (their sort order as text). File row order is not
+used: a parallel scan does not keep it, and it made two runs order 7 of 403 k same-time events differently
+(issue 15). A row repeated in a table (same admission, time and values) is one event; the copies are counted in
+the report. The most recent ``max_events`` are kept, and pairs left with no event dropped.
 
 Scale (:func:`extract_events_to_dir`): each table is streamed once by DuckDB with the item filter (a literal
 itemid list) and a semi-join on the cohort's admissions pushed into the scan, and the raw values of rows inside
@@ -360,8 +363,8 @@ class _GunzipPipe:
 def _scan_sql(table: str, cols: list[str], where: str, subj: str, tcol: str, source: str | None = None) -> str:
     """Stage 1, one streaming pass over a table: item filter + cohort semi-join pushed into the scan, whether the
     row lies in a window span of its admission (``_in``), and the raw columns ``r0..rn`` of those rows (NULL
-    elsewhere: those rows are only counted). Every operator here streams and keeps insertion order, so the
-    parquet file is in the csv's order and its ``file_row_number`` is the events' file-order tie-break."""
+    elsewhere: those rows are only counted). Row order in the parquet file does not matter: events at the same
+    time are ordered by their values later, never by the order a parallel scan wrote them in."""
     raw = ", ".join(f'CASE WHEN s.hadm_id IS NOT NULL THEN r."{c}" END AS r{i}' for i, c in enumerate(cols))
     return f"""
         SELECT r._hadm, r._subj, r._time, s.hadm_id IS NOT NULL AS _in, {raw}
@@ -403,8 +406,8 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     (pair_key, n_events), ``event_report.csv`` and ``event_meta.json``. Read them with :meth:`EventResult.read`
     or stream them into the store with :func:`ehrxdiff.event_store.build_event_store`.
 
-    Stages: (1) per table one pass over the csv(.gz) → ``_work/rows_<table>.parquet`` (cohort rows in file order,
-    its ``file_row_number`` the tie-break: ids, time, in-a-window flag, the raw values of rows in a window);
+    Stages: (1) per table one pass over the csv(.gz) → ``_work/rows_<table>.parquet`` (cohort rows:
+    ids, time, in-a-window flag, the raw values of rows in a window);
     (2) per table the distinct raw value tuples of rows in windows get ids; (3) all tables: rows × windows → the
     most recent ``max_events`` per pair as integers (pair, table, tuple id, position, hours), sorted by pair and
     position → ``_work/kept.parquet``; (4) the tuples of kept rows are serialized (once per distinct tuple, not
@@ -435,7 +438,7 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
         return con.execute(sql).fetchone()
 
     def rows_of(path: str) -> str:
-        return f"read_parquet({sql_literal(path)}, file_row_number=true)"
+        return f"read_parquet({sql_literal(path)})"
 
     done: list[tuple[int, str, str, list[str]]] = []  # (table_ord, table, rows file, columns)
     n_in_windows = 0
@@ -491,30 +494,40 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     # each distinct raw value tuple of the rows in windows gets an id (per table); rows carry the id, not the values
     for o, table, path, cols in done:
         raw = ", ".join(f"r{i}" for i in range(len(cols)))
-        con.execute(f"""CREATE TEMP TABLE tup_{o} AS SELECT {raw}, CAST(row_number() OVER () - 1 AS INTEGER) AS tuple_id
+        # ids in the order of the values themselves: the tie-break of events at the same time (below) is then a
+        # function of the data, not of the order a parallel scan happened to write rows in (issue 15)
+        con.execute(f"""CREATE TEMP TABLE tup_{o} AS SELECT {raw},
+                            CAST(row_number() OVER (ORDER BY {raw or "1"}) - 1 AS INTEGER) AS tuple_id
                         FROM (SELECT DISTINCT {raw} FROM read_parquet({sql_literal(path)}) WHERE _in)""")
     t_tup = time.perf_counter()
 
     def with_tuple(o: int, path: str, cols: list[str]) -> str:
         on = " AND ".join(f"r.r{i} IS NOT DISTINCT FROM u.r{i}" for i in range(len(cols))) or "TRUE"
-        return (f"SELECT CAST({o} AS SMALLINT) AS table_ord, r._hadm, r._time, r.file_row_number AS row_ord, u.tuple_id "
+        return (f"SELECT CAST({o} AS SMALLINT) AS table_ord, r._hadm, r._time, u.tuple_id "
                 f"FROM {rows_of(path)} r JOIN tup_{o} u ON {on} WHERE r._in")
 
-    con.execute("CREATE TEMP VIEW rows_all AS " + " UNION ALL ".join(with_tuple(o, p, c) for o, _, p, c in done))
+    # a row repeated in a table (same admission, time and values) is one event, not two (issue 15: a duplicated
+    # row doubled S_event); DISTINCT over the rows in windows, counted below
+    con.execute("CREATE TEMP VIEW rows_all AS SELECT DISTINCT * FROM ("
+                + " UNION ALL ".join(with_tuple(o, p, c) for o, _, p, c in done) + ")")
+    con.execute("""CREATE TEMP TABLE in_win AS SELECT w.pair_idx, r.table_ord, r.tuple_id, r._time, w.prev_time
+                   FROM rows_all r JOIN win w ON r._hadm = w.hadm_id AND r._time BETWEEN w.prev_time AND w.target_time""")
+    n_distinct = int(q("SELECT count(*) FROM in_win")[0])
+    add("all", "dropped: duplicate rows (same table, admission, time and values; one kept)", int(n_in_windows - n_distinct))
     kept = (work / "kept.parquet").as_posix()
-    # most recent max_events per pair; stable order: time, table order, file row order
+    # most recent max_events per pair; a total order that depends on the data only: time, table order, then the
+    # event's values (tuple ids follow the values' sort order); rows equal in all of these were merged above
     con.execute(f"""COPY (
         SELECT pair_idx, table_ord, tuple_id, CAST(least(cnt, {int(max_events)}) - rn AS INTEGER) AS position,
                CAST((epoch(_time) - epoch(prev_time)) / 3600.0 AS FLOAT) AS hours
-        FROM (SELECT w.pair_idx, r.table_ord, r.tuple_id, r._time, w.prev_time,
-                     row_number() OVER (PARTITION BY w.pair_idx ORDER BY r._time DESC, r.table_ord DESC, r.row_ord DESC) AS rn,
-                     count(*) OVER (PARTITION BY w.pair_idx) AS cnt
-              FROM rows_all r JOIN win w ON r._hadm = w.hadm_id AND r._time BETWEEN w.prev_time AND w.target_time)
+        FROM (SELECT *, row_number() OVER (PARTITION BY pair_idx ORDER BY _time DESC, table_ord DESC, tuple_id DESC) AS rn,
+                     count(*) OVER (PARTITION BY pair_idx) AS cnt FROM in_win)
         WHERE rn <= {int(max_events)} ORDER BY pair_idx, position) TO {sql_literal(kept)} (FORMAT parquet)""")
+    con.execute("DROP TABLE in_win")
     t_kept = time.perf_counter()
     kept_rel = f"read_parquet({sql_literal(kept)})"
     n_kept = int(q(f"SELECT count(*) FROM {kept_rel}")[0])
-    add("all", f"dropped: events beyond the most recent {max_events}", int(n_in_windows - n_kept))
+    add("all", f"dropped: events beyond the most recent {max_events}", int(n_distinct - n_kept))
     # texts of kept rows only: the value tuples of kept rows are serialized (once per tuple), the distinct texts
     # sorted -> ids (ORDER BY text, as the in-memory version), and each (table, tuple) mapped to its text id
     con.execute(f"CREATE TEMP TABLE kept_tup AS SELECT DISTINCT table_ord, tuple_id FROM {kept_rel}")

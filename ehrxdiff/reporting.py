@@ -110,9 +110,12 @@ def to_latex(df: pd.DataFrame, index: bool = True, caption: str | None = None, l
 
 def write_table(df: pd.DataFrame, name: str, figures_dir: str | Path, *, caption: str | None = None,
                 index: bool = True) -> dict[str, Path]:
-    """Write ``<figures_dir>/<name>.{csv,md,tex}``; returns the three paths."""
+    """Write ``<figures_dir>/<name>.{csv,md,tex}``; returns the three paths. The run's environment goes next to
+    its tables (``environment.json``, :mod:`ehrxdiff.provenance`): across machines the numbers move with it."""
+    from .provenance import write_environment
     d = Path(figures_dir)
     d.mkdir(parents=True, exist_ok=True)
+    write_environment(d)
     paths = {ext: d / f"{name}.{ext}" for ext in ("csv", "md", "tex")}
     df.to_csv(paths["csv"], index=index)
     md = (f"**{caption}**\n\n" if caption else "") + to_markdown(df, index=index)

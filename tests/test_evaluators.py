@@ -112,6 +112,21 @@ def test_train_evaluator_saves_best_and_resumes(tmp_path, image_table):
     assert hist["epoch"].tolist() == [1, 2] and "val_macro_auroc" in hist.columns
 
 
+def test_two_fresh_evaluator_runs_give_identical_weights(tmp_path, image_table):
+    """Issue 15: notebook 05's evaluator, trained twice from the same seed in fresh folders, is the same model."""
+    from safetensors.torch import load_file
+    ds = evaluators.EvaluatorImages(image_table, tmp_path, image_size=32)
+    weights = []
+    for run in ("a", "b"):
+        torch.manual_seed(0)
+        best = evaluators.train_evaluator(evaluators.CXREvaluator(**TINY), ds, ds, output_dir=tmp_path / run,
+                                          epochs=2, batch_size=4, warmup_steps=0, seed=3)
+        weights.append(load_file(best / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
 # --- baselines -------------------------------------------------------------------------------------
 
 def _tower():

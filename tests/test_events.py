@@ -110,7 +110,7 @@ def _tables():
                             _input(_t("12:45:00"), 225158, "02-Fluids (Crystalloids)", amount="500")],
         "icu/chartevents": [
             _chart(PREV, 220045, "80", "bpm"),                                     # at prev time: inclusive
-            _chart(_t("13:00:00"), 220277, "95", "%"),                             # same time as HR; file order first
+            _chart(_t("13:00:00"), 220277, "95", "%"),                             # same time as HR, first in the file
             _chart(_t("13:00:00"), 220045, "88", "bpm"),
             _chart(_t("13:15:00"), 228100, "Full code", None),                     # ADT category: filtered
             _chart(TARGET, 220045, "90", "bpm"),                                   # at target time: inclusive
@@ -133,8 +133,8 @@ EXPECTED_ORDER = [
     "inputevents itemid Vancomycin amount 1 amountuom mg ordercategoryname 08-Antibiotics (IV) ordercomponenttypedescription "
     "Main order parameter ordercategorydescription Drug Push patientweight 81.6 isopenbag 0 originalamount 40 originalrate 0",
     "labevents itemid C-Reactive Protein value 12.3457 valuenum 12.3457 valueuom mg/L",
+    GOLDEN["chartevents"],                       # same time as O2 saturation: ties go by the values (itemid 220045 first)
     "chartevents itemid O2 saturation pulseoxymetry value 95 valuenum 95 valueuom % warning 0",
-    GOLDEN["chartevents"],
     GOLDEN["outputevents"],
     GOLDEN["microbiologyevents"],
     GOLDEN["procedureevents"],
@@ -207,6 +207,21 @@ def test_filters_and_inputevents_switch(mimic_iv, result):
         assert absent not in texts, absent
     unfiltered = extract_events(mimic_iv, _pairs(), filter_inputevents=False, tables=("inputevents",), threads=1)
     assert any("NaCl 0.9%" in t for t in unfiltered.texts)
+
+
+def test_order_depends_on_the_data_not_the_file_order_and_duplicate_rows_are_one_event(result, tmp_path):
+    """Issue 15: same-time events came out in a different order in two runs (file order is not kept by a
+    parallel scan), and a duplicated row doubled an event. Every table written in reverse row order, with one
+    chartevents row twice, gives the same events; the copy is counted."""
+    for stem, rows in _tables().items():
+        rows = rows[::-1]
+        if stem == "icu/chartevents":
+            rows = rows + [r for r in rows if r["value"] == "88"]     # the 13:00 heart rate, in a window
+        write_mimic_table(tmp_path, stem, rows)
+    res = extract_events(tmp_path, _pairs(), threads=2)
+    assert res.for_pair("t_p") == result.for_pair("t_p")
+    assert _report(res, "all", "dropped: duplicate rows") == 1
+    assert _report(result, "all", "dropped: duplicate rows") == 0
 
 
 def test_max_events_keeps_most_recent(mimic_iv):
