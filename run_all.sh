@@ -6,7 +6,7 @@
 #   ./run_all.sh --test [pytest args]    run the test suite (what .ci/run calls)
 #
 # Both create .venv when missing and install the pinned dependencies and the package (editable) first.
-# Executed notebooks land in runs/<profile>/notebooks/; a one-line summary per notebook is printed and the
+# Executed notebooks land in <run_dir>/notebooks/ (runs/<profile>/ by default); a one-line summary per notebook is printed and the
 # script stops with a non-zero exit at the first failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -15,18 +15,27 @@ VENV=${EHRXDIFF_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 export MPLBACKEND=Agg
+# this checkout's package wins over whatever ehrxdiff the environment has installed (a shared EHRXDIFF_VENV
+# may hold another clone's editable install): the notebooks run the code they were checked out with
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 bootstrap() {
   if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
     "$PY" -m venv "$VENV"
   fi
+  # the stamp holds a hash of the pins, not a time: a fresh clone (new file times) of the same pins with a shared
+  # EHRXDIFF_VENV installs nothing; a change of requirements.txt or pyproject.toml reinstalls
   local stamp="$VENV/.ehrxdiff-installed"
-  if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  local want
+  want=$(cat requirements.txt pyproject.toml | "$VENV/bin/python" -c "import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "== installing pinned dependencies (first run: a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e .
-    touch "$stamp"
+    if [ -z "${EHRXDIFF_VENV:-}" ] || ! "$VENV/bin/python" -c "import ehrxdiff" >/dev/null 2>&1; then
+      "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e .
+    fi
+    echo "$want" > "$stamp"
   fi
   if git rev-parse --git-dir >/dev/null 2>&1; then
     # nbstripout's filter is recorded per clone (.git/config): committed notebooks never carry outputs.
@@ -66,10 +75,11 @@ if [ "$MODE" = test ]; then
 fi
 
 NAME=$(basename "$PROFILE" .yaml)
-OUT="$ROOT/runs/$NAME"
+# Validate the profile and every -p override before any notebook starts (unknown keys are errors); the executed
+# notebooks, parameters and timings go under the run's own folder (run_dir), so two runs never overwrite each other.
+OUT=$("$PYBIN" -m ehrxdiff.config run-dir --profile "$PROFILE" "${OVERRIDES[@]}")
 mkdir -p "$OUT/notebooks"
 PARAMS="$OUT/parameters.yaml"
-# Validate the profile and every -p override before any notebook starts (unknown keys are errors).
 "$PYBIN" -m ehrxdiff.config resolve --profile "$PROFILE" "${OVERRIDES[@]}" --out "$PARAMS"
 
 echo "== profile $NAME → $OUT/notebooks"

@@ -322,9 +322,10 @@ def _validate(c: StudyConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m ehrxdiff.config resolve --profile P [-p KEY VALUE]... --out FILE``: validate, then write
-    the papermill parameter file ``{profile: P, params: {...}}`` that every notebook receives."""
+    the papermill parameter file ``{profile: P, params: {...}}`` that every notebook receives.
+    ``run-dir`` prints the resolved run folder (absolute)."""
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.config")
-    ap.add_argument("command", choices=["resolve", "show"])
+    ap.add_argument("command", choices=["resolve", "show", "run-dir"])
     ap.add_argument("--profile", default="demo")
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
     ap.add_argument("--out")
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.command == "show":
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if a.command == "run-dir":  # run_all.sh puts the executed notebooks and timings under the run's own folder
+        print(cfg.path("run_dir").resolve())
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(yaml.safe_dump({"profile": a.profile, "params": typed}, sort_keys=False))
