@@ -32,7 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from ehrxdiff.constants import FRONTAL_VIEWS, MAX_INTERVAL_HOURS, MIN_AGE, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
-from ehrxdiff.sources import MissingTableError, SchemaError, connect, register_table
+from ehrxdiff.sources import (ID_SQL, OFFSET_SQL, InputFileError, MissingTableError, SchemaError, connect,
+                              materialize, register_table)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,48 @@ def _scalar(con, sql: str) -> int:
     return int(con.execute(sql).fetchone()[0] or 0)
 
 
-def check_image_files(paths: list[Path], *, workers: int = 8) -> list[str | None]:
+def _refuse_offsets(con, table: str, col: str, path: Path) -> None:
+    """:class:`InputFileError` if any ``col`` value carries a UTC offset: DuckDB's cast drops it, so a file
+    mixing notations would shift some times against the others without a word (issue 15)."""
+    n, example = con.execute(f'SELECT count(*), any_value("{col}") FROM "{table}" '
+                             f'WHERE {OFFSET_SQL.format(x=chr(34) + col + chr(34))}').fetchone()
+    if n:
+        raise InputFileError(f"{path}: column '{col}': {n} time(s) carry a UTC offset (e.g. '{example}'). MIMIC times "
+                             "are local times without one; write every time in one clock, without an offset.")
+
+
+def _deduplicate(con, table: str, key: str, path: Path, rep: "_Report", unit: str) -> None:
+    """One row per ``key``: exact copies of a row are dropped (one kept) and counted; rows that share the key but
+    differ are refused, since no rule can say which is right (issue 15: a duplicated metadata row doubled pairs,
+    a duplicated admission doubled S_event)."""
+    before = _scalar(con, f'SELECT count(*) FROM "{table}"')
+    con.execute(f'CREATE OR REPLACE TEMP TABLE "{table}" AS SELECT DISTINCT * FROM "{table}"')
+    rep.add("dropped", f"duplicate row in {path.name} (identical copy; one kept)", unit,
+            before - _scalar(con, f'SELECT count(*) FROM "{table}"'))
+    k = ID_SQL.format(x=f'"{key}"') if key.endswith("_id") and key != "dicom_id" else f'trim("{key}")'
+    row = con.execute(f'SELECT {k} AS k, count(*) FROM "{table}" WHERE {k} IS NOT NULL GROUP BY 1 HAVING count(*) > 1 '
+                      f'ORDER BY 2 DESC, 1 LIMIT 1').fetchone()
+    if row is not None:
+        n = _scalar(con, f'SELECT count(*) FROM (SELECT {k} FROM "{table}" WHERE {k} IS NOT NULL GROUP BY 1 '
+                         f'HAVING count(*) > 1)')
+        raise InputFileError(f"{path}: column '{key}': {n} value(s) on more than one row with different contents "
+                             f"(e.g. {key} {row[0]} on {row[1]} rows). The release has one row per {key}: keep the "
+                             "right one and remove the others.")
+
+
+CHECK_IMAGES = ("decode", "header", "none")
+
+
+def check_image_files(paths: list[Path], *, workers: int = 8, decode: bool = True) -> list[str | None]:
     """For each path: None if it is a readable image, else "missing" or "unreadable".
 
-    Readable = exists, non-empty, and PIL parses its header (full decoding of 377 k full-resolution
-    JPEGs would take hours; a corrupt or non-image file fails at the header).
+    ``decode=True`` (the default, as the own-cohort path) decodes every image in full, so a JPEG cut short in a
+    download fails here and not in training (issue 15); ``decode=False`` parses the header only (exists, non-empty,
+    PIL reads the header), for very large downloads: README "Running on real data" has the cost of each.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, never decode grey
 
     def one(p: Path) -> str | None:
         try:
@@ -93,9 +129,12 @@ def check_image_files(paths: list[Path], *, workers: int = 8) -> list[str | None
             if p.stat().st_size == 0:
                 return "unreadable"
             with Image.open(p) as im:
-                im.size  # noqa: B018 - header parsed on open
+                if decode:
+                    im.load()
+                else:
+                    im.size  # noqa: B018 - header parsed on open
             return None
-        except (UnidentifiedImageError, OSError, ValueError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             return "unreadable"
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -140,13 +179,16 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
                  max_interval_hours: float = MAX_INTERVAL_HOURS, min_age: int = MIN_AGE,
                  split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION,
                  valid_fraction: float = VALID_FRACTION, split_file: str | Path | None = None,
-                 check_images: bool = True, image_root: str | Path | None = None,
+                 check_images: str | bool = "decode", image_root: str | Path | None = None,
                  memory_limit: str | None = None, threads: int | None = None) -> CohortResult:
     """Build the pair cohort (module docstring for the rules).
 
     ``image_root`` is where ``files/pNN/...`` images are checked (default ``mimic_cxr_dir``; point it
     at a resized copy with the same layout). Paths in the output stay relative to that root.
     """
+    check_images = {True: "decode", False: "none"}.get(check_images, check_images)
+    if check_images not in CHECK_IMAGES:
+        raise ValueError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
     if pairing not in ("all_earlier", "consecutive"):
         raise ValueError(f"pairing must be 'all_earlier' or 'consecutive', got {pairing!r}")
     if max_interval_hours <= 0:
@@ -155,38 +197,52 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
     rep = _Report()
     con = connect(memory_limit=memory_limit, threads=threads)
 
-    register_table(con, "patients", mimic_iv_dir, "hosp/patients",
-                   ["subject_id", "gender", "anchor_age", "anchor_year"], "hosp/patients")
-    register_table(con, "admissions", mimic_iv_dir, "hosp/admissions",
-                   ["subject_id", "hadm_id", "admittime", "dischtime"], "hosp/admissions")
-    register_table(con, "metadata", mimic_cxr_dir, CXR_METADATA_STEM,
-                   ["dicom_id", "subject_id", "study_id", "viewposition", "studydate", "studytime"], "cxr/metadata")
+    # each file read once, here, so a file that cannot be read fails naming it (issue 15)
+    files = {}
+    for name, root, stem, required, key in (
+            ("patients", mimic_iv_dir, "hosp/patients", ["subject_id", "gender", "anchor_age", "anchor_year"], "hosp/patients"),
+            ("admissions", mimic_iv_dir, "hosp/admissions", ["subject_id", "hadm_id", "admittime", "dischtime"], "hosp/admissions"),
+            ("metadata", mimic_cxr_dir, CXR_METADATA_STEM,
+             ["dicom_id", "subject_id", "study_id", "viewposition", "studydate", "studytime"], "cxr/metadata")):
+        files[name], _ = register_table(con, f"{name}_csv", root, stem, required, key)
+        materialize(con, name, f"{name}_csv", files[name])
+    for col in ("admittime", "dischtime"):
+        _refuse_offsets(con, "admissions", col, files["admissions"])
+    _deduplicate(con, "patients", "subject_id", files["patients"], rep, "patients")
+    _deduplicate(con, "admissions", "hadm_id", files["admissions"], rep, "admissions")
+    _deduplicate(con, "metadata", "dicom_id", files["metadata"], rep, "images")
 
-    # 1. adult admissions (the reference's left merge: no patients row -> age unknown -> dropped)
-    con.execute("""
+    # 1. adult admissions (the reference's left merge: no patients row -> age unknown -> dropped); the reasons
+    # are exclusive, in this order: bad ids or times, no patients row, a patients row without a usable age, age
+    sid, hid = ID_SQL.format(x="a.subject_id"), ID_SQL.format(x="a.hadm_id")
+    con.execute(f"""
         CREATE TEMP TABLE adm AS
-        SELECT TRY_CAST(a.subject_id AS BIGINT) AS subject_id, TRY_CAST(a.hadm_id AS BIGINT) AS hadm_id,
+        SELECT {sid} AS subject_id, {hid} AS hadm_id,
                TRY_CAST(a.admittime AS TIMESTAMP) AS admittime, TRY_CAST(a.dischtime AS TIMESTAMP) AS dischtime,
                year(TRY_CAST(a.admittime AS TIMESTAMP)) - TRY_CAST(p.anchor_year AS INTEGER)
                    + TRY_CAST(p.anchor_age AS INTEGER) AS age,
-               p.gender AS gender
-        FROM admissions a LEFT JOIN patients p ON a.subject_id = p.subject_id""")
+               p.gender AS gender, p._sid IS NOT NULL AS has_patient
+        FROM admissions a LEFT JOIN (SELECT *, {ID_SQL.format(x="subject_id")} AS _sid FROM patients) p
+          ON {sid} = p._sid""")
+    valid = "subject_id IS NOT NULL AND hadm_id IS NOT NULL AND admittime IS NOT NULL AND dischtime IS NOT NULL"
     rep.add("kept", "admissions", "admissions", _scalar(con, "SELECT count(*) FROM adm"))
-    rep.add("dropped", "admission without valid admittime/dischtime/ids", "admissions", _scalar(con, """
-        SELECT count(*) FROM adm WHERE subject_id IS NULL OR hadm_id IS NULL OR admittime IS NULL OR dischtime IS NULL"""))
+    rep.add("dropped", "admission without a valid subject_id, hadm_id, admittime or dischtime", "admissions",
+            _scalar(con, f"SELECT count(*) FROM adm WHERE NOT ({valid})"))
     rep.add("dropped", "age unknown (no patients row)", "admissions",
-            _scalar(con, "SELECT count(*) FROM adm WHERE age IS NULL"))
-    rep.add("dropped", f"age < {min_age}", "admissions", _scalar(con, f"SELECT count(*) FROM adm WHERE age < {int(min_age)}"))
-    con.execute(f"""CREATE TEMP TABLE adult AS SELECT * FROM adm
-        WHERE age >= {int(min_age)} AND subject_id IS NOT NULL AND hadm_id IS NOT NULL
-          AND admittime IS NOT NULL AND dischtime IS NOT NULL""")
+            _scalar(con, f"SELECT count(*) FROM adm WHERE {valid} AND NOT has_patient"))
+    rep.add("dropped", "age unknown (patients row with unparseable anchor_age or anchor_year)", "admissions",
+            _scalar(con, f"SELECT count(*) FROM adm WHERE {valid} AND has_patient AND age IS NULL"))
+    rep.add("dropped", f"age < {min_age}", "admissions",
+            _scalar(con, f"SELECT count(*) FROM adm WHERE {valid} AND age < {int(min_age)}"))
+    con.execute(f"""CREATE TEMP TABLE adult AS SELECT * EXCLUDE (has_patient) FROM adm
+        WHERE age >= {int(min_age)} AND {valid}""")
 
-    # 2. images: frontal only, StudyDate + zero-padded integer StudyTime
+    # 2. images: frontal only (ViewPosition trimmed and upper-cased), StudyDate + zero-padded integer StudyTime
     views = ", ".join(f"'{v}'" for v in FRONTAL_VIEWS)
     con.execute(f"""
         CREATE TEMP TABLE img_all AS
-        SELECT dicom_id, TRY_CAST(subject_id AS BIGINT) AS subject_id, TRY_CAST(study_id AS BIGINT) AS study_id,
-               viewposition,
+        SELECT NULLIF(trim(dicom_id), '') AS dicom_id, {ID_SQL.format(x="subject_id")} AS subject_id,
+               {ID_SQL.format(x="study_id")} AS study_id, upper(trim(viewposition)) AS viewposition,
                try_strptime(trim(studydate) || ' ' || lpad(split_part(trim(studytime), '.', 1), 6, '0'),
                             '%Y%m%d %H%M%S') AS image_time
         FROM metadata""")
@@ -222,15 +278,17 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
     rep.add("kept", "image-admission links", "links", _scalar(con, "SELECT count(*) FROM linked"))
 
     # 4. image files on disk: missing or unreadable images are excluded before pairing
-    if check_images:
-        imgs = con.execute("SELECT DISTINCT dicom_id, subject_id, study_id FROM linked").df()
+    if check_images != "none":
+        imgs = con.execute("SELECT DISTINCT dicom_id, subject_id, study_id FROM linked ORDER BY dicom_id").df()
         from ehrxdiff.schemas import cxr_image_relpath
 
         rel = [cxr_image_relpath(s, t, d) for d, s, t in imgs.itertuples(index=False)]
-        status = check_image_files([image_root / r for r in rel])
+        status = check_image_files([image_root / r for r in rel], decode=check_images == "decode")
         imgs["status"] = status
-        for reason in ("missing", "unreadable"):
-            rep.add("dropped", f"image file {reason} on disk", "images", int((imgs["status"] == reason).sum()))
+        how = {"decode": "decoded in full", "header": "header only"}[check_images]
+        rep.add("dropped", "image file missing on disk", "images", int((imgs["status"] == "missing").sum()))
+        rep.add("dropped", f"image file unreadable on disk ({how})", "images",
+                int((imgs["status"] == "unreadable").sum()))
         bad = imgs.loc[imgs["status"].notna(), ["dicom_id"]]
         con.register("bad_images", bad)
         con.execute("DELETE FROM linked WHERE dicom_id IN (SELECT dicom_id FROM bad_images)")
@@ -310,15 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairing", choices=["all_earlier", "consecutive"], default="all_earlier")
     ap.add_argument("--max-interval-hours", type=float, default=MAX_INTERVAL_HOURS)
     ap.add_argument("--split-file", default=None, help="reference dataset_split.json (optional)")
-    ap.add_argument("--no-check-images", action="store_true")
+    ap.add_argument("--check-images", choices=list(CHECK_IMAGES), default="decode",
+                    help="decode every linked image in full (default), parse headers only, or skip the check")
     ap.add_argument("--memory-limit", default=None)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     try:
         res = build_cohort(a.mimic_iv, a.mimic_cxr, pairing=a.pairing, max_interval_hours=a.max_interval_hours,
-                           split_file=a.split_file, check_images=not a.no_check_images,
+                           split_file=a.split_file, check_images=a.check_images,
                            memory_limit=a.memory_limit, threads=a.threads)
-    except (SchemaError, MissingTableError, ValueError) as exc:
+    except (SchemaError, MissingTableError, ValueError) as exc:  # InputFileError is a ValueError
         print(f"error: {exc}")
         return 2
     out = res.write(a.out)

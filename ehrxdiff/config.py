@@ -42,7 +42,7 @@ class StudyConfig:
     own_images: str | None = None            # your own cohort (README "Your own cohort", ehrxdiff.own_cohort):
     own_events: str | None = None            #   images + events tables, instead of MIMIC and the synthetic world
     own_image_root: str | None = None        #   where relative image paths start (unset → the images table's folder)
-    own_check_images: str = "decode"         #   decode | header | none: how hard image files are checked
+    check_images: str = "decode"             # decode | header | none: how hard image files are checked (both paths)
     synthetic_n_patients: int = 1000
     synthetic_seed: int = 0
     synthetic_image_size: int = 256          # stored resolution (the reference stores 256 px, §4)
@@ -65,10 +65,12 @@ class StudyConfig:
     embedding_backend: str = "local"         # local | hashing | openai
     embedding_dim: int = 384                 # hashing backend only
     embedding_model_path: str | None = None  # local backend; unset → the bundled all-MiniLM-L6-v2
-    openai_model: str = "text-embedding-ada-002"
-    openai_azure_endpoint: str | None = None
-    openai_azure_deployment: str | None = None
-    openai_api_version: str = "2022-12-01"
+    openai_provider: str = "openai"          # openai | azure (the paper's: Azure OpenAI)
+    openai_model: str = "text-embedding-ada-002"   # provider openai: the model name
+    openai_base_url: str | None = None       # provider openai: unset → api.openai.com (set: a proxy or a local server)
+    openai_azure_endpoint: str | None = None  # provider azure: https://<resource>.openai.azure.com
+    openai_azure_deployment: str | None = None  # provider azure: the deployment of the model (unset → openai_model)
+    openai_api_version: str = "2022-12-01"   # provider azure (the reference's)
     allow_external_api: bool = False         # MIMIC-derived text leaves the machine only when True (DUA)
     # -- images and CLIP (§II-B, §III-A, D5, D11) --------------------------------------------------------
     image_size: int = 64                     # model input (paper 256)
@@ -282,7 +284,8 @@ def _validate(c: StudyConfig) -> None:
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
                "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"), "adaptor_fusion": ("linear", "tokens"),
                "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
-               "evaluator_arch": ("demo", "densenet121"), "own_check_images": ("decode", "header", "none")}
+               "evaluator_arch": ("demo", "densenet121"), "check_images": ("decode", "header", "none"),
+               "openai_provider": ("openai", "azure")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
             raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")
@@ -296,6 +299,9 @@ def _validate(c: StudyConfig) -> None:
         raise ConfigError(f"ablation_ldm_steps must be positive or null, got {c.ablation_ldm_steps}")
     if c.snr_gamma is not None and c.snr_gamma <= 0:
         raise ConfigError(f"snr_gamma must be positive or null, got {c.snr_gamma}")
+    if c.embedding_backend == "openai" and c.openai_provider == "azure" and not c.openai_azure_endpoint:
+        raise ConfigError("openai_provider azure needs openai_azure_endpoint (https://<resource>.openai.azure.com) "
+                          "and, unless it is named like openai_model, openai_azure_deployment")
     if not 0 <= c.event_dropout < 1:
         raise ConfigError(f"event_dropout must be in [0, 1), got {c.event_dropout}")
     if c.event_dropout and not c.ldm_cache_first_stage:

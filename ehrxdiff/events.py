@@ -16,7 +16,7 @@ also drops trailing zeros (``85.0`` -> ``85``), the genhpf style keeps one (``85
 ``str(round(x, 4))`` as the reference). Whitespace runs collapse to one space.
 
 Linkage (paper-reference §2.5): events join a pair through **hadm_id** with prev_time <= time <=
-target_time (both inclusive, exact timestamps); rows with a null hadm_id cannot link and are counted.
+target_time (both inclusive, exact timestamps); rows with a null or unparseable hadm_id ("NaN") cannot link and are counted.
 Per pair events are time-ordered with a total order that depends on the data only: time, then table order
 (:data:`EVENT_TABLES`), then the event's raw column values (their sort order as text). File row order is not
 used: a parallel scan does not keep it, and it made two runs order 7 of 403 k same-time events differently
@@ -52,7 +52,8 @@ import pyarrow.parquet as pq
 
 from ehrxdiff.constants import EVENT_TABLES, MAX_EVENTS, NUMBER_DECIMALS
 from ehrxdiff.schemas import COLUMNS, EVENT_TABLE_MODULE, TIME_COLUMNS
-from ehrxdiff.sources import connect, csv_relation_sql, register_table, sql_literal
+from ehrxdiff.sources import (ID_SQL, OFFSET_SQL, InputFileError, connect, csv_relation_sql, materialize, reading,
+                              register_table, sql_literal)
 
 log = logging.getLogger(__name__)
 
@@ -366,13 +367,16 @@ def _scan_sql(table: str, cols: list[str], where: str, subj: str, tcol: str, sou
     elsewhere: those rows are only counted). Row order in the parquet file does not matter: events at the same
     time are ordered by their values later, never by the order a parallel scan wrote them in."""
     raw = ", ".join(f'CASE WHEN s.hadm_id IS NOT NULL THEN r."{c}" END AS r{i}' for i, c in enumerate(cols))
+    hadm = ID_SQL.format(x="v.hadm_id")   # "NaN" or "123.5" is no id: such rows count as null hadm_id
     return f"""
-        SELECT r._hadm, r._subj, r._time, s.hadm_id IS NOT NULL AS _in, {raw}
-        FROM (SELECT TRY_CAST(v.hadm_id AS BIGINT) AS _hadm, {subj} AS _subj,
-                     TRY_CAST(v."{tcol}" AS TIMESTAMP) AS _time, {", ".join(f'v."{c}"' for c in cols)}
+        SELECT r._hadm, r._subj, r._time, s.hadm_id IS NOT NULL AS _in, r._offset, {raw}
+        FROM (SELECT {hadm} AS _hadm, {subj} AS _subj,
+                     TRY_CAST(v."{tcol}" AS TIMESTAMP) AS _time,
+                     CASE WHEN {OFFSET_SQL.format(x=f'v."{tcol}"')} THEN v."{tcol}" END AS _offset,
+                     {", ".join(f'v."{c}"' for c in cols)}
               FROM {source or f"ev_{table}"} v
-              WHERE {where} AND (TRY_CAST(v.hadm_id AS BIGINT) IN (SELECT hadm_id FROM win_hadm)
-                    OR (v.hadm_id IS NULL AND {subj} IN (SELECT subject_id FROM win_subj)))) r
+              WHERE {where} AND ({hadm} IN (SELECT hadm_id FROM win_hadm)
+                    OR ({hadm} IS NULL AND {subj} IN (SELECT subject_id FROM win_subj)))) r
         LEFT JOIN span s ON s.hadm_id = r._hadm AND r._time BETWEEN s.lo AND s.hi"""
 
 
@@ -425,9 +429,13 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     con.execute("SET disabled_optimizers = 'build_side_probe_side'")
     _load_windows(con, pairs)
     if "labevents" in tables:
-        register_table(con, "d_labitems", mimic_iv_dir, "hosp/d_labitems", ["itemid", "label", "category"], "hosp/d_labitems")
+        p, _ = register_table(con, "d_labitems_csv", mimic_iv_dir, "hosp/d_labitems", ["itemid", "label", "category"],
+                              "hosp/d_labitems")
+        materialize(con, "d_labitems", "d_labitems_csv", p)
     if any(t in ITEM_DICTIONARY and t != "labevents" for t in tables):
-        register_table(con, "d_items", mimic_iv_dir, "icu/d_items", ["itemid", "label", "linksto", "category"], "icu/d_items")
+        p, _ = register_table(con, "d_items_csv", mimic_iv_dir, "icu/d_items", ["itemid", "label", "linksto", "category"],
+                              "icu/d_items")
+        materialize(con, "d_items", "d_items_csv", p)
 
     report: list[dict] = []
 
@@ -454,14 +462,15 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
         src, header = register_table(con, f"ev_{table}", mimic_iv_dir, stem, required, stem)
         cols = event_columns(table, header)
         where = _filter_sql(table, filters, drugs, filter_inputevents, con)
-        subj = 'TRY_CAST(v.subject_id AS BIGINT)' if "subject_id" in header else "NULL::BIGINT"
+        subj = ID_SQL.format(x="v.subject_id") if "subject_id" in header else "NULL::BIGINT"
         path = (work / f"rows_{table}.parquet").as_posix()
         pipe = None
         if gunzip_thread and src.name.endswith(".gz") and hasattr(os, "mkfifo"):
             pipe = _GunzipPipe(src, work / f"{table}.csv")
         try:
             source = f"{csv_relation_sql(pipe.fifo, header)}" if pipe else None
-            con.execute(f"COPY ({_scan_sql(table, cols, where, subj, tcol, source)}) TO {sql_literal(path)} (FORMAT parquet)")
+            with reading(src):
+                con.execute(f"COPY ({_scan_sql(table, cols, where, subj, tcol, source)}) TO {sql_literal(path)} (FORMAT parquet)")
         except BaseException as e:
             if pipe:
                 pipe.close(failed=True)
@@ -473,10 +482,16 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
             pipe.close()
         t_scan = time.perf_counter()
         rows = f"read_parquet({sql_literal(path)})"
+        n_offset, example = q(f"SELECT count(_offset), any_value(_offset) FROM {rows}")
+        if n_offset:
+            raise InputFileError(f"{src}: column '{tcol}': {n_offset} time(s) of cohort rows carry a UTC offset (e.g. "
+                                 f"'{example}'). MIMIC times are local times without one, as the images' are; an "
+                                 "offset would be dropped or shift these events against the films. Write every time "
+                                 "in one clock, without an offset.")
         n_rows, n_null_time = q(f"""SELECT count(*) FILTER (WHERE _hadm IS NOT NULL),
                                            count(*) FILTER (WHERE _hadm IS NOT NULL AND _time IS NULL) FROM {rows}""")
         add(table, "rows of cohort admissions passing the item filter", int(n_rows))
-        add(table, "dropped: null hadm_id inside a pair window of the subject", int(q(f"""
+        add(table, "dropped: null or unparseable hadm_id inside a pair window of the subject", int(q(f"""
             SELECT count(*) FROM {rows} r WHERE r._hadm IS NULL AND EXISTS (SELECT 1 FROM win w
               WHERE w.subject_id = r._subj AND r._time BETWEEN w.prev_time AND w.target_time)""")[0]))
         add(table, f"dropped: null or unparseable {tcol}", int(n_null_time))

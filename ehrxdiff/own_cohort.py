@@ -1,8 +1,10 @@
 """Your own cohort: a non-MIMIC longitudinal imaging cohort in two tables, run through the MIMIC path's code.
 
 Two tables, CSV (``.csv``/``.csv.gz``) or Parquet. Headers are case-insensitive; ids are read as text; times
-are ISO 8601 (``2021-03-04 08:15:00``, ``2021-03-04T08:15``; an offset such as ``Z`` or ``+02:00`` is converted
-to UTC, a time without one is taken as it is); blank cells are missing.
+are ISO 8601 (``2021-03-04 08:15:00``, ``2021-03-04T08:15``) local times: a time with an offset such as ``Z``
+or ``+02:00`` is refused, naming the file, column and row (mixed notations would shift events against films);
+ids written as floats (``10412715.0``) are read as their digits; blank cells are missing; a row repeated in the
+events table is one event (counted).
 
 **images** — one row per image file
 
@@ -66,7 +68,8 @@ from ehrxdiff.constants import IMAGENOME_LABELS, MAX_EVENTS, MAX_INTERVAL_HOURS,
 from ehrxdiff.events import TEXT_STYLES, EventResult, serialize_event
 from ehrxdiff.images import ImageLoadError, read_gray
 from ehrxdiff.schemas import COLUMNS
-from ehrxdiff.sources import MissingTableError, SchemaError, connect, validate_columns
+from ehrxdiff.sources import (InputFileError, MissingTableError, SchemaError, connect, csv_relation_sql, read_header,
+                              reading, validate_columns)
 
 log = logging.getLogger(__name__)
 
@@ -114,27 +117,36 @@ def read_table(path: str | Path, required) -> pd.DataFrame:
     """A CSV/CSV.gz/Parquet table with lower-cased column names; every CSV cell is text, blank = missing.
 
     A missing file raises :class:`~ehrxdiff.sources.MissingTableError`, a missing required column
-    :class:`~ehrxdiff.sources.SchemaError`; both name the file (and the column).
+    :class:`~ehrxdiff.sources.SchemaError`; both name the file (and the column). A file that cannot be read (a
+    truncated gzip, a row with more or fewer fields than the header, text that is not UTF-8, a broken Parquet
+    file) raises :class:`~ehrxdiff.sources.InputFileError` naming the file and the line. CSVs are read by DuckDB's
+    strict reader (pandas pads a short row with blanks without a word).
     """
     path = Path(path)
     if not path.is_file():
         raise MissingTableError(f"missing file: {path}")
     name = path.name.lower()
     if name.endswith((".parquet", ".pq")):
-        df = pd.read_parquet(path)
+        with reading(path):
+            df = pd.read_parquet(path)
+        header = [str(c).strip().lower() for c in df.columns]
     elif name.endswith((".csv", ".csv.gz")):
+        header = read_header(path)
+        con = connect(threads=1)
         try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        except pd.errors.EmptyDataError:
-            raise SchemaError(f"{path}: empty file, no header row") from None
+            with reading(path):
+                df = con.execute(f"SELECT * FROM {csv_relation_sql(path, header)}").df()
+        finally:
+            con.close()
+        df = df.astype("string")
     else:
         raise ValueError(f"{path}: expected .csv, .csv.gz or .parquet")
-    header = [str(c).strip().lower() for c in df.columns]
     if len(set(header)) != len(header):
         dup = sorted({c for c in header if header.count(c) > 1})
         raise SchemaError(f"{path}: duplicate column(s) after lower-casing: {', '.join(dup)}")
     validate_columns(path, header, required)
     df.columns = header
+    df.attrs["path"] = str(path)
     return df.reset_index(drop=True)
 
 
@@ -144,12 +156,43 @@ def _text(s: pd.Series) -> pd.Series:
     return t.mask(t == "")
 
 
-def _time(s: pd.Series) -> pd.Series:
-    """ISO 8601 → naive timestamps (offsets converted to UTC); unparseable → NaT."""
-    if not pd.api.types.is_datetime64_any_dtype(s):
-        s = pd.to_datetime(_text(s), errors="coerce", format="ISO8601", utc=True)
+def _id(df: pd.DataFrame, col: str) -> pd.Series:
+    """An id column as text. A float column (Parquet written from pandas with a missing value) or a text id
+    written as a float (``10412715.0``) becomes its integer digits, so the two tables' ids match (issue 15:
+    ``10412715.0`` matched no event); a float id with a fraction is refused, naming the file, column and row."""
+    s = df[col]
+    if pd.api.types.is_float_dtype(s):
+        frac = s.notna() & (s != s.round())
+        if frac.any():
+            i = int(frac.to_numpy().argmax())
+            raise InputFileError(f"{df.attrs.get('path', '?')}: column '{col}': row {i + 1}: {s.iloc[i]!r} is not an "
+                                 "id (a float with a fraction)")
+        return s.astype("Int64").astype("string")
+    t = _text(s)
+    return t.str.replace(r"^([0-9]+)\.0*$", r"\1", regex=True)
+
+
+_OFFSET = re.compile(r"[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]*)?)?\s*(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)$")
+
+
+def _time(df: pd.DataFrame, col: str) -> pd.Series:
+    """ISO 8601 → naive timestamps; unparseable → NaT. A time with a UTC offset (``+02:00``, ``Z``) or a time-zone
+    aware column is refused, naming the file, column and row: converting it to UTC while the other table's times
+    stay local shifted every event by the offset without a word (issue 15)."""
+    s = df[col]
+    where = f"{df.attrs.get('path', '?')}: column '{col}'"
     if isinstance(s.dtype, pd.DatetimeTZDtype):
-        s = s.dt.tz_convert("UTC").dt.tz_localize(None)
+        raise InputFileError(f"{where}: times carry a time zone ({s.dtype.tz}); write local times without one, the "
+                             "same clock in the images and the events table")
+    if not pd.api.types.is_datetime64_any_dtype(s):
+        t = _text(s)
+        off = t.str.contains(_OFFSET, na=False)
+        if off.any():
+            i = int(off.to_numpy().argmax())
+            raise InputFileError(f"{where}: row {i + 1}: '{t.iloc[i]}' and {int(off.sum()) - 1} more carry a UTC "
+                                 "offset; write local times without one, the same clock in the images and the "
+                                 "events table")
+        s = pd.to_datetime(t, errors="coerce", format="ISO8601")
     return s.astype("datetime64[us]")
 
 
@@ -211,10 +254,10 @@ def _images(path: Path, image_root: Path, check_images: str, workers: int, fun: 
     """The images table validated: kept rows with normalised columns, and the label columns found."""
     df = read_table(path, IMAGE_COLUMNS)
     fun.add("kept", f"rows in {path.name}", "images", len(df))
-    img = pd.DataFrame({"subject_id": _text(df["subject_id"]), "time": _time(df["time"]).dt.floor("s"),
+    img = pd.DataFrame({"subject_id": _id(df, "subject_id"), "time": _time(df, "time").dt.floor("s"),
                         "path": _text(df["path"]), "view": _text(df["view"]).str.upper()}, index=df.index)
     has_episode = "episode_id" in df.columns
-    img["episode_id"] = _text(df["episode_id"]) if has_episode else img["subject_id"]
+    img["episode_id"] = _id(df, "episode_id") if has_episode else img["subject_id"]
     if "image_id" in df.columns:
         img["image_id"] = _text(df["image_id"])
         unsafe = img["image_id"].notna() & ~img["image_id"].fillna("").str.fullmatch(_SAFE_ID.pattern)
@@ -384,7 +427,7 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
     def add(table: str, what: str, n) -> None:
         report.append({"table": table, "what": what, "n": n})
 
-    ev = pd.DataFrame({"subject_id": _text(df["subject_id"]), "t": _time(df["time"]), "table": _text(df["table"]),
+    ev = pd.DataFrame({"subject_id": _id(df, "subject_id"), "t": _time(df, "time"), "table": _text(df["table"]),
                        "row_ord": df.index.to_numpy()}, index=df.index)
     text = _text(df["text"]) if "text" in df.columns else pd.Series(pd.NA, index=df.index, dtype="string")
     content = text.notna()
@@ -396,6 +439,12 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
                       ("no table", ev["table"].isna()), ("no text and no column value", ~content)):
         add("all", f"dropped: {what}", int((ok & bad).sum()))
         ok &= ~bad
+    # a row repeated (same subject, time, table and content) is one event, as on the MIMIC path
+    key = pd.concat([ev[["subject_id", "t", "table"]], text.rename("_text"),
+                     *(df[c].astype("string").rename(f"_v{i}") for i, c in enumerate(value_cols))], axis=1)
+    dup = ok & key.where(ok).duplicated()
+    add("all", "dropped: duplicate rows (same subject, time, table and values; first kept)", int(dup.sum()))
+    ok &= ~dup
     ev = ev[ok]
     tables = list(pd.unique(ev["table"]))
     ev["table_ord"] = ev["table"].map({t: i for i, t in enumerate(tables)}).astype("int32")

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -28,8 +29,8 @@ import duckdb
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "SchemaError", "MissingTableError", "table_path", "read_header", "validate_columns",
-    "csv_relation_sql", "register_table", "connect", "sql_literal",
+    "SchemaError", "MissingTableError", "InputFileError", "reading", "table_path", "read_header", "validate_columns",
+    "csv_relation_sql", "register_table", "connect", "sql_literal", "ID_SQL", "OFFSET_SQL", "materialize",
 ]
 
 
@@ -39,6 +40,62 @@ class SchemaError(ValueError):
 
 class MissingTableError(FileNotFoundError):
     """A required release file is absent. The message names every path that was tried."""
+
+
+class InputFileError(ValueError):
+    """An input file that cannot be read as what it claims to be (a truncated gzip, a row with too many or too
+    few fields, text that is not UTF-8, conflicting duplicate keys, times with a UTC offset). The message names
+    the file and, where the reader says, the line and the column; the library's exception is chained."""
+
+
+def _short(exc: BaseException) -> str:
+    """The reader's message without its advice and settings dump: the first paragraph, one line."""
+    text = str(exc).strip()
+    para = text.split("\n\n", 1)[0]
+    lines = [ln.strip() for ln in para.splitlines()
+             if ln.strip() and not ln.strip().startswith(("Possible", "* ", "file ="))]
+    msg = "; ".join(lines)
+    for prefix in ("Invalid Input Error: ", "IO Error: ", "Conversion Error: "):
+        msg = msg.replace(prefix, "")
+    return msg[:400]
+
+
+@contextmanager
+def reading(path: str | Path, what: str = "reading"):
+    """Re-raise what DuckDB, pandas, PyArrow, gzip or the codec raise while ``path`` is read as
+    :class:`InputFileError` naming the file (issue 15: no library traceback reaches the user)."""
+    import pandas as pd
+    import zlib
+    try:
+        yield
+    except (SchemaError, MissingTableError, InputFileError):
+        raise
+    except (duckdb.Error, UnicodeDecodeError, EOFError, zlib.error, gzip.BadGzipFile, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as exc:
+        kind = {UnicodeDecodeError: "is not UTF-8 text"}.get(type(exc))
+        detail = f"{kind} ({exc.reason} at byte {exc.start})" if kind else _short(exc)
+        raise InputFileError(f"{path}: {what} failed: {detail}") from exc
+    except Exception as exc:  # pyarrow's ArrowInvalid and friends, without importing pyarrow here
+        if type(exc).__module__.startswith("pyarrow"):
+            raise InputFileError(f"{path}: {what} failed: {_short(exc)}") from exc
+        raise
+
+
+# an id column read as text: digits, optionally written as a float with a zero fraction ("10412715.0", as a
+# spreadsheet or pandas writes them); anything else ("NaN", "10412715.5", "abc") is NULL, and callers count it.
+# (A plain TRY_CAST would round "10412715.5" to 10412716 and silently link the wrong patient.)
+ID_SQL = ("CASE WHEN regexp_full_match(trim({x}), '[0-9]+(\\.0*)?') "
+          "THEN TRY_CAST(split_part(trim({x}), '.', 1) AS BIGINT) END")
+# a time written with a UTC offset ("2150-01-01 10:00:00+02:00", "...Z"): TRY_CAST(... AS TIMESTAMP) drops the
+# offset silently, so such values are found and refused (MIMIC times are local times without one)
+OFFSET_SQL = ("(length({x}) > 19 AND regexp_matches(trim({x}), "
+              "'[0-9]{{2}}:[0-9]{{2}}(:[0-9]{{2}}(\\.[0-9]*)?)?\\s*(Z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$'))")
+
+
+def materialize(con: duckdb.DuckDBPyConnection, name: str, view: str, path: str | Path) -> None:
+    """Read view ``view`` of file ``path`` into temp table ``name`` once, so a bad file fails here, named."""
+    with reading(path):
+        con.execute(f'CREATE OR REPLACE TEMP TABLE "{name}" AS SELECT * FROM "{view}"')
 
 
 def table_path(root: str | Path, stem: str) -> Path:

@@ -79,7 +79,7 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
         res = build_own_cohort(cfg.path("own_images"), image_root=src["mimic_cxr"], pairing=cfg.pairing,
                                max_interval_hours=cfg.max_interval_hours, split_seed=cfg.split_seed,
                                test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction,
-                               split_file=cfg.split_file, check_images=cfg.own_check_images,
+                               split_file=cfg.split_file, check_images=cfg.check_images,
                                threads=cfg.duckdb_threads)
         res.write(out)
         check_pairs(res.pairs, where=f"the own cohort ({cfg.path('own_images')})", report=res.report)
@@ -88,7 +88,8 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
                               max_interval_hours=cfg.max_interval_hours, min_age=cfg.min_age,
                               split_seed=cfg.split_seed, test_fraction=cfg.test_fraction,
                               valid_fraction=cfg.valid_fraction, split_file=cfg.split_file,
-                              memory_limit=cfg.duckdb_memory_limit, threads=cfg.duckdb_threads)
+                              check_images=cfg.check_images, memory_limit=cfg.duckdb_memory_limit,
+                              threads=cfg.duckdb_threads)
     res.write(out)
     check_pairs(res.pairs, where=f"the cohort of {src['mimic_iv']} and {src['mimic_cxr']}", report=res.report)
     return res
@@ -153,10 +154,12 @@ def make_embedder(cfg: StudyConfig):
         return make("hashing", cache_path=cache, dim=cfg.embedding_dim)
     if cfg.embedding_backend == "local":
         return make("local", cache_path=cache, model_path=cfg.embedding_model_path)
-    return make("openai", cache_path=cache, data_is_synthetic=cfg.synthetic,
-                allow_external_api=cfg.allow_external_api, model=cfg.openai_model,
-                azure_endpoint=cfg.openai_azure_endpoint, azure_deployment=cfg.openai_azure_deployment,
-                api_version=cfg.openai_api_version)
+    common = dict(cache_path=cache, data_is_synthetic=cfg.synthetic, allow_external_api=cfg.allow_external_api,
+                  provider=cfg.openai_provider)
+    if cfg.openai_provider == "azure":   # Azure addresses a deployment of the model, under its endpoint
+        return make("openai", **common, model=cfg.openai_azure_deployment or cfg.openai_model,
+                    azure_endpoint=cfg.openai_azure_endpoint, api_version=cfg.openai_api_version)
+    return make("openai", **common, model=cfg.openai_model, base_url=cfg.openai_base_url)
 
 
 def load_events(cfg: StudyConfig):

@@ -20,8 +20,8 @@ class FakeEmbeddingsAPI:
     """Answers POST .../embeddings. ``script`` = status codes for the first requests; after that 200s.
     ``die_after`` = number of successful batches after which every request gets 503 (a dead backend)."""
 
-    def __init__(self, script=(), die_after=None):
-        self.script, self.die_after = list(script), die_after
+    def __init__(self, script=(), die_after=None, dim=DIM):
+        self.script, self.die_after, self.dim = list(script), die_after, dim
         self.requested: list[list[str]] = []
         self.ok = 0
         self.paths: list[str] = []
@@ -45,7 +45,8 @@ class FakeEmbeddingsAPI:
                     return
                 api.ok += 1
                 api.requested.append(list(body["input"]))
-                data = [{"object": "embedding", "index": i, "embedding": fake_vector(t)} for i, t in enumerate(body["input"])]
+                data = [{"object": "embedding", "index": i, "embedding": (fake_vector(t) * api.dim)[:api.dim]}
+                        for i, t in enumerate(body["input"])]
                 self._send(200, {"object": "list", "data": data, "model": body["model"],
                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
 
@@ -172,3 +173,35 @@ def test_local_backend_from_bundled_model(tmp_path):
     assert out.shape == (3, emb.dim) and emb.dim == 384
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-4)
     assert emb.stats["misses"] == 2 and len(emb.cache) == 2
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure"])
+def test_notebook_02_embeds_with_the_openai_backend_chosen_by_config(api_key, monkeypatch, tmp_path, provider):
+    """Issue 16: the paper profile's backend through the study's config path (study.make_embedder, as notebook 02
+    calls it), both providers, against the loopback server; ada-002's 1536-d vectors."""
+    from ehrxdiff import study
+    from ehrxdiff.config import load_config
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "az-test-not-a-key")
+    with FakeEmbeddingsAPI(dim=1536) as api:
+        net = ({"openai_base_url": api.url + "/v1"} if provider == "openai" else
+               {"openai_provider": "azure", "openai_azure_endpoint": api.url, "openai_azure_deployment": "ada-dep"})
+        cfg = load_config("smoke", {"embedding_backend": "openai", "data_dir": str(tmp_path / "data"),
+                                    "run_dir": str(tmp_path / "run"), **net})
+        step = study.build_events(cfg, study.build_cohort(cfg).pairs)
+    assert step.store.summary()["unique_texts"] == len(step.events.texts) > 0
+    assert step.store.summary()["dim"] == 1536
+    assert api.paths and all(p.startswith("/openai/deployments/ada-dep/embeddings") if provider == "azure"
+                             else p == "/v1/embeddings" for p in api.paths)
+
+
+def test_openai_backend_refuses_real_data_without_opt_in_through_the_config(api_key, tmp_path):
+    from ehrxdiff import study
+    from ehrxdiff.config import ConfigError, load_config
+    from ehrxdiff.synthetic import generate_world
+    world = generate_world(tmp_path / "w", n_patients=3, seed=1, image_size=32, workers=1, progress=False)
+    real = {"embedding_backend": "openai", "openai_base_url": "http://127.0.0.1:9/v1", "data_dir": str(tmp_path / "d"),
+            "mimic_iv_dir": str(world / "mimiciv/2.2"), "mimic_cxr_dir": str(world / "mimic-cxr-jpg/2.0.0")}
+    with pytest.raises(ExternalAPIRefused, match="data use agreement"):
+        study.make_embedder(load_config("smoke", real))
+    with pytest.raises(ConfigError, match="openai_azure_endpoint"):
+        load_config("smoke", {**real, "openai_provider": "azure"})

@@ -191,8 +191,8 @@ def test_event_after_target_excluded(result):
 
 def test_null_hadm_rows_dropped_and_counted(result):
     assert not any("value 70" in t for t in result.texts)
-    assert _report(result, "labevents", "dropped: null hadm_id") == 1
-    assert _report(result, "microbiologyevents", "dropped: null hadm_id") == 1
+    assert _report(result, "labevents", "dropped: null or unparseable hadm_id") == 1
+    assert _report(result, "microbiologyevents", "dropped: null or unparseable hadm_id") == 1
     assert _report(result, "microbiologyevents", "dropped: null or unparseable charttime") == 1
 
 
