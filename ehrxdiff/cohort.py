@@ -37,7 +37,7 @@ from ehrxdiff.sources import (ID_SQL, OFFSET_SQL, InputFileError, MissingTableEr
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CohortResult", "build_cohort", "assign_splits", "table1", "check_image_files", "main"]
+__all__ = ["CohortResult", "build_cohort", "assign_splits", "table1", "format_table1", "check_image_files", "main"]
 
 PAIR_COLUMNS = (
     "pair_key", "subject_id", "hadm_id", "prev_dicom_id", "target_dicom_id", "prev_study_id",
@@ -360,6 +360,16 @@ def table1(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def format_table1(t1: pd.DataFrame) -> pd.DataFrame:
+    """Table I as the paper prints it: counts as integers with thousands separators, the interval with two
+    decimals (a numeric frame mixes them into floats: ``20.0`` patients)."""
+    shown = t1.astype(object)
+    for row in shown.index:
+        shown.loc[row] = [("" if pd.isna(v) else f"{v:.2f}") if "interval" in row else f"{int(v):,}" for v in t1.loc[row]]
+    shown.index.name = "statistic"
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.cohort", description=__doc__.splitlines()[0])
     ap.add_argument("--mimic-iv", required=True, help="MIMIC-IV v2.2 root (holds hosp/ and icu/)")
@@ -382,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = res.write(a.out)
     print(res.report.to_string(index=False))
-    print(table1(res.pairs).to_string())
+    print(format_table1(table1(res.pairs)).to_string())
     print(f"wrote {out / 'pairs.parquet'} ({len(res.pairs)} pairs)")
     return 0
 

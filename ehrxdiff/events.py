@@ -232,7 +232,11 @@ def _item_ids(con, sql: str) -> list[int]:
     return sorted(int(r[0]) for r in con.execute(f"SELECT DISTINCT x FROM ({sql}) t(x) WHERE x IS NOT NULL").fetchall())
 
 
-def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool, con) -> str:
+DRUG_MATCHING = ("casefold", "exact")
+
+
+def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool, con,
+                drug_matching: str = "casefold") -> str:
     """The reference's item selection for ``table`` as a WHERE clause on the raw VARCHAR view ``v``.
 
     The dictionary look-ups run once here and enter the scan as literal lists (``TRY_CAST(itemid) IN (...)``
@@ -255,7 +259,11 @@ def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool
     if table == "prescriptions":
         names = [d for lst in f["lists"] for d in drugs[lst]]
         names = [d for d in names if not any(s in d.casefold() for s in f["drop_if_name_contains_casefold"])]
-        return _in_sql('v."drug"', names)  # exact, case-sensitive match [R get_filtered_items]
+        if drug_matching == "exact":   # exact, case-sensitive match [R get_filtered_items]
+            return _in_sql('v."drug"', names)
+        # trimmed and case-folded on both sides: MIMIC writes tall-man and lower-case names (HydrALAZINE,
+        # NORepinephrine, vancomycin) that the reference's exact match drops (issue 16)
+        return _in_sql('lower(trim(v."drug"))', sorted({d.strip().lower() for d in names}))
     if table == "inputevents":
         if not filter_inputevents:
             return "TRUE"
@@ -394,6 +402,7 @@ def _tuple_text_sql(table: str, cols: list[str], tuples: str, label_join: str, t
 
 def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path, *,
                           max_events: int = MAX_EVENTS, text_style: str = "plain", filter_inputevents: bool = True,
+                          drug_matching: str = "casefold",
                           tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
                           threads: int | None = None, temp_directory: str | Path | None = None,
                           gunzip_thread: bool = False) -> Path:
@@ -419,6 +428,8 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     table names looked up by index → ``events.parquet``.
     """
     _check_args(pairs, max_events, text_style)
+    if drug_matching not in DRUG_MATCHING:
+        raise ValueError(f"drug_matching must be one of {DRUG_MATCHING}, got {drug_matching!r}")
     filters, drugs = load_item_filters()
     out = Path(out_dir)
     work = out / "_work"
@@ -461,7 +472,8 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
         stem = f"{EVENT_TABLE_MODULE[table]}/{table}"
         src, header = register_table(con, f"ev_{table}", mimic_iv_dir, stem, required, stem)
         cols = event_columns(table, header)
-        where = _filter_sql(table, filters, drugs, filter_inputevents, con)
+        with reading(src):   # the inputevents filter reads the table once (itemids ever ordered as antibiotics)
+            where = _filter_sql(table, filters, drugs, filter_inputevents, con, drug_matching)
         subj = ID_SQL.format(x="v.subject_id") if "subject_id" in header else "NULL::BIGINT"
         path = (work / f"rows_{table}.parquet").as_posix()
         pipe = None
@@ -616,7 +628,7 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
 
 
 def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
-                   text_style: str = "plain", filter_inputevents: bool = True,
+                   text_style: str = "plain", filter_inputevents: bool = True, drug_matching: str = "casefold",
                    tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
                    threads: int | None = None, temp_directory: str | Path | None = None) -> EventResult:
     """Events of every pair in ``pairs`` as in-memory frames: :func:`extract_events_to_dir` into a temporary
@@ -624,7 +636,8 @@ def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events:
     _check_args(pairs, max_events, text_style)
     with tempfile.TemporaryDirectory(prefix="ehrxdiff-events-") as tmp:
         extract_events_to_dir(mimic_iv_dir, pairs, tmp, max_events=max_events, text_style=text_style,
-                              filter_inputevents=filter_inputevents, tables=tables, memory_limit=memory_limit,
+                              filter_inputevents=filter_inputevents, drug_matching=drug_matching, tables=tables,
+                              memory_limit=memory_limit,
                               threads=threads, temp_directory=temp_directory)
         res = EventResult.read(tmp)
     res.root = None
@@ -650,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-events", type=int, default=MAX_EVENTS, help=f"most recent events per pair (default {MAX_EVENTS})")
     ap.add_argument("--text-style", choices=sorted(TEXT_STYLES), default="plain")
     ap.add_argument("--no-filter-inputevents", action="store_true", help="keep every inputevents item (the released code)")
+    ap.add_argument("--drug-matching", choices=DRUG_MATCHING, default="casefold",
+                    help="prescription names: trimmed and case-folded (default) or the reference's exact match")
     ap.add_argument("--memory-limit", default=None)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
@@ -663,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise SchemaError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, pairs.columns))})")
         out = extract_events_to_dir(a.mimic_iv, pairs, a.out, max_events=a.max_events, text_style=a.text_style,
-                                    filter_inputevents=not a.no_filter_inputevents, memory_limit=a.memory_limit,
+                                    filter_inputevents=not a.no_filter_inputevents, drug_matching=a.drug_matching,
+                                    memory_limit=a.memory_limit,
                                     threads=a.threads)
     except (SchemaError, MissingTableError, ValueError, OSError, duckdb.Error) as exc:
         print(f"error: {exc}")

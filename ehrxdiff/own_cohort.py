@@ -63,7 +63,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ehrxdiff.cohort import CXR_METADATA_STEM, CohortResult, build_cohort, check_image_files, table1
+from ehrxdiff.cohort import CXR_METADATA_STEM, CohortResult, build_cohort, check_image_files, format_table1, table1
 from ehrxdiff.constants import IMAGENOME_LABELS, MAX_EVENTS, MAX_INTERVAL_HOURS, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
 from ehrxdiff.events import TEXT_STYLES, EventResult, serialize_event
 from ehrxdiff.images import ImageLoadError, read_gray
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     print(cohort.report.to_string(index=False))
     if len(cohort.rejected):
         print(cohort.rejected.to_string(index=False))
-    print(table1(cohort.pairs).to_string())
+    print(format_table1(table1(cohort.pairs)).to_string())
     print(ev.report[ev.report["table"] == "all"].to_string(index=False))
     print(f"wrote {Path(a.out) / 'cohort'} ({len(cohort.pairs)} pairs) and {Path(a.out) / 'events'}")
     return 0

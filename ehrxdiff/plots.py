@@ -38,9 +38,12 @@ def contact_sheet(metadata: pd.DataFrame, cxr_root: str | Path, *, n: int = 16, 
     return _finish(fig, path_stem)
 
 
-def interval_histogram(pairs: pd.DataFrame, *, max_hours: float = 48, path_stem=None):
-    """Hours between I_prev and I_trg per split (the paper caps it at 48 h, §II-D)."""
+def interval_histogram(pairs: pd.DataFrame, *, max_hours: float = 48, title: str | None = None, path_stem=None):
+    """Hours between I_prev and I_trg per split (the paper caps it at 48 h, §II-D). ``title`` says which pairs:
+    notebook 01's cohort, or notebook 02's samples (pairs with events, re-split), which Table I counts."""
     fig, ax = plt.subplots(figsize=(5, 3))
+    if title:
+        ax.set_title(title, fontsize=8)
     for split, g in pairs.groupby("split"):
         ax.hist(g["interval_hours"], bins=np.linspace(0, max_hours, 25), alpha=0.6, label=f"{split} (n={len(g)})",
                 density=True)

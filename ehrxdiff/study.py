@@ -125,16 +125,14 @@ def check_pairs(pairs: pd.DataFrame, *, where: str, report: pd.DataFrame | None 
 
 
 def write_table1(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:
-    """Table I (patients, admissions, samples, mean interval per split) as CSV, Markdown and LaTeX."""
-    from .cohort import table1
+    """Table I (patients, admissions, samples, mean interval per split) as CSV, Markdown and LaTeX; returns it as
+    written (counts as integers, not the floats a numeric frame shows)."""
+    from .cohort import format_table1, table1
     from .reporting import write_table
     t1 = table1(pairs)
-    shown = t1.astype(object)
-    for row in shown.index:   # counts as integers, the interval with two decimals (as the paper prints them)
-        shown.loc[row] = [f"{v:.2f}" if "interval" in row else f"{int(v):,}" for v in t1.loc[row]]
-    shown.index.name = "statistic"
+    shown = format_table1(t1)
     write_table(shown, "table1_cohort", figures_dir(cfg), caption="Table I: cohort statistics per split")
-    return t1
+    return shown
 
 
 # ---------------------------------------------------------------------------------------------------- 02
@@ -143,6 +141,7 @@ class EventsStep:
     events: object          # ehrxdiff.events.EventResult
     store: object           # ehrxdiff.event_store.EventStore
     embedder_stats: dict
+    samples: pd.DataFrame | None = None   # the study's samples (pairs with >= 1 event, re-split): Table I's rows
 
 
 def make_embedder(cfg: StudyConfig):
@@ -190,16 +189,17 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
         else:  # streamed by DuckDB to parquet (bounded memory at full MIMIC scale), then read back
             extract_events_to_dir(src["mimic_iv"], pairs, ev_dir, max_events=cfg.max_events,
                                   text_style=cfg.text_style, filter_inputevents=cfg.filter_inputevents,
+                                  drug_matching=cfg.drug_matching,
                                   memory_limit=cfg.duckdb_memory_limit, threads=cfg.duckdb_threads)
         ev = load_events(cfg)
-    _resplit(cfg, pairs, ev.pair_keys)
+    samples = _resplit(cfg, pairs, ev.pair_keys)
     if not force and store_dir.exists():
-        return EventsStep(ev, EventStore.open(store_dir), {})
+        return EventsStep(ev, EventStore.open(store_dir), {}, samples)
     emb = make_embedder(cfg)
     store = build_event_store(ev_dir, emb, store_dir, progress=True)  # streams from the parquet files
     stats = dict(getattr(emb, "stats", {}) or {})
     emb.close()
-    return EventsStep(ev, store, stats)
+    return EventsStep(ev, store, stats, samples)
 
 
 def _resplit(cfg: StudyConfig, pairs: pd.DataFrame, kept_keys) -> pd.DataFrame:
