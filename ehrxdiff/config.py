@@ -63,6 +63,7 @@ class StudyConfig:
     text_style: str = "plain"                # plain | genhpf_digits
     filter_inputevents: bool = True
     drug_matching: str = "casefold"          # casefold (tall-man / lower-case names match) | exact (the reference's)
+    event_window_end: str = "exclusive"      # S_event: prev <= t < target (no event charted with I_trg) | inclusive (reference)
     embedding_backend: str = "local"         # local | hashing | openai
     embedding_dim: int = 384                 # hashing backend only
     embedding_model_path: str | None = None  # local backend; unset → the bundled all-MiniLM-L6-v2
@@ -286,7 +287,8 @@ def _validate(c: StudyConfig) -> None:
                "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"), "adaptor_fusion": ("linear", "tokens"),
                "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
                "evaluator_arch": ("demo", "densenet121"), "check_images": ("decode", "header", "none"),
-               "openai_provider": ("openai", "azure"), "drug_matching": ("casefold", "exact")}
+               "openai_provider": ("openai", "azure"), "drug_matching": ("casefold", "exact"),
+               "event_window_end": ("exclusive", "inclusive")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
             raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")

@@ -15,8 +15,12 @@ Numbers with a decimal point are rounded to 4 decimals (``7.412345`` -> ``7.4123
 also drops trailing zeros (``85.0`` -> ``85``), the genhpf style keeps one (``85.0``, Python's
 ``str(round(x, 4))`` as the reference). Whitespace runs collapse to one space.
 
-Linkage (paper-reference §2.5): events join a pair through **hadm_id** with prev_time <= time <=
-target_time (both inclusive, exact timestamps); rows with a null or unparseable hadm_id ("NaN") cannot link and are counted.
+Linkage (paper-reference §2.5): events join a pair through **hadm_id** with prev_time <= time < target_time
+(``window_end="exclusive"``, the default) or prev_time <= time <= target_time (``"inclusive"``, the reference's).
+An event at the target's own time was charted with the film that is to be predicted: in day-resolution data that
+is every measurement of the target's day, and on MIMIC the film's own procedure row (the synthetic world charts one
+for 88 % of the demo's pairs), so the default leaves it out (issue 16); the paper profile keeps the reference's
+rule. Rows with a null or unparseable hadm_id ("NaN") cannot link and are counted.
 Per pair events are time-ordered with a total order that depends on the data only: time, then table order
 (:data:`EVENT_TABLES`), then the event's raw column values (their sort order as text). File row order is not
 used: a parallel scan does not keep it, and it made two runs order 7 of 403 k same-time events differently
@@ -233,6 +237,15 @@ def _item_ids(con, sql: str) -> list[int]:
 
 
 DRUG_MATCHING = ("casefold", "exact")
+WINDOW_END = ("exclusive", "inclusive")
+
+
+def window_sql(time: str, win: str, window_end: str) -> str:
+    """``time`` inside the window of pair ``win``: prev_time <= time < target_time (exclusive end, the default) or
+    <= target_time (inclusive, the reference's). One rule for the MIMIC and the own-cohort path."""
+    if window_end not in WINDOW_END:
+        raise ValueError(f"window_end must be one of {WINDOW_END}, got {window_end!r}")
+    return f"{time} >= {win}.prev_time AND {time} {'<' if window_end == 'exclusive' else '<='} {win}.target_time"
 
 
 def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool, con,
@@ -402,7 +415,7 @@ def _tuple_text_sql(table: str, cols: list[str], tuples: str, label_join: str, t
 
 def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path, *,
                           max_events: int = MAX_EVENTS, text_style: str = "plain", filter_inputevents: bool = True,
-                          drug_matching: str = "casefold",
+                          drug_matching: str = "casefold", window_end: str = "exclusive",
                           tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
                           threads: int | None = None, temp_directory: str | Path | None = None,
                           gunzip_thread: bool = False) -> Path:
@@ -430,6 +443,7 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     _check_args(pairs, max_events, text_style)
     if drug_matching not in DRUG_MATCHING:
         raise ValueError(f"drug_matching must be one of {DRUG_MATCHING}, got {drug_matching!r}")
+    in_window = window_sql("r._time", "w", window_end)
     filters, drugs = load_item_filters()
     out = Path(out_dir)
     work = out / "_work"
@@ -505,10 +519,10 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
         add(table, "rows of cohort admissions passing the item filter", int(n_rows))
         add(table, "dropped: null or unparseable hadm_id inside a pair window of the subject", int(q(f"""
             SELECT count(*) FROM {rows} r WHERE r._hadm IS NULL AND EXISTS (SELECT 1 FROM win w
-              WHERE w.subject_id = r._subj AND r._time BETWEEN w.prev_time AND w.target_time)""")[0]))
+              WHERE w.subject_id = r._subj AND {in_window})""")[0]))
         add(table, f"dropped: null or unparseable {tcol}", int(n_null_time))
         n = int(q(f"""SELECT count(*) FROM {rows} r JOIN win w ON r._hadm = w.hadm_id
-                      AND r._time BETWEEN w.prev_time AND w.target_time WHERE r._in""")[0])
+                      AND {in_window} WHERE r._in""")[0])
         n_in_windows += n
         add(table, "events in pair windows", n)
         t_end = time.perf_counter()
@@ -537,8 +551,8 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     # row doubled S_event); DISTINCT over the rows in windows, counted below
     con.execute("CREATE TEMP VIEW rows_all AS SELECT DISTINCT * FROM ("
                 + " UNION ALL ".join(with_tuple(o, p, c) for o, _, p, c in done) + ")")
-    con.execute("""CREATE TEMP TABLE in_win AS SELECT w.pair_idx, r.table_ord, r.tuple_id, r._time, w.prev_time
-                   FROM rows_all r JOIN win w ON r._hadm = w.hadm_id AND r._time BETWEEN w.prev_time AND w.target_time""")
+    con.execute(f"""CREATE TEMP TABLE in_win AS SELECT w.pair_idx, r.table_ord, r.tuple_id, r._time, w.prev_time
+                    FROM rows_all r JOIN win w ON r._hadm = w.hadm_id AND {in_window}""")
     n_distinct = int(q("SELECT count(*) FROM in_win")[0])
     add("all", "dropped: duplicate rows (same table, admission, time and values; one kept)", int(n_in_windows - n_distinct))
     kept = (work / "kept.parquet").as_posix()
@@ -623,12 +637,14 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     add("all", "seconds: write events", round(t_end - t_text, 3))
     pd.DataFrame(report, columns=["table", "what", "n"]).to_csv(out / "event_report.csv", index=False)
     (out / "event_meta.json").write_text(json.dumps({"text_style": text_style, "tables": list(tables),
-                                                     "max_events": int(max_events)}))
+                                                     "max_events": int(max_events), "window_end": window_end,
+                                                     "drug_matching": drug_matching}))
     return out
 
 
 def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
                    text_style: str = "plain", filter_inputevents: bool = True, drug_matching: str = "casefold",
+                   window_end: str = "exclusive",
                    tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
                    threads: int | None = None, temp_directory: str | Path | None = None) -> EventResult:
     """Events of every pair in ``pairs`` as in-memory frames: :func:`extract_events_to_dir` into a temporary
@@ -636,7 +652,8 @@ def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events:
     _check_args(pairs, max_events, text_style)
     with tempfile.TemporaryDirectory(prefix="ehrxdiff-events-") as tmp:
         extract_events_to_dir(mimic_iv_dir, pairs, tmp, max_events=max_events, text_style=text_style,
-                              filter_inputevents=filter_inputevents, drug_matching=drug_matching, tables=tables,
+                              filter_inputevents=filter_inputevents, drug_matching=drug_matching,
+                              window_end=window_end, tables=tables,
                               memory_limit=memory_limit,
                               threads=threads, temp_directory=temp_directory)
         res = EventResult.read(tmp)
@@ -663,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-events", type=int, default=MAX_EVENTS, help=f"most recent events per pair (default {MAX_EVENTS})")
     ap.add_argument("--text-style", choices=sorted(TEXT_STYLES), default="plain")
     ap.add_argument("--no-filter-inputevents", action="store_true", help="keep every inputevents item (the released code)")
+    ap.add_argument("--window-end", choices=WINDOW_END, default="exclusive",
+                    help="events strictly before the target film (default) or up to and at its time (the reference)")
     ap.add_argument("--drug-matching", choices=DRUG_MATCHING, default="casefold",
                     help="prescription names: trimmed and case-folded (default) or the reference's exact match")
     ap.add_argument("--memory-limit", default=None)
@@ -679,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SchemaError(f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(map(str, pairs.columns))})")
         out = extract_events_to_dir(a.mimic_iv, pairs, a.out, max_events=a.max_events, text_style=a.text_style,
                                     filter_inputevents=not a.no_filter_inputevents, drug_matching=a.drug_matching,
+                                    window_end=a.window_end,
                                     memory_limit=a.memory_limit,
                                     threads=a.threads)
     except (SchemaError, MissingTableError, ValueError, OSError, duckdb.Error) as exc:

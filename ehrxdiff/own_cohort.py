@@ -39,7 +39,9 @@ What is reused, not rewritten: the pairs and the patient-level split are made by
 :func:`ehrxdiff.cohort.build_cohort` itself, run over a MIMIC-shaped view of the images table written to a
 temporary folder (one admission per episode spanning its frontal images; one study per subject and time;
 no age filter), so ``pairing``, ``max_interval_hours``, the split and the drop funnel are the MIMIC path's.
-Events join a pair by subject with prev_time <= time <= target_time (both inclusive), time-ordered with a
+Events join a pair by subject with prev_time <= time < target_time (``window_end="exclusive"``, the default: an
+event at the target's own time, e.g. every event of its day in day-resolution data, was taken with the film to
+be predicted) or <= target_time (``"inclusive"``, the reference's rule), time-ordered with a
 stable tie-break (table in order of first appearance, then file row), the most recent ``max_events`` kept,
 into the same :class:`~ehrxdiff.events.EventResult`. The artefacts are the MIMIC path's (``cohort/pairs.parquet``,
 ``cohort/cohort_report.csv``, ``events/events.parquet``, ``events/event_texts.parquet``, ``events/event_report.csv``)
@@ -65,7 +67,7 @@ import pandas as pd
 
 from ehrxdiff.cohort import CXR_METADATA_STEM, CohortResult, build_cohort, check_image_files, format_table1, table1
 from ehrxdiff.constants import IMAGENOME_LABELS, MAX_EVENTS, MAX_INTERVAL_HOURS, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
-from ehrxdiff.events import TEXT_STYLES, EventResult, serialize_event
+from ehrxdiff.events import TEXT_STYLES, EventResult, serialize_event, window_sql
 from ehrxdiff.images import ImageLoadError, read_gray
 from ehrxdiff.schemas import COLUMNS
 from ehrxdiff.sources import (InputFileError, MissingTableError, SchemaError, connect, csv_relation_sql, read_header,
@@ -409,7 +411,8 @@ def build_own_cohort(images: str | Path, *, image_root: str | Path | None = None
 # events → S_event per pair
 
 def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
-                       text_style: str = "plain", threads: int | None = None) -> EventResult:
+                       text_style: str = "plain", threads: int | None = None,
+                       window_end: str = "exclusive") -> EventResult:
     """S_event of every pair from an events table (module docstring), as :func:`ehrxdiff.events.extract_events`
     returns it for MIMIC: the same serializer, window rule, ordering, ``max_events`` cut and report rows."""
     if text_style not in TEXT_STYLES:
@@ -457,8 +460,8 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
     con.register("ev_df", ev[["subject_id", "t", "table_ord", "row_ord"]].astype({"subject_id": str}))
     con.register("win_df", win)
     # the window join and the most-recent cut of events.extract_events, on (subject, time) instead of hadm_id
-    con.execute("""CREATE TEMP TABLE ev AS SELECT w.pair_key, e.t, w.prev_time, e.table_ord, e.row_ord
-        FROM ev_df e JOIN win_df w ON e.subject_id = w.subject_id AND e.t BETWEEN w.prev_time AND w.target_time""")
+    con.execute(f"""CREATE TEMP TABLE ev AS SELECT w.pair_key, e.t, w.prev_time, e.table_ord, e.row_ord
+        FROM ev_df e JOIN win_df w ON e.subject_id = w.subject_id AND {window_sql("e.t", "w", window_end)}""")
     in_win = con.execute("SELECT table_ord, count(*), count(DISTINCT row_ord) FROM ev GROUP BY 1").fetchall()
     per_table = {int(t): (int(n), int(u)) for t, n, u in in_win}
     for i, t in enumerate(tables):
@@ -500,7 +503,8 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
 
 
 def import_own_cohort(images: str | Path, events: str | Path, run_dir: str | Path, *, max_events: int = MAX_EVENTS,
-                      text_style: str = "plain", **cohort_kwargs) -> tuple[OwnCohortResult, EventResult]:
+                      text_style: str = "plain", window_end: str = "exclusive",
+                      **cohort_kwargs) -> tuple[OwnCohortResult, EventResult]:
     """Both steps, written where the study reads them: ``run_dir/cohort/`` and ``run_dir/events/``.
 
     ``cohort_kwargs`` go to :func:`build_own_cohort`. Events are extracted for every pair; the study keeps the
@@ -509,7 +513,7 @@ def import_own_cohort(images: str | Path, events: str | Path, run_dir: str | Pat
     cohort = build_own_cohort(images, **cohort_kwargs)
     cohort.write(Path(run_dir) / "cohort")
     ev = extract_own_events(events, cohort.pairs, max_events=max_events, text_style=text_style,
-                            threads=cohort_kwargs.get("threads"))
+                            threads=cohort_kwargs.get("threads"), window_end=window_end)
     ev.write(Path(run_dir) / "events")
     return cohort, ev
 
@@ -529,12 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-events", type=int, default=MAX_EVENTS)
     ap.add_argument("--text-style", choices=list(TEXT_STYLES), default="plain")
     ap.add_argument("--check-images", choices=list(CHECK_IMAGES), default="decode")
+    ap.add_argument("--window-end", choices=["exclusive", "inclusive"], default="exclusive",
+                    help="events strictly before the target image (default) or also at its time")
     a = ap.parse_args(argv)
     try:
         cohort, ev = import_own_cohort(a.images, a.events, a.out, image_root=a.image_root, pairing=a.pairing,
                                        max_interval_hours=a.max_interval_hours, split_seed=a.split_seed,
                                        test_fraction=a.test_fraction, valid_fraction=a.valid_fraction,
-                                       max_events=a.max_events,
+                                       max_events=a.max_events, window_end=a.window_end,
                                        text_style=a.text_style, check_images=a.check_images)
     except (SchemaError, MissingTableError, ValueError) as exc:
         print(f"error: {exc}")

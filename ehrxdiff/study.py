@@ -185,11 +185,11 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
         if cfg.own_cohort:
             from .own_cohort import extract_own_events
             extract_own_events(cfg.path("own_events"), pairs, max_events=cfg.max_events, text_style=cfg.text_style,
-                               threads=cfg.duckdb_threads).write(ev_dir)
+                               threads=cfg.duckdb_threads, window_end=cfg.event_window_end).write(ev_dir)
         else:  # streamed by DuckDB to parquet (bounded memory at full MIMIC scale), then read back
             extract_events_to_dir(src["mimic_iv"], pairs, ev_dir, max_events=cfg.max_events,
                                   text_style=cfg.text_style, filter_inputevents=cfg.filter_inputevents,
-                                  drug_matching=cfg.drug_matching,
+                                  drug_matching=cfg.drug_matching, window_end=cfg.event_window_end,
                                   memory_limit=cfg.duckdb_memory_limit, threads=cfg.duckdb_threads)
         ev = load_events(cfg)
     samples = _resplit(cfg, pairs, ev.pair_keys)

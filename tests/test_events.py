@@ -160,7 +160,7 @@ def _pairs():
 
 @pytest.fixture(scope="module")
 def result(mimic_iv):
-    return extract_events(mimic_iv, _pairs(), threads=1)
+    return extract_events(mimic_iv, _pairs(), threads=1, window_end="inclusive")   # the reference's window
 
 
 def _report(res, table, startswith):
@@ -218,7 +218,7 @@ def test_order_depends_on_the_data_not_the_file_order_and_duplicate_rows_are_one
         if stem == "icu/chartevents":
             rows = rows + [r for r in rows if r["value"] == "88"]     # the 13:00 heart rate, in a window
         write_mimic_table(tmp_path, stem, rows)
-    res = extract_events(tmp_path, _pairs(), threads=2)
+    res = extract_events(tmp_path, _pairs(), threads=2, window_end="inclusive")
     assert res.for_pair("t_p") == result.for_pair("t_p")
     assert _report(res, "all", "dropped: duplicate rows") == 1
     assert _report(result, "all", "dropped: duplicate rows") == 0
@@ -238,8 +238,18 @@ def test_drug_names_match_case_and_tall_man_insensitively_exact_on_request(tmp_p
         extract_events(tmp_path, _pairs(), tables=("prescriptions",), drug_matching="fuzzy")
 
 
+def test_default_window_leaves_out_the_event_charted_with_the_target(mimic_iv, result):
+    """Issue 16: prev_time <= t < target_time by default; the reference's inclusive end on request."""
+    default = extract_events(mimic_iv, _pairs(), threads=1)
+    assert [t for t, _, _ in default.for_pair("t_p")] == EXPECTED_ORDER[:-1]      # the 08:00 heart rate at TARGET
+    assert max(h for _, h, _ in default.for_pair("t_p")) < 24.0
+    assert [t for t, _, _ in result.for_pair("t_p")][-1] == EXPECTED_ORDER[-1]
+    with pytest.raises(ValueError, match="window_end"):
+        extract_events(mimic_iv, _pairs(), window_end="open")
+
+
 def test_max_events_keeps_most_recent(mimic_iv):
-    res = extract_events(mimic_iv, _pairs(), max_events=3, threads=1)
+    res = extract_events(mimic_iv, _pairs(), max_events=3, threads=1, window_end="inclusive")
     assert [t for t, _, _ in res.for_pair("t_p")] == EXPECTED_ORDER[-3:]
     assert _report(res, "all", "dropped: events beyond") == len(EXPECTED_ORDER) - 3
 
@@ -309,7 +319,7 @@ def test_sql_serializer_equals_python_on_every_golden_row(mimic_iv, result, styl
 
 def test_streamed_files_read_back_identically(mimic_iv, result, tmp_path):
     from ehrxdiff.events import EventResult, extract_events_to_dir
-    out = extract_events_to_dir(mimic_iv, _pairs(), tmp_path / "ev", threads=1)
+    out = extract_events_to_dir(mimic_iv, _pairs(), tmp_path / "ev", threads=1, window_end="inclusive")
     assert not (out / "_work").exists()
     back = EventResult.read(out)
     pd.testing.assert_frame_equal(back.events, result.events)
@@ -322,7 +332,8 @@ def test_gunzip_thread_gives_identical_files_and_raises_on_a_truncated_gzip(mimi
     gzip stream is an error, never a silently shorter table."""
     import shutil
     from ehrxdiff.events import EventResult, extract_events_to_dir
-    out = extract_events_to_dir(mimic_iv, _pairs(), tmp_path / "ev", threads=2, gunzip_thread=True)
+    out = extract_events_to_dir(mimic_iv, _pairs(), tmp_path / "ev", threads=2, gunzip_thread=True,
+                                window_end="inclusive")
     back = EventResult.read(out)
     pd.testing.assert_frame_equal(back.events, result.events)
     assert back.texts == result.texts

@@ -56,7 +56,7 @@ IMAGES = [  # subject, episode, hours, path, view, pleural_effusion, sex, age
 EVENTS = [  # subject, hours, table, text, item, value, unit
     ("A", 5, "labs", "", "creatinine", "1.20", "mg/dL"),
     ("A", 5, "note", "patient  short of breath", "", "", ""),
-    ("A", 10, "drugs", "", "furosemide", "40", "mg"),                 # at a2's time: inside both ends
+    ("A", 10, "drugs", "", "furosemide", "40", "mg"),                 # at a2's time: not in a2's own S_event
     ("A", 100, "labs", "", "creatinine", "0.9", "mg/dL"),             # after every image
     ("B", 9, "vitals", "", "spo2", "91.0", "%"),
     ("B", 10, "vitals", "", "", "", ""),                               # no content: a bad row
@@ -136,13 +136,15 @@ def test_events_serialized_and_windowed(cohort_files, cohort):
     lab = serialize_event("labs", {"item": "creatinine", "value": "1.20", "unit": "mg/dL"})
     assert lab == "labs item creatinine value 1.2 unit mg/dL"
     assert got == {
-        "img-a2_rgba_img-a1_16bit": [lab, "note patient short of breath", "drugs item furosemide value 40 unit mg"],
+        "img-a2_rgba_img-a1_16bit": [lab, "note patient short of breath"],   # the 10 h drug was given with a2
         "img-a3-wide_img-a1_16bit": [lab, "note patient short of breath", "drugs item furosemide value 40 unit mg"],
-        "img-a3-wide_img-a2_rgba": ["drugs item furosemide value 40 unit mg"],
+        "img-a3-wide_img-a2_rgba": ["drugs item furosemide value 40 unit mg"],   # at I_prev's time: in
         "img-b4_img-b3": ["vitals item spo2 value 91 unit %"],
         "img-c2_img-c1": ["labs item crp value 12 unit mg/L"],
     }
-    assert [h for _, h, _ in ev.for_pair("img-a2_rgba_img-a1_16bit")] == pytest.approx([5, 5, 10])
+    assert [h for _, h, _ in ev.for_pair("img-a2_rgba_img-a1_16bit")] == pytest.approx([5, 5])
+    inclusive = extract_own_events(cohort_files / "events.parquet", cohort.pairs, threads=1, window_end="inclusive")
+    assert [h for _, h, _ in inclusive.for_pair("img-a2_rgba_img-a1_16bit")] == pytest.approx([5, 5, 10])
     rep = ev.report.set_index("what")["n"]
     assert rep["dropped: no text and no column value"] == 1
     assert rep["dropped: pairs with no events"] == 1                      # a4 ← a3 has none
