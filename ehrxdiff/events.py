@@ -249,13 +249,17 @@ def window_sql(time: str, win: str, window_end: str) -> str:
 
 
 def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool, con,
-                drug_matching: str = "casefold") -> str:
+                drug_matching: str = "casefold", selected: dict | None = None) -> str:
     """The reference's item selection for ``table`` as a WHERE clause on the raw VARCHAR view ``v``.
 
     The dictionary look-ups run once here and enter the scan as literal lists (``TRY_CAST(itemid) IN (...)``
     over a subquery and ``IN`` over the same values select the same rows in a WHERE clause: a NULL in the
     subquery only turns a FALSE into a NULL)."""
     f = filters.get(table, {})
+
+    def note(column: str, values) -> None:   # what the filter selects, for the report of values that match nothing
+        if selected is not None:
+            selected[table] = (column, [str(v) for v in values])
 
     def lits(values) -> str:
         return ", ".join(map(sql_literal, values))
@@ -264,16 +268,20 @@ def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool
     if table == "labevents":
         ids = _item_ids(con, f"SELECT TRY_CAST(itemid AS BIGINT) FROM d_labitems WHERE category IN "
                              f"({lits(f['d_labitems_category'])}) OR label IN ({lits(f['d_labitems_label'])})")
+        note("itemid", ids)
         return _in_sql(item, ids)
     if table == "chartevents":
         ids = _item_ids(con, f"SELECT TRY_CAST(itemid AS BIGINT) FROM d_items WHERE linksto = "
                              f"{sql_literal(f['d_items_linksto'])} AND category IN ({lits(f['d_items_category'])})")
+        note("itemid", ids)
         return _in_sql(item, ids)
     if table == "prescriptions":
         names = [d for lst in f["lists"] for d in drugs[lst]]
         names = [d for d in names if not any(s in d.casefold() for s in f["drop_if_name_contains_casefold"])]
         if drug_matching == "exact":   # exact, case-sensitive match [R get_filtered_items]
+            note("drug", sorted(set(names)))
             return _in_sql('v."drug"', names)
+        note("drug", sorted({d.strip().lower() for d in names}))
         # trimmed and case-folded on both sides: MIMIC writes tall-man and lower-case names (HydrALAZINE,
         # NORepinephrine, vancomycin) that the reference's exact match drops (issue 16)
         return _in_sql('lower(trim(v."drug"))', sorted({d.strip().lower() for d in names}))
@@ -284,10 +292,13 @@ def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool
         ids = _item_ids(con, f"SELECT TRY_CAST(itemid AS BIGINT) FROM ev_inputevents v "
                              f"WHERE {_in_sql('v.ordercategoryname', f['ordercategoryname'])}")
         ids += _item_ids(con, f"SELECT TRY_CAST(itemid AS BIGINT) FROM d_items WHERE label IN ({lits(f['d_items_label'])})")
+        note("itemid", sorted(set(ids)))
         return _in_sql(item, sorted(set(ids)))
     if table == "microbiologyevents":
+        note("spec_type_desc", f["spec_type_desc"])
         return _in_sql('v."spec_type_desc"', f["spec_type_desc"])
     if table == "procedureevents":
+        note("ordercategoryname", f["ordercategoryname"])
         return _in_sql('v."ordercategoryname"', f["ordercategoryname"])
     if table == "outputevents":
         return "TRUE"
@@ -429,7 +440,8 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
 
     Writes under ``out_dir``: ``events.parquet`` (pair_key, position, text_id, hours, table; ordered by
     pair_key, position), ``event_texts.parquet`` (text, row i = text id i), ``event_pairs.parquet``
-    (pair_key, n_events), ``event_report.csv`` and ``event_meta.json``. Read them with :meth:`EventResult.read`
+    (pair_key, n_events), ``event_report.csv``, ``event_filter_unmatched.csv`` (the filter values that select no
+    event in any pair window) and ``event_meta.json``. Read them with :meth:`EventResult.read`
     or stream them into the store with :func:`ehrxdiff.event_store.build_event_store`.
 
     Stages: (1) per table one pass over the csv(.gz) → ``_work/rows_<table>.parquet`` (cohort rows:
@@ -474,6 +486,7 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
         return f"read_parquet({sql_literal(path)})"
 
     done: list[tuple[int, str, str, list[str]]] = []  # (table_ord, table, rows file, columns)
+    selected: dict[str, tuple[str, list[str]]] = {}    # table -> (column, values its filter selects)
     n_in_windows = 0
     for ord_, table in enumerate(tables):
         t0 = time.perf_counter()
@@ -487,7 +500,7 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
         src, header = register_table(con, f"ev_{table}", mimic_iv_dir, stem, required, stem)
         cols = event_columns(table, header)
         with reading(src):   # the inputevents filter reads the table once (itemids ever ordered as antibiotics)
-            where = _filter_sql(table, filters, drugs, filter_inputevents, con, drug_matching)
+            where = _filter_sql(table, filters, drugs, filter_inputevents, con, drug_matching, selected)
         subj = ID_SQL.format(x="v.subject_id") if "subject_id" in header else "NULL::BIGINT"
         path = (work / f"rows_{table}.parquet").as_posix()
         pipe = None
@@ -540,6 +553,23 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
         con.execute(f"""CREATE TEMP TABLE tup_{o} AS SELECT {raw},
                             CAST(row_number() OVER (ORDER BY {raw or "1"}) - 1 AS INTEGER) AS tuple_id
                         FROM (SELECT DISTINCT {raw} FROM read_parquet({sql_literal(path)}) WHERE _in)""")
+    # filter values that select no event of any pair window (issue 16: on the real MIMIC-IV demo, 8 of 15 specimen
+    # types; a filter tuned on one release can go quietly empty on another): counted here, listed in a file
+    unmatched = []
+    for o, table, _, cols in done:
+        if table not in selected or selected[table][0] not in cols:
+            continue
+        col, values = selected[table]
+        r = f"r{cols.index(col)}"
+        key = {"itemid": f"CAST(TRY_CAST({r} AS BIGINT) AS VARCHAR)",
+               "drug": f"lower(trim({r}))" if drug_matching == "casefold" else r}.get(col, r)
+        seen = {x for (x,) in con.execute(f"SELECT DISTINCT {key} FROM tup_{o}").fetchall()}
+        miss = [v for v in values if v not in seen]
+        add(table, f"filter values ({col}) that select no event in a pair window (event_filter_unmatched.csv)",
+            len(miss))
+        add(table, f"filter values ({col})", len(values))
+        unmatched += [{"table": table, "column": col, "value": v} for v in miss]
+    pd.DataFrame(unmatched, columns=["table", "column", "value"]).to_csv(out / "event_filter_unmatched.csv", index=False)
     t_tup = time.perf_counter()
 
     def with_tuple(o: int, path: str, cols: list[str]) -> str:

@@ -15,8 +15,9 @@ subject_id     yes       patient
 time           yes       acquisition time (kept to the second, as MIMIC-CXR's StudyTime)
 path           yes       image file (PNG/JPEG, any bit depth, mode and size: :mod:`ehrxdiff.images`),
                          relative to ``image_root`` (default: the images table's folder) or absolute
-view           yes       ``PA``, ``AP`` or ``FRONTAL`` are frontal and paired; any other value
-                         (``LATERAL``, …) is counted as non-frontal and dropped, as on MIMIC
+view           yes       frontal when its first word is ``PA``, ``AP`` or ``FRONTAL`` (any case; ``AP Supine``,
+                         ``PA erect``, ``ap_portable``): paired; any other value (``LATERAL``, ``LL``, …) is
+                         counted as non-frontal, dropped as on MIMIC, and listed in ``rejected_images.csv``
 episode_id     no        admission/episode: pairs never cross episodes, and one subject's episodes must
                          not overlap in time. Absent: one episode per subject (``max_interval_hours``
                          still bounds every pair)
@@ -81,6 +82,15 @@ __all__ = ["OwnCohortResult", "read_table", "build_own_cohort", "extract_own_eve
 IMAGE_COLUMNS = ("subject_id", "time", "path", "view")
 EVENT_COLUMNS = ("subject_id", "time", "table")
 FRONTAL = {"PA": "PA", "AP": "AP", "FRONTAL": "AP"}    # accepted view → the ViewPosition build_cohort keeps
+# a view is frontal when its first word (upper-cased; words split by space, _ or -) is PA, AP or FRONTAL: real
+# tables say "AP Supine", "AP portable", "PA erect" (issue 16: 91 films of a real collection were dropped)
+_FRONTAL_RULE = r"^(PA|AP|FRONTAL)(?:[ _-].*)?$"
+
+
+def frontal_view(view: pd.Series) -> pd.Series:
+    """The ViewPosition a frontal view pairs as (``PA``/``AP``), or missing for any other view (lateral, …)."""
+    first = view.astype("string").str.strip().str.upper().str.extract(_FRONTAL_RULE, expand=False)
+    return first.map(FRONTAL).astype("string")
 CHECK_IMAGES = ("decode", "header", "none")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _FILE_REASONS = ("image file missing", "image file unreadable")
@@ -222,6 +232,12 @@ class _Funnel:
     def add(self, kind: str, what: str, unit: str, n: int) -> None:
         self.rows.append({"kind": kind, "what": what, "unit": unit, "n": int(n)})
 
+    def list_only(self, df: pd.DataFrame, hit: pd.Series, reason: str, detail) -> None:
+        """List rows in ``rejected_images.csv`` that another step counts (non-frontal views: build_cohort)."""
+        if hit.any():
+            self.rejected.append(pd.DataFrame({"row": df.index[hit], "path": df.loc[hit, "path"], "reason": reason,
+                                               "detail": detail[hit]}))
+
     def reject(self, df: pd.DataFrame, ok: pd.Series, bad: pd.Series, reason: str, detail=None) -> pd.Series:
         """Reject rows where ``ok & bad`` with ``reason`` (counted even when 0); returns the new ``ok``."""
         hit = ok & bad.fillna(False).astype(bool)
@@ -280,8 +296,11 @@ def _images(path: Path, image_root: Path, check_images: str, workers: int, fun: 
     ok = fun.reject(img, ok, img["image_id"].where(ok).duplicated() & img["image_id"].notna(),
                     "duplicate image_id (first row kept)")
 
-    # the files of frontal rows (the others are dropped as non-frontal by build_cohort, unread)
-    frontal = ok & img["view"].isin(list(FRONTAL))
+    # the files of frontal rows (the others are dropped as non-frontal by build_cohort, unread, and listed here)
+    img["view_position"] = frontal_view(img["view"])
+    frontal = ok & img["view_position"].notna()
+    fun.list_only(img, ok & ~frontal & img["view"].notna(), "non-frontal view (counted in the cohort funnel)",
+                  "view " + img["view"].fillna(""))
     status = pd.Series(None, index=img.index, dtype=object)
     detail = pd.Series("", index=img.index, dtype=object)
     if check_images != "none" and frontal.any():
@@ -328,7 +347,7 @@ def _mimic_view(root: Path, img: pd.DataFrame) -> None:
     """Write the frontal-or-not images as MIMIC-IV patients/admissions and a MIMIC-CXR metadata file (integer ids)."""
     (root / "hosp").mkdir(parents=True, exist_ok=True)
     fmt = "%Y-%m-%d %H:%M:%S"
-    frontal = img[img["view"].isin(list(FRONTAL))]
+    frontal = img[img["view_position"].notna()]
     adm = frontal.groupby(["subject_code", "hadm_code"])["time"].agg(["min", "max"]).reset_index()
     pd.DataFrame({"subject_id": adm["subject_code"], "hadm_id": adm["hadm_code"],
                   "admittime": (adm["min"] - pd.Timedelta(seconds=1)).dt.strftime(fmt),
@@ -338,7 +357,7 @@ def _mimic_view(root: Path, img: pd.DataFrame) -> None:
     pd.DataFrame({"subject_id": sorted(img["subject_code"].unique()), "anchor_age": 0, "anchor_year": 0}
                  ).reindex(columns=COLUMNS["hosp/patients"]).to_csv(root / "hosp" / "patients.csv", index=False)
     pd.DataFrame({"dicom_id": img["image_id"], "subject_id": img["subject_code"], "study_id": img["study_code"],
-                  "ViewPosition": img["view"].map(FRONTAL).fillna(img["view"]),
+                  "ViewPosition": img["view_position"].fillna(img["view"]),
                   "StudyDate": img["time"].dt.strftime("%Y%m%d"), "StudyTime": img["time"].dt.strftime("%H%M%S")}
                  ).reindex(columns=COLUMNS["cxr/metadata"]).to_csv(root / f"{CXR_METADATA_STEM}.csv", index=False)
 
@@ -365,7 +384,7 @@ def build_own_cohort(images: str | Path, *, image_root: str | Path | None = None
     root = Path(image_root) if image_root is not None else path.parent
     fun = _Funnel()
     img, labels = _images(path, root, check_images, workers or min(8, os.cpu_count() or 1), fun)
-    _check_episodes(path, img[img["view"].isin(list(FRONTAL))])
+    _check_episodes(path, img[img["view_position"].notna()])
 
     subjects = sorted(img["subject_id"].unique())
     img["subject_code"] = img["subject_id"].map({s: i + 1 for i, s in enumerate(subjects)}).astype("int64")

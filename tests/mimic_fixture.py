@@ -94,3 +94,40 @@ def admission(subject_id: int, hadm_id: int, admit: str, disch: str) -> dict:
     return {"subject_id": subject_id, "hadm_id": hadm_id, "admittime": admit, "dischtime": disch,
             "admission_type": "EW EMER.", "admission_location": "EMERGENCY ROOM", "insurance": "Other",
             "language": "ENGLISH", "race": "WHITE", "hospital_expire_flag": 0}
+
+
+def cxr_side_for(mimic_iv: Path, root: Path, *, seed: int = 0, size: int = 32) -> Path:
+    """A made-up MIMIC-CXR-JPG side for the admissions of a real MIMIC-IV table (the open demo has no images):
+    per admission frontal films 3, 15, 30 and 50 h after admittime while before dischtime (AP/PA mixed, the
+    15 h study with a lateral as well), plus the traps of real linkage: a film in the ED 2 h before admittime and
+    an outpatient film 10 days after discharge. Small smooth-noise JPEGs; returns the MIMIC-CXR root."""
+    import pandas as pd
+    adm = pd.read_csv(Path(mimic_iv) / "hosp" / "admissions.csv.gz", usecols=["subject_id", "hadm_id", "admittime",
+                                                                            "dischtime"], parse_dates=["admittime", "dischtime"])
+    adm = adm.sort_values(["subject_id", "admittime", "hadm_id"]).reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    cxr = Path(root) / "mimic-cxr-jpg" / "2.0.0"
+    rows, study = [], 50_000_000
+
+    def film(subject, when, view, new_study=True):
+        nonlocal study
+        study += int(new_study)
+        dicom = f"d{len(rows):06d}"
+        rows.append(image_row(int(subject), study, dicom, pd.Timestamp(when).strftime("%Y-%m-%d %H:%M:%S"), view))
+        img = rng.normal(128, 40, (size // 4, size // 4))
+        img = np.kron(img, np.ones((4, 4)))
+        path = cxr / cxr_image_relpath(int(subject), study, dicom)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L").save(path, format="JPEG")
+
+    for a in adm.itertuples(index=False):
+        film(a.subject_id, a.admittime - pd.Timedelta(hours=2), "AP")                      # ED, before admission
+        for k, h in enumerate((3, 15, 30, 50)):
+            when = a.admittime + pd.Timedelta(hours=h, minutes=int(rng.integers(0, 50)))
+            if when < a.dischtime:
+                film(a.subject_id, when, "PA" if k % 2 else "AP")
+                if h == 15:
+                    film(a.subject_id, when, "LATERAL", new_study=False)
+        film(a.subject_id, a.dischtime + pd.Timedelta(days=10), "PA")                      # outpatient
+    write_metadata(cxr, rows)
+    return cxr

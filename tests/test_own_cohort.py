@@ -45,9 +45,9 @@ IMAGES = [  # subject, episode, hours, path, view, pleural_effusion, sex, age
     ("A", "e1", 60, "img/a4.png", "FRONTAL", "1", "F", "70"),          # 40 h after a3, 50 h after a2
     ("B", "e2", 0, "img/b1_missing.png", "AP", "", "M", ""),
     ("B", "e2", 5, "img/b2_corrupt.png", "AP", "", "M", ""),
-    ("B", "e2", 8, "img/b3.png", "AP", "", "M", ""),
+    ("B", "e2", 8, "img/b3.png", "AP portable", "", "M", ""),         # frontal: first word AP
     ("B", "e2", 12, "img/b4.png", "AP", "maybe", "M", ""),
-    ("C", "x", 0, "img/c1.png", "PA", "", "", ""),
+    ("C", "x", 0, "img/c1.png", "pa_erect", "", "", ""),
     ("C", "x", 6, "img/c2.png", "PA", "", "", ""),
     ("C", "y", 16, "img/c3.png", "PA", "", "", ""),                    # next episode: no pair across
     ("C", "y", "yesterday", "img/c4.png", "PA", "", "", ""),           # bad time
@@ -115,8 +115,11 @@ def test_reports_exactly_the_two_bad_files(cohort):
     r = cohort.report
     assert _n(r, "image file missing") == 1 and _n(r, "image file unreadable") == 1
     assert _n(r, "time missing or not ISO 8601") == 1
-    assert set(cohort.rejected["reason"]) == {"image file missing", "image file unreadable", "time missing or not ISO 8601"}
+    assert set(cohort.rejected["reason"]) == {"image file missing", "image file unreadable", "time missing or not ISO 8601",
+                                              "non-frontal view (counted in the cohort funnel)"}
     assert _n(r, "non-frontal view (lateral, other or empty ViewPosition)") == 1   # counted by build_cohort
+    lateral = cohort.rejected[cohort.rejected["reason"].str.startswith("non-frontal")]
+    assert lateral[["path", "detail"]].values.tolist() == [["img/a3_lateral.png", "view LATERAL"]]   # and listed
     assert _n(r, "label 'pleural effusion' not 0/1 (kept as not mentioned)") == 1
     assert r["step"].tolist() == list(range(1, len(r) + 1))
 
@@ -239,3 +242,11 @@ def test_a_cohort_with_an_empty_split_or_no_pairs_stops_in_notebook_01(cohort_fi
     cfg = load_config("smoke", base | {"run_dir": str(tmp_path / "b"), "max_interval_hours": 0.5})
     with pytest.raises(study.EmptyCohortError, match=r"0 pairs\. The funnel \(cohort_report.csv\): .*interval"):
         study.build_cohort(cfg)
+
+
+def test_frontal_rule_reads_the_first_word_of_the_view():
+    """Issue 16: real tables say "AP Supine", "PA erect"; laterals and other words stay non-frontal."""
+    from ehrxdiff.own_cohort import frontal_view
+    views = pd.Series(["AP Supine", "ap portable", "PA erect", "pa_erect", " Frontal ", "PA", "LATERAL", "LL", "APEX",
+                       "PAX", None, "LAO"])
+    assert frontal_view(views).tolist() == ["AP", "AP", "PA", "PA", "AP", "PA", pd.NA, pd.NA, pd.NA, pd.NA, pd.NA, pd.NA]
