@@ -17,7 +17,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["environment", "write_environment", "PACKAGES"]
+__all__ = ["environment", "write_environment", "compare_tables", "PACKAGES"]
 
 # the packages whose versions can move a number in the tables
 PACKAGES = ("torch", "diffusers", "accelerate", "open_clip_torch", "torchxrayvision", "numpy", "scipy", "pandas",
@@ -89,3 +89,57 @@ def write_environment(folder: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return path
+
+
+def compare_tables(a: str | Path, b: str | Path, pattern: str = "table*.csv") -> "pd.DataFrame":
+    """Two runs' tables side by side (issue 15's check): per file, byte-identical or not, and where not, how many
+    cells differ and the largest difference of their leading numbers (``0.687 ± 0.050`` → 0.687)."""
+    import pandas as pd
+
+    def lead(s: pd.Series) -> pd.Series:
+        return pd.to_numeric(s.astype(str).str.replace(",", "").str.extract(r"^\s*(-?[0-9.]+)")[0], errors="coerce")
+
+    rows = []
+    for f in sorted(Path(a).glob(pattern)):
+        g = Path(b) / f.name
+        row = {"table": f.name, "identical": g.is_file() and f.read_bytes() == g.read_bytes(), "cells_differ": 0,
+               "max_abs_diff": 0.0}
+        if not g.is_file():
+            row.update(identical=False, cells_differ=None, max_abs_diff=None)
+        elif not row["identical"]:
+            x, y = pd.read_csv(f, index_col=0), pd.read_csv(g, index_col=0)
+            if x.shape != y.shape or list(x.columns) != list(y.columns):
+                row.update(cells_differ=None, max_abs_diff=None)
+            else:
+                row["cells_differ"] = int((x.astype(str).to_numpy() != y.astype(str).to_numpy()).sum())
+                d = [float((lead(x[c]) - lead(y[c])).abs().max()) for c in x.columns]
+                d = [v for v in d if v == v]
+                row["max_abs_diff"] = max(d) if d else None
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["table", "identical", "cells_differ", "max_abs_diff"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ehrxdiff.provenance compare A B``: the tables of two runs (figures folders), exit 1 if any
+    differs; ``python -m ehrxdiff.provenance show``: this environment."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m ehrxdiff.provenance")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--pattern", default="table*.csv")
+    sub.add_parser("show")
+    args = ap.parse_args(argv)
+    if args.command == "show":
+        print(json.dumps(environment(), indent=1, sort_keys=True))
+        return 0
+    res = compare_tables(args.a, args.b, args.pattern)
+    print(res.to_string(index=False))
+    n_same = int(res["identical"].sum())
+    print(f"{n_same} of {len(res)} tables byte-identical")
+    return 0 if len(res) and n_same == len(res) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

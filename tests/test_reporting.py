@@ -1,4 +1,6 @@
 """Tables render with the expected numbers; figure functions write PNG + PDF."""
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ehrxdiff import reporting  # noqa: E402
+from ehrxdiff.reporting import write_table  # noqa: E402
 
 
 @pytest.fixture
@@ -103,3 +106,21 @@ def test_salient_events_show_treatments_before_vitals_in_time_order():
                                                "+9 h chartevents itemid Heart Rate value 9"]
     assert reporting.salient_events(ev[:2], 4) == ["+0 h chartevents itemid Heart Rate value 0",
                                                    "+1 h chartevents itemid Heart Rate value 1"]
+
+
+def test_compare_tables_finds_identical_and_differing_tables(tmp_path):
+    """Issue 15's check of two runs: byte-identical tables pass, a moved number is found and measured."""
+    from ehrxdiff.provenance import compare_tables, main, write_environment
+    a, b = tmp_path / "a", tmp_path / "b"
+    t = pd.DataFrame({"all": ["0.687 ± 0.050", "0.700"], "FID": [100.875, 16.5]}, index=["EHRXDiff", "previous image"])
+    for d in (a, b):
+        write_table(t, "table2_x", d)
+    write_table(t, "table3_y", a)
+    write_table(t.assign(all=["0.689 ± 0.050", "0.700"]), "table3_y", b)
+    res = compare_tables(a, b).set_index("table")
+    assert bool(res.loc["table2_x.csv", "identical"]) and not bool(res.loc["table3_y.csv", "identical"])
+    assert res.loc["table3_y.csv", "cells_differ"] == 1
+    assert res.loc["table3_y.csv", "max_abs_diff"] == pytest.approx(0.002)
+    assert main(["compare", str(a), str(a)]) == 0 and main(["compare", str(a), str(b)]) == 1
+    env = json.loads(write_environment(a).read_text())          # written next to the tables by write_table too
+    assert (a / "environment.json").is_file() and env["packages"]["torch"] and env["cpu_capability"]
