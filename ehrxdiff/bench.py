@@ -81,7 +81,7 @@ def _bench_cohort(a: argparse.Namespace) -> int:
     shutil.rmtree(out, ignore_errors=True)
 
     t0 = time.perf_counter()
-    cohort = build_cohort(iv, cxr, check_images=a.images, memory_limit=a.memory_limit, threads=a.threads)
+    cohort = build_cohort(iv, cxr, check_images="decode" if a.images else "none", memory_limit=a.memory_limit, threads=a.threads)
     t_cohort = time.perf_counter() - t0
     rss_cohort = _peak_rss_mb()
     t1 = time.perf_counter()

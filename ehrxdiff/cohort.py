@@ -179,14 +179,13 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
                  max_interval_hours: float = MAX_INTERVAL_HOURS, min_age: int = MIN_AGE,
                  split_seed: int = SPLIT_SEED, test_fraction: float = TEST_FRACTION,
                  valid_fraction: float = VALID_FRACTION, split_file: str | Path | None = None,
-                 check_images: str | bool = "decode", image_root: str | Path | None = None,
+                 check_images: str = "decode", image_root: str | Path | None = None,
                  memory_limit: str | None = None, threads: int | None = None) -> CohortResult:
     """Build the pair cohort (module docstring for the rules).
 
     ``image_root`` is where ``files/pNN/...`` images are checked (default ``mimic_cxr_dir``; point it
     at a resized copy with the same layout). Paths in the output stay relative to that root.
     """
-    check_images = {True: "decode", False: "none"}.get(check_images, check_images)
     if check_images not in CHECK_IMAGES:
         raise ValueError(f"check_images must be one of {CHECK_IMAGES}, got {check_images!r}")
     if pairing not in ("all_earlier", "consecutive"):

@@ -281,10 +281,11 @@ def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool
         if drug_matching == "exact":   # exact, case-sensitive match [R get_filtered_items]
             note("drug", sorted(set(names)))
             return _in_sql('v."drug"', names)
-        note("drug", sorted({d.strip().lower() for d in names}))
         # trimmed and case-folded on both sides: MIMIC writes tall-man and lower-case names (HydrALAZINE,
         # NORepinephrine, vancomycin) that the reference's exact match drops (issue 16)
-        return _in_sql('lower(trim(v."drug"))', sorted({d.strip().lower() for d in names}))
+        folded = sorted({d.strip().lower() for d in names})
+        note("drug", folded)
+        return _in_sql('lower(trim(v."drug"))', folded)
     if table == "inputevents":
         if not filter_inputevents:
             return "TRUE"

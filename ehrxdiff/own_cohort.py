@@ -66,13 +66,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ehrxdiff.cohort import CXR_METADATA_STEM, CohortResult, build_cohort, check_image_files, format_table1, table1
+from ehrxdiff.cohort import (CHECK_IMAGES, CXR_METADATA_STEM, CohortResult, build_cohort, check_image_files,
+                             format_table1, table1)
 from ehrxdiff.constants import IMAGENOME_LABELS, MAX_EVENTS, MAX_INTERVAL_HOURS, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
 from ehrxdiff.events import TEXT_STYLES, EventResult, serialize_event, window_sql
 from ehrxdiff.images import ImageLoadError, read_gray
 from ehrxdiff.schemas import COLUMNS
-from ehrxdiff.sources import (InputFileError, MissingTableError, SchemaError, connect, csv_relation_sql, read_header,
-                              reading, validate_columns)
+from ehrxdiff.sources import (ID_PATTERN, OFFSET_PATTERN, InputFileError, MissingTableError, SchemaError, connect,
+                              csv_relation_sql, read_header, reading, validate_columns)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ def frontal_view(view: pd.Series) -> pd.Series:
     """The ViewPosition a frontal view pairs as (``PA``/``AP``), or missing for any other view (lateral, …)."""
     first = view.astype("string").str.strip().str.upper().str.extract(_FRONTAL_RULE, expand=False)
     return first.map(FRONTAL).astype("string")
-CHECK_IMAGES = ("decode", "header", "none")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _FILE_REASONS = ("image file missing", "image file unreadable")
 
@@ -181,10 +181,11 @@ def _id(df: pd.DataFrame, col: str) -> pd.Series:
                                  "id (a float with a fraction)")
         return s.astype("Int64").astype("string")
     t = _text(s)
-    return t.str.replace(r"^([0-9]+)\.0*$", r"\1", regex=True)
+    as_id = t.str.fullmatch(ID_PATTERN, na=False)        # the MIMIC path's rule (sources.ID_SQL)
+    return t.where(~as_id, t.str.split(".").str[0])
 
 
-_OFFSET = re.compile(r"[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]*)?)?\s*(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)$")
+_OFFSET = re.compile(OFFSET_PATTERN)
 
 
 def _time(df: pd.DataFrame, col: str) -> pd.Series:
@@ -394,7 +395,7 @@ def build_own_cohort(images: str | Path, *, image_root: str | Path | None = None
         _mimic_view(Path(tmp), img)
         res = build_cohort(tmp, tmp, pairing=pairing, max_interval_hours=max_interval_hours, min_age=0,
                            split_seed=split_seed, test_fraction=test_fraction, valid_fraction=valid_fraction,
-                           split_file=split_file, check_images=False, threads=threads)
+                           split_file=split_file, check_images="none", threads=threads)
 
     # back from the view's integer ids to the table's ids, paths, age and sex
     pairs = res.pairs

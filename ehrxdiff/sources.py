@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "SchemaError", "MissingTableError", "InputFileError", "reading", "table_path", "read_header", "validate_columns",
-    "csv_relation_sql", "register_table", "connect", "sql_literal", "ID_SQL", "OFFSET_SQL", "materialize",
+    "csv_relation_sql", "register_table", "connect", "sql_literal", "ID_SQL", "OFFSET_SQL", "ID_PATTERN",
+    "OFFSET_PATTERN", "materialize",
 ]
 
 
@@ -84,12 +85,13 @@ def reading(path: str | Path, what: str = "reading"):
 # an id column read as text: digits, optionally written as a float with a zero fraction ("10412715.0", as a
 # spreadsheet or pandas writes them); anything else ("NaN", "10412715.5", "abc") is NULL, and callers count it.
 # (A plain TRY_CAST would round "10412715.5" to 10412716 and silently link the wrong patient.)
-ID_SQL = ("CASE WHEN regexp_full_match(trim({x}), '[0-9]+(\\.0*)?') "
+ID_PATTERN = r"[0-9]+(\.0*)?"        # the whole (trimmed) value; the own-cohort path applies the same rule
+ID_SQL = (f"CASE WHEN regexp_full_match(trim({{x}}), '{ID_PATTERN}') "
           "THEN TRY_CAST(split_part(trim({x}), '.', 1) AS BIGINT) END")
 # a time written with a UTC offset ("2150-01-01 10:00:00+02:00", "...Z"): TRY_CAST(... AS TIMESTAMP) drops the
 # offset silently, so such values are found and refused (MIMIC times are local times without one)
-OFFSET_SQL = ("(length({x}) > 19 AND regexp_matches(trim({x}), "
-              "'[0-9]{{2}}:[0-9]{{2}}(:[0-9]{{2}}(\\.[0-9]*)?)?\\s*(Z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)$'))")
+OFFSET_PATTERN = r"[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]*)?)?\s*(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)$"  # a time, then Z or ±hh[:mm]
+OFFSET_SQL = "(length({x}) > 19 AND regexp_matches(trim({x}), '" + OFFSET_PATTERN.replace("{", "{{").replace("}", "}}") + "'))"
 
 
 def materialize(con: duckdb.DuckDBPyConnection, name: str, view: str, path: str | Path) -> None:
