@@ -31,7 +31,8 @@ bootstrap() {
   want=$(cat requirements.txt pyproject.toml | "$VENV/bin/python" -c "import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "== installing pinned dependencies (first run: a few minutes)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r requirements.txt
+    # --no-cache-dir: torch's wheels are GBs; a cached copy beside the installed one has filled CI's disk
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r requirements.txt
     if [ -z "${EHRXDIFF_VENV:-}" ] || ! "$VENV/bin/python" -c "import ehrxdiff" >/dev/null 2>&1; then
       "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e .
     fi

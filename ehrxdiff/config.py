@@ -21,8 +21,14 @@ from pathlib import Path
 
 import yaml
 
+from .constants import EVENT_TABLES, IMAGENOME_LABELS, TABLE_IV_VARIANTS, WHATIF_INTERVENTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = ROOT / "configs"
+WEIGHT_KEYS = ("clip_image_weights", "vae_weights", "xrv_weights", "age_model_weights")
+"""Pretrained components, each read from a local file in the format it is released in (never downloaded):
+open_clip / OpenAI ViT (§II-B), Cheff's autoencoder (§II-C), torchxrayvision's DenseNet-121 (§10.6), the Riken
+age model (§10.5). Tested with small files in those formats (``tests/test_local_weights.py``)."""
 
 
 class ConfigError(ValueError):
@@ -146,7 +152,13 @@ class StudyConfig:
     age_model_weights: str | None = None     # local Riken age model
     # -- beyond the paper: notebook 07 (issue 7; what-if, uncertainty, rollout, sampler study; ehrxdiff/simulation.py)
     simulation_model: str = "EHRXDiff_w_null"   # the notebook-04 model notebook 07 simulates with
-    whatif_interventions: list = field(default_factory=lambda: ["diuretic", "antibiotic"])  # whatif.INTERVENTIONS
+    # None: the built-ins (constants.WHATIF_INTERVENTIONS: diuretic, antibiotic, intubation) on MIMIC-shaped data,
+    # every whatif_definitions entry on an own cohort; else names from either (README "What-if interventions")
+    whatif_interventions: list | None = None
+    whatif_definitions: dict = field(default_factory=dict)   # name → {events: [{table, column: value…}], lowers: [...]}
+    # tables a figure caption shows first when S_event is too long to print (None: MIMIC's treatments, labs, then
+    # vitals on MIMIC-shaped data; no table order on an own cohort, whose tables have its own names)
+    event_salience: list | None = None
     whatif_pairs: int = 100                  # test pairs each intervention is added to (agreement with the world)
     whatif_seeds: int = 2                    # sampling seeds per history (the same ones for factual and edited)
     uncertainty_pairs: int = 16              # test pairs sampled uncertainty_samples times
@@ -166,6 +178,19 @@ class StudyConfig:
             raise ConfigError(f"{key} is not set")
         p = Path(str(value).format(profile=Path(self.profile).stem)).expanduser()
         return p if p.is_absolute() else ROOT / p
+
+    def weights(self, key: str) -> Path | None:
+        """A local-weight key (:data:`WEIGHT_KEYS`) resolved like :meth:`path`, or None when unset (then the
+        component is trained from scratch, or, for ``age_model_weights``, age comes from the evaluator's head)."""
+        if key not in WEIGHT_KEYS:
+            raise ConfigError(f"{key} is not a local-weight key ({', '.join(WEIGHT_KEYS)})")
+        return None if getattr(self, key) is None else self.path(key)
+
+    def interventions(self) -> dict[str, dict]:
+        """The what-if interventions notebook 07 adds, name → ``{"events": [(table, values)], "lowers": (finding,
+        …), "action": world action or None}`` (validated at load, :func:`_interventions`). ``action`` is the
+        synthetic world's: only a built-in has one, so only a built-in is scored against the world's truth."""
+        return _interventions(self)
 
     @property
     def synthetic(self) -> bool:
@@ -281,6 +306,69 @@ def load_config(profile: str = "demo", params: dict | None = None) -> StudyConfi
     return cfg
 
 
+_EVENT_VALUE_TYPES = (str, int, float, bool)
+
+
+def _definition(name: str, d) -> dict:
+    """One ``whatif_definitions`` entry checked and normalised (unknown keys, empty events, non-scalar values,
+    findings the evaluator does not score are errors)."""
+    where = f"whatif_definitions.{name}"
+    if not isinstance(d, dict) or set(d) - {"events", "lowers"} or not d.get("events"):
+        raise ConfigError(f"{where}: expected {{events: [{{table: <table>, <column>: <value>, ...}}, ...], "
+                          f"lowers: [<finding>, ...]}}, got {d!r}")
+    events = []
+    for i, ev in enumerate(d["events"]):
+        if not isinstance(ev, dict) or not isinstance(ev.get("table"), str) or len(ev) < 2:
+            raise ConfigError(f"{where}.events[{i}]: an event is a mapping with 'table' and at least one "
+                              f"column (or 'text'), got {ev!r}")
+        values = {k: v for k, v in ev.items() if k != "table"}
+        bad = [k for k, v in values.items() if not isinstance(k, str) or not isinstance(v, _EVENT_VALUE_TYPES)]
+        if bad:
+            raise ConfigError(f"{where}.events[{i}]: values must be text or numbers; not {bad}")
+        if ev["table"] in EVENT_TABLES:
+            # a MIMIC table: its columns are the extraction's; the check reads the reference's item filters
+            # from disk, so it runs only for definitions that name a MIMIC table
+            from .events import event_columns
+            unknown = sorted(set(values) - set(event_columns(ev["table"])))
+            if unknown:
+                raise ConfigError(f"{where}.events[{i}]: {ev['table']} has no serialized column(s) {unknown} "
+                                  f"(its columns: {', '.join(event_columns(ev['table']))})")
+        events.append((ev["table"], values))
+    lowers = d.get("lowers") or []
+    unknown = [f for f in lowers if f not in IMAGENOME_LABELS]
+    if not isinstance(lowers, list) or unknown:
+        raise ConfigError(f"{where}.lowers: findings the evaluator scores ({', '.join(IMAGENOME_LABELS)}); "
+                          f"not {unknown or lowers!r}")
+    return {"events": events, "lowers": tuple(lowers), "action": None}
+
+
+def _interventions(c: StudyConfig) -> dict[str, dict]:
+    """``whatif_interventions`` resolved against the built-ins and ``whatif_definitions`` (a definition wins
+    over a built-in of the same name). The built-ins add MIMIC prescriptions/inputevents/procedureevents rows,
+    which an own cohort never contains: named on an own cohort they are an error, not a silent what-if."""
+    if not isinstance(c.whatif_definitions, dict):
+        raise ConfigError(f"whatif_definitions must be a mapping name → definition, got {c.whatif_definitions!r}")
+    defined = {str(k): _definition(str(k), v) for k, v in c.whatif_definitions.items()}
+    names = c.whatif_interventions if c.whatif_interventions is not None else \
+        list(defined if c.own_cohort else WHATIF_INTERVENTIONS)
+    out = {}
+    for name in names:
+        if name in defined:
+            out[name] = defined[name]
+        elif name in WHATIF_INTERVENTIONS and c.own_cohort:
+            raise ConfigError(f"whatif_interventions: {name!r} is a built-in MIMIC intervention (it adds "
+                              f"{', '.join(t for t, _ in WHATIF_INTERVENTIONS[name]['events'])} rows) and this "
+                              "is an own cohort: define the intervention in your tables' terms in "
+                              "whatif_definitions (README \"What-if interventions\")")
+        elif name in WHATIF_INTERVENTIONS:
+            b = WHATIF_INTERVENTIONS[name]
+            out[name] = {"events": list(b["events"]), "lowers": tuple(b["lowers"]), "action": dict(b["action"])}
+        else:
+            raise ConfigError(f"whatif_interventions: unknown {name!r} (built-in: {', '.join(WHATIF_INTERVENTIONS)}"
+                              f"; defined: {', '.join(defined) or 'none'})")
+    return out
+
+
 def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
@@ -317,7 +405,6 @@ def _validate(c: StudyConfig) -> None:
                           "cannot hold: set ldm_cache_first_stage false with it")
     if c.image_size % c.clip_patch_size:
         raise ConfigError(f"image_size {c.image_size} is not a multiple of clip_patch_size {c.clip_patch_size}")
-    from .constants import TABLE_IV_VARIANTS
     for v in c.ablation_variants:
         if v not in TABLE_IV_VARIANTS:
             raise ConfigError(f"ablation_variants: unknown variant {v!r} (known: {', '.join(TABLE_IV_VARIANTS)})")
@@ -325,6 +412,16 @@ def _validate(c: StudyConfig) -> None:
         raise ConfigError("an own cohort needs both own_images and own_events")
     if c.own_images is not None and (c.mimic_iv_dir or c.mimic_cxr_dir):
         raise ConfigError("set either own_images/own_events or mimic_iv_dir/mimic_cxr_dir, not both")
+    _interventions(c)             # notebook 07's keys, checked before notebook 01 starts
+    for smp in c.sampler_study_samplers:
+        if smp not in ("ddim", "dpm"):
+            raise ConfigError(f"sampler_study_samplers: {smp!r} is not ddim or dpm")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in c.sampler_study_steps):
+        raise ConfigError(f"sampler_study_steps must be positive integers, got {c.sampler_study_steps}")
+    for key in WEIGHT_KEYS:       # a missing file fails here, not after notebooks 01-03 have run
+        if getattr(c, key) is not None and not c.path(key).is_file():
+            raise ConfigError(f"{key}: no such file {c.path(key)} (weights are read from local files only, never "
+                              "downloaded; relative paths are taken from the repository root)")
     if not 0 <= c.test_fraction + c.valid_fraction < 1:
         raise ConfigError("test_fraction + valid_fraction must be in [0, 1)")
 

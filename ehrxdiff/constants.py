@@ -63,3 +63,48 @@ DDIM_STEPS, DDIM_ETA = 100, 1.0  # sampling [R scripts/eval.py]; no classifier-f
 CLIP_LR, CLIP_WD = 5e-4, 0.2
 CLIP_BETAS, CLIP_EPS = (0.9, 0.98), 1e-6
 CLIP_BATCH = 1024
+
+
+# --- What-if interventions (notebook 07, beyond the paper: §V's "clinical simulation tool") -------------
+# The built-in interventions a what-if can add: the rows the synthetic world writes when the clinician acts
+# (events_emit.py), the world action they stand for (dynamics.ACTIONS), and the findings medicine (and the world)
+# says they lower. MIMIC-shaped, so used on the synthetic world and MIMIC only: an own cohort's tables hold no
+# prescriptions/inputevents rows, and it defines its own in the config's ``whatif_definitions``.
+# Plain crystalloid boluses are not in the list: the reference's inputevents filter (D2) drops them, so the
+# model never sees one and a what-if with them could only test the filter.
+WHATIF_INTERVENTIONS: dict[str, dict] = {
+    "diuretic": {
+        "events": [("prescriptions", {"drug_type": "MAIN", "drug": "Furosemide", "dose_val_rx": "40",
+                                      "dose_unit_rx": "mg", "form_val_disp": "40", "form_unit_disp": "mg",
+                                      "route": "IV"}),
+                   ("inputevents", {"itemid": "Furosemide (Lasix)", "amount": 40, "amountuom": "mg",
+                                    "ordercategoryname": "05-Med Bolus",
+                                    "ordercomponenttypedescription": "Main order parameter",
+                                    "ordercategorydescription": "Drug Push", "isopenbag": 0,
+                                    "originalamount": 40, "originalrate": 0})],
+        "action": {"furosemide_mg": 40.0},
+        "lowers": ("pulmonary edema/hazy opacity", "pleural effusion"),
+    },
+    "antibiotic": {
+        "events": [("prescriptions", {"drug_type": "MAIN", "drug": "Vancomycin", "dose_val_rx": "1",
+                                      "dose_unit_rx": "g", "form_val_disp": "1", "form_unit_disp": "g",
+                                      "route": "IV"}),
+                   ("inputevents", {"itemid": "Vancomycin", "amount": 1, "amountuom": "dose",
+                                    "ordercategoryname": "08-Antibiotics (IV)",
+                                    "secondaryordercategoryname": "02-Fluids (Crystalloids)",
+                                    "ordercomponenttypedescription": "Main order parameter",
+                                    "ordercategorydescription": "Drug Push", "totalamount": 100,
+                                    "totalamountuom": "ml", "isopenbag": 0, "originalamount": 1,
+                                    "originalrate": 0})],
+        "action": {"antibiotic_start": 120.0},
+        "lowers": ("consolidation", "pneumonia"),
+    },
+    "intubation": {
+        "events": [("procedureevents", {"itemid": "Intubation", "value": 1, "valueuom": "None",
+                                        "ordercategoryname": "Intubation/Extubation",
+                                        "ordercategorydescription": "Task", "isopenbag": 0, "originalamount": 1,
+                                        "originalrate": 0})],
+        "action": {"intubate": 1.0},
+        "lowers": (),          # adds tubes; the evaluator scores no devices
+    },
+}

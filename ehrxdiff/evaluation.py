@@ -23,6 +23,7 @@ computed without them and says what it skipped and why (printed, and in ``skippe
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -90,17 +91,43 @@ def _image_table(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     return imgs
 
 
+def build_evaluator(cfg: StudyConfig):
+    """The evaluator network as the config sets it up, before any training: ``evaluator_arch`` (the paper's
+    DenseNet-121 or the demo's small DenseNet), its backbone from the local ``xrv_weights`` file when given
+    (torchxrayvision's pickled model or its state dict, :func:`ehrxdiff.evaluators.load_xrv_backbone`; §10.6)."""
+    from .evaluators import DEMO_DENSENET, DENSENET121, CXREvaluator
+    arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
+    study.seed_everything(cfg)       # the head's initial weights (and the backbone's without xrv_weights)
+    return CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size, name=cfg.evaluator_arch,
+                        init_weights=cfg.weights("xrv_weights"), **arch)
+
+
+@lru_cache(maxsize=2)
+def _riken(path: str):
+    from .evaluators import RikenAgeModel
+    return RikenAgeModel(path)
+
+
+def age_model(cfg: StudyConfig):
+    """The paper's age model (Ieki et al. 2022, §10.5) from the local TorchScript file ``age_model_weights``, or
+    None: age is then the evaluator's own age head. Loaded once per file (the real model is ~100 MB)."""
+    return _riken(str(cfg.weights("age_model_weights"))) if cfg.age_model_weights else None
+
+
+def evaluator_tag(cfg: StudyConfig, evaluator) -> str:
+    """The provenance every result row carries: the evaluator, its FID features and, when set, the age model."""
+    age = age_model(cfg)
+    return f"{evaluator.evaluator_id} / FID: {evaluator.feature_id}" + (f" / age: {age.model_id}" if age else "")
+
+
 def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame | None,
                     select_on: str = "val_macro_auroc"):
     """The study's own evaluator (D9), trained on images of train-split patients only (``labels`` None: on sex
     and age alone, selected on ``select_on``)."""
-    from .evaluators import DEMO_DENSENET, DENSENET121, CXREvaluator, EvaluatorImages
+    from .evaluators import CXREvaluator, EvaluatorImages
     from .evaluators import train_evaluator as fit
     root = cfg.source_dirs()["mimic_cxr"]
-    arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
-    study.seed_everything(cfg)
-    model = CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size, name=cfg.evaluator_arch,
-                         init_weights=cfg.xrv_weights, **arch)
+    model = build_evaluator(cfg)
     sets = {s: EvaluatorImages(_image_table(pairs[pairs["split"] == s], labels), root, image_size=cfg.image_size)
             for s in ("train", "valid")}
     best = fit(model, sets["train"], sets["valid"], output_dir=eval_dir(cfg) / "evaluator", epochs=cfg.eval_epochs,
@@ -109,13 +136,14 @@ def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame 
 
 
 def score_images(cfg: StudyConfig, model, table: pd.DataFrame, root: Path):
-    """Evaluator outputs for (pair_key, path) images: P(label), p_female, age, FID features."""
+    """Evaluator outputs for (pair_key, path) images: P(label), p_female, age (the Riken model's when
+    ``age_model_weights`` is set, :func:`age_model`), FID features."""
     from torch.utils.data import DataLoader
 
     from .evaluators import EvaluatorImages
     from .evaluators import score_images as run
     ds = EvaluatorImages(table, root, image_size=cfg.image_size, key_col="pair_key")
-    return run(model, DataLoader(ds, batch_size=cfg.eval_batch_size))
+    return run(model, DataLoader(ds, batch_size=cfg.eval_batch_size), age_model=age_model(cfg))
 
 
 def table_classifiers(cfg: StudyConfig, rows: pd.DataFrame, test_keys) -> dict[str, pd.DataFrame]:
@@ -153,7 +181,7 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
     samples, _ = study.load_pairs_with_events(cfg)
     labels, rows = label_rows(cfg, samples)
     evaluator = train_evaluator(cfg, samples, labels)
-    tag = f"{evaluator.evaluator_id} / FID: {evaluator.feature_id}"
+    tag = evaluator_tag(cfg, evaluator)
     test_pairs = test.pairs
     test_rows = rows[rows["pair_key"].isin(set(test_pairs["pair_key"]))]
     root = cfg.source_dirs()["mimic_cxr"]
@@ -291,17 +319,12 @@ def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
                .agg(value="mean", n_pairs="count").reset_index())
     demo = []
     if plan["evaluator"] is not None:
-        from .evaluators import DEMO_DENSENET, DENSENET121, CXREvaluator
         samples, _ = study.load_pairs_with_events(cfg)
         if plan["evaluator"] == "train":
             evaluator = train_evaluator(cfg, samples, None, select_on="val_age_r" if plan["age"] else "val_sex_auroc")
         else:
-            arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
-            study.seed_everything(cfg)
-            evaluator = CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size,
-                                     name=cfg.evaluator_arch, init_weights=cfg.xrv_weights, **arch).eval()
-        tag = f"{evaluator.evaluator_id} / FID: {evaluator.feature_id}" + \
-            (" (trained on sex/age only)" if plan["evaluator"] == "train" else "")
+            evaluator = build_evaluator(cfg).eval()
+        tag = evaluator_tag(cfg, evaluator) + (" (trained on sex/age only)" if plan["evaluator"] == "train" else "")
         gt = score_images(cfg, evaluator, pair_image_table(pairs, "target"), root)
         scored = [("GT", 0, gt), ("previous image", 0, score_images(cfg, evaluator, pair_image_table(pairs, "prev"),
                                                                     root))]
@@ -569,11 +592,13 @@ def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_
                          n_events: int = 6) -> list[dict]:
     """Pairs for the Fig. 4-style figure: findings that changed between I_prev and I_trg (one per label, the
     most frequent first) and one where nothing changed; with the change and up to ``n_events`` events of S_event
-    (``reporting.salient_events``: treatments before vitals).
+    (``reporting.salient_events``: on MIMIC-shaped data treatments before vitals; on an own cohort the tables
+    of ``event_salience`` first, else no table order).
     Without labels the pairs are chosen by the images instead: the largest mean |I_trg − I_prev| first, and the
     smallest as the "no change" example (the caption says so rather than naming a finding)."""
     from .images import load_image
-    from .reporting import salient_events
+    from .reporting import SALIENCE, salience_rule, salient_events
+    salience = cfg.event_salience if cfg.event_salience is not None else (() if cfg.own_cohort else SALIENCE)
     ds = study.datasets(cfg, ("test",))
     test = study.test_pairs(cfg, ds)
     events = study.load_events(cfg)
@@ -587,8 +612,8 @@ def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_
         out.append({"prev": load_image(test.image_root / p["prev_path"], cfg.image_size),
                     "target": load_image(test.image_root / p["target_path"], cfg.image_size),
                     "pred": load_image(study.sample_dir(cfg, model, seed) / f"{key}.png", cfg.image_size),
-                    "events": salient_events(pair_events := events.for_pair(key), n_events),
-                    "n_events_total": len(pair_events), "finding": finding,
+                    "events": salient_events(pair_events := events.for_pair(key), n_events, salience),
+                    "n_events_total": len(pair_events), "events_rule": salience_rule(salience), "finding": finding,
                     "title": f"+{p['interval_hours']:.0f} h"})
     return out
 

@@ -206,7 +206,11 @@ class RikenAgeModel(nn.Module):
         super().__init__()
         if not Path(weights_path).is_file():
             raise FileNotFoundError(f"Riken age model file not found: {weights_path}")
-        self.model = torch.jit.load(str(weights_path), map_location="cpu")
+        try:
+            self.model = torch.jit.load(str(weights_path), map_location="cpu")
+        except (RuntimeError, ValueError) as e:   # a state dict, a pickled module or another file
+            raise ValueError(f"age_model_weights {weights_path}: not a TorchScript archive (the Riken age model "
+                             f"ships as one, loaded with torch.jit.load): {str(e).splitlines()[0]}") from None
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         self.model_id = f"riken-age:{Path(weights_path).name}"

@@ -211,38 +211,52 @@ def _gray(img) -> np.ndarray:
     return np.clip((a.astype(np.float32) + 1) / 2, 0, 1)
 
 
-# Which events a figure shows first when S_event is too long to print: what was done to the patient, then what was
-# measured. Vitals outnumber treatments many times over and would otherwise fill every caption.
+# Which MIMIC events a figure shows first when S_event is too long to print: what was done to the patient, then
+# what was measured. Vitals outnumber treatments many times over and would otherwise fill every caption. An own
+# cohort's tables have other names: config ``event_salience`` orders them (none: no table order).
 SALIENCE = ("prescriptions", "inputevents", "procedureevents", "microbiologyevents", "labevents", "outputevents",
             "chartevents")
 
 
-def salient_events(events, n: int) -> list[str]:
+def salience_rule(salience) -> str:
+    """How :func:`salient_events` chose, in words, for the caption's "k of N events: …" line."""
+    salience = tuple(salience)
+    if salience == SALIENCE:
+        return "treatments, labs, then vitals"
+    if salience:
+        return f"{', '.join(salience)} first, distinct items, most recent first"
+    return "distinct items, most recent first"
+
+
+def salient_events(events, n: int, salience=SALIENCE) -> list[str]:
     """Up to ``n`` of S_event's ``(text, hours since I_prev, table)`` for a figure caption, like the paper's Fig. 2,
-    which prints the events that explain the change rather than the last vitals: by table in :data:`SALIENCE`
-    order, then distinct items before repeats of one (the text before " value "), most recent first; returned in
-    time order as "+12 h <text>". (The figure says how many of how many it shows: pass ``n_events_total`` with
-    the example.)"""
+    which prints the events that explain the change rather than the last vitals: by table in ``salience`` order
+    (MIMIC's :data:`SALIENCE` by default; tables not named come after, all alike), then distinct items before
+    repeats of one (the text before " value "), most recent first; returned in time order as "+12 h <text>".
+    (The figure says how many of how many it shows and how it chose: pass ``n_events_total`` and
+    ``events_rule`` = :func:`salience_rule` with the example.)"""
     ev = list(events)
-    rank = {t: i for i, t in enumerate(SALIENCE)}
+    salience = tuple(salience)
+    rank = {t: i for i, t in enumerate(salience)}
     repeat, seen = [0] * len(ev), {}
     for i in sorted(range(len(ev)), key=lambda i: (-float(ev[i][1]), -i)):   # most recent occurrence = 0
         item = str(ev[i][0]).split(" value ")[0]
         repeat[i] = seen.get(item, 0)
         seen[item] = repeat[i] + 1
-    order = sorted(range(len(ev)), key=lambda i: (rank.get(str(ev[i][2]), len(SALIENCE)), repeat[i],
+    order = sorted(range(len(ev)), key=lambda i: (rank.get(str(ev[i][2]), len(salience)), repeat[i],
                                                   -float(ev[i][1]), -i))
     chosen = sorted(order[:n])
     return [f"+{float(ev[i][1]):.0f} h {ev[i][0]}" for i in chosen]
 
 
-def _event_text(events, max_events: int, width: int, total: int | None = None) -> str:
+def _event_text(events, max_events: int, width: int, total: int | None = None,
+                rule: str = salience_rule(SALIENCE)) -> str:
     """The caption's event lines: the last ``max_events``, or - when ``total`` says they were chosen from a longer
-    S_event by :func:`salient_events` - all of them under a "k of N" line."""
+    S_event by :func:`salient_events` - all of them under a "k of N events: <rule>" line."""
     ev = list(events)
     shown = [textwrap.shorten(str(e), width=width, placeholder="…") for e in ev[-max_events:]]
     if total is not None and total > len(shown):
-        head = [f"({len(shown)} of {total} events: treatments, labs, then vitals)"]
+        head = [f"({len(shown)} of {total} events: {rule})"]
     else:
         more = len(ev) - len(shown)
         head = [f"(+{more} earlier events)"] if more > 0 else []
@@ -254,7 +268,7 @@ def plot_qualitative(examples: list[dict], path_stem: str | Path, *, max_events:
     """Fig. 2 style rows: I_prev → (events) → I_trg and I_pred.
 
     Each example: ``prev``, ``target``, ``pred`` images, ``events`` (texts of S_event, time order; with
-    ``n_events_total`` when they are a :func:`salient_events` choice),
+    ``n_events_total`` and ``events_rule`` when they are a :func:`salient_events` choice),
     ``finding`` (the change between I_prev and I_trg, printed bold under the arrow) and an optional
     ``title`` (e.g. the pair key and interval).
     """
@@ -276,7 +290,8 @@ def plot_qualitative(examples: list[dict], path_stem: str | Path, *, max_events:
         if ex.get("finding"):
             ax.text(0.5, 0.74, ex["finding"], ha="center", va="top", fontsize=8, fontweight="bold",
                     wrap=True, transform=ax.transAxes)
-        ax.text(0.5, 0.60, _event_text(ex.get("events", []), max_events, event_width, ex.get("n_events_total")),
+        ax.text(0.5, 0.60, _event_text(ex.get("events", []), max_events, event_width, ex.get("n_events_total"),
+                                       ex.get("events_rule", salience_rule(SALIENCE))),
                 ha="center",
                 va="top", fontsize=5.5, family="monospace", multialignment="left",
                 transform=ax.transAxes)

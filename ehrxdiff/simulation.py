@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from . import study
-from .config import ConfigError, StudyConfig
+from .config import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +91,10 @@ class Context:
         return ds.with_pairs(ds.pairs.sample(frac=1.0, random_state=self.cfg.seed).head(n).sort_values("pair_key"))
 
 
-def check_config(cfg: StudyConfig) -> None:
-    """The notebook-07 keys, checked before anything loads (unknown intervention or sampler, empty lists)."""
-    from .whatif import INTERVENTIONS
-    for iv in cfg.whatif_interventions:
-        if iv not in INTERVENTIONS:
-            raise ConfigError(f"whatif_interventions: unknown {iv!r} (known: {', '.join(INTERVENTIONS)})")
-    for s in cfg.sampler_study_samplers:
-        if s not in ("ddim", "dpm"):
-            raise ConfigError(f"sampler_study_samplers: {s!r} is not ddim or dpm")
-    if any(int(n) <= 0 for n in cfg.sampler_study_steps):
-        raise ConfigError("sampler_study_steps must be positive")
-
-
 def context(cfg: StudyConfig) -> Context:
     """Load everything once. Without finding labels the evaluator is not loaded (even one trained on sex/age has
     an untrained finding head) and the label rows are None (module docstring)."""
     from .evaluation import label_rows, missing_labels_reason
-    check_config(cfg)
     pipe = study.load_pipeline(cfg, cfg.simulation_model)
     pipe.set_progress_bar_config(disable=True)
     pipe.use_sampler(cfg.sampler, clip_x0=cfg.sample_clip_x0)
@@ -135,11 +121,19 @@ def added_hours(events) -> float:
     return max(float(events.hours[0]), 0.0) if len(events) else 0.0
 
 
-def what_if_example(ctx: Context, intervention: str = "diuretic", pair_key: str | None = None):
-    """One pair's what-if (figure ``fig_whatif_example``). Default pair: on the synthetic world, the scored test
-    pair whose I_prev has the most edema (where a diuretic matters); otherwise the first scored pair."""
+def what_if_example(ctx: Context, intervention: str | None = None, pair_key: str | None = None):
+    """One pair's what-if (figure ``fig_whatif_example``) with a configured intervention (default: ``diuretic``
+    when configured, else the first; none configured: skipped). Default pair: on the synthetic world, the scored
+    test pair whose I_prev has the most edema (where a diuretic matters); otherwise the first scored pair."""
     from .whatif import EventList, plot_what_if, what_if
     cfg = ctx.cfg
+    defined = cfg.interventions()
+    if not defined:
+        ctx.skip("what-if example", "no intervention configured (whatif_interventions / whatif_definitions)")
+        return None
+    intervention = intervention or ("diuretic" if "diuretic" in defined else next(iter(defined)))
+    if intervention not in defined:
+        raise ValueError(f"intervention {intervention!r} is not configured (configured: {', '.join(defined)})")
     pairs = ctx.scored.pairs
     if pair_key is None:
         pair_key = pairs["pair_key"].iloc[0]
@@ -151,7 +145,7 @@ def what_if_example(ctx: Context, intervention: str = "diuretic", pair_key: str 
     item = ctx.scored[i]
     factual = EventList.from_store(ctx.scored.store, pair_key)
     emb = study.make_embedder(cfg)
-    edited = factual.add_intervention(intervention, added_hours(factual), embedder=emb.embed,
+    edited = factual.add_intervention(defined[intervention], added_hours(factual), embedder=emb.embed,
                                       text_style=cfg.text_style)
     emb.close()
     res = what_if(ctx.pipe, item["prev_image"], factual, edited, pair_key=pair_key,
@@ -167,9 +161,14 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     Without labels: skipped (empty tables), since both effects are changes in P(finding)."""
     from .synthetic.counterfactual import pair_true_effects
     from .reporting import write_table
-    from .whatif import INTERVENTIONS, EventList, agreement, intervention_effects, plot_effects
-    if not ctx.has_labels:
+    from .whatif import EventList, agreement, intervention_effects, plot_effects
+    defined = ctx.cfg.interventions()
+    if not defined:
+        ctx.skip("what-if effects and agreement", "no intervention configured (whatif_interventions / "
+                 "whatif_definitions)")
+    elif not ctx.has_labels:
         ctx.skip("what-if effects and agreement", "they compare changes in the evaluator's P(finding)")
+    if not defined or not ctx.has_labels:
         return (pd.DataFrame(columns=["pair_key", "intervention", "hours", "label", "delta_p", "delta_true"]),
                 pd.DataFrame(columns=["intervention", "label", "n_pairs", "lowers_rate", "agreement"]))
     t0 = time.perf_counter()
@@ -189,22 +188,22 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
         shuffled_hours = {k: added_hours(EventList.from_store(ds.store, events_of[k])) for k in keys}
         kinds = ("own", "shuffled")
     parts, truths = [], {}
-    for iv, events in ((iv, ev) for iv in cfg.whatif_interventions for ev in kinds):
+    for iv, events in ((iv, ev) for iv in defined for ev in kinds):
         shuffled = events == "shuffled"
         eff = intervention_effects(ctx.pipe, ctx.evaluator, ds, keys, iv, hours=shuffled_hours if shuffled else hours,
                                    embedder=emb.embed, seeds=ctx.whatif_seeds, text_style=cfg.text_style,
                                    batch_size=cfg.sample_batch_size, events_of=events_of if shuffled else None,
-                                   **ctx.steps)
-        if course is not None:
+                                   definition=defined[iv], **ctx.steps)
+        if course is not None and defined[iv]["action"] is not None:   # the world knows this action's effect
             if iv not in truths:
-                truths[iv] = pair_true_effects(course, ds.pairs, INTERVENTIONS[iv]["action"], hours, seed=cfg.seed)
+                truths[iv] = pair_true_effects(course, ds.pairs, defined[iv]["action"], hours, seed=cfg.seed)
             eff = eff.merge(truths[iv], on=["pair_key", "label"], how="left")
         else:
             eff = eff.assign(delta_true=np.nan, replay_error=np.nan, interval_hours=np.nan)
         parts.append(eff)
     emb.close()
     effects = pd.concat(parts, ignore_index=True)
-    summary = agreement(effects)
+    summary = agreement(effects, lowers={k: v["lowers"] for k, v in defined.items()})
     effects.to_csv(sim_dir(cfg) / "whatif_effects.csv", index=False)
     summary.to_csv(sim_dir(cfg) / "whatif_agreement.csv", index=False)
     write_table(summary.round(4), "table_whatif_agreement", study.figures_dir(cfg), index=False,
@@ -350,11 +349,12 @@ def what_if_panel(ctx: Context):
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
-    from .whatif import INTERVENTIONS, EventList, plot_what_if, what_if
+    from .whatif import EventList, plot_what_if, what_if
     cfg, pairs = ctx.cfg, ctx.scored.pairs
+    defined = cfg.interventions()
     pick = w.Dropdown(options=pairs["pair_key"].tolist(), description="pair")
     events = w.SelectMultiple(rows=10, description="events on", layout=w.Layout(width="95%"))
-    add = w.Dropdown(options=["(none)", *INTERVENTIONS], description="add")
+    add = w.Dropdown(options=["(none)", *defined], description="add")
     hours = w.FloatText(value=0.0, description="at hour")
     go = w.Button(description="predict", button_style="primary")
     out = w.Output()
@@ -370,7 +370,8 @@ def what_if_panel(ctx: Context):
         edited = factual.drop([i for i in range(len(factual)) if i not in set(events.value)])
         if add.value != "(none)":
             emb = study.make_embedder(cfg)
-            edited = edited.add_intervention(add.value, hours.value, embedder=emb.embed, text_style=cfg.text_style)
+            edited = edited.add_intervention(defined[add.value], hours.value, embedder=emb.embed,
+                                             text_style=cfg.text_style)
             emb.close()
         i = int(np.flatnonzero(pairs["pair_key"].to_numpy() == pick.value)[0])
         with out:

@@ -237,9 +237,12 @@ def datasets(cfg: StudyConfig, splits=("train", "valid", "test")) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- 03
 def clip_model_config(cfg: StudyConfig, event_dim: int) -> dict:
-    """EHRCLIP towers from the config (§II-B): image ViT with the 65-token layout, 2-layer table transformer."""
+    """EHRCLIP towers from the config (§II-B): image ViT with the 65-token layout (from ``clip_image_weights``
+    when set), 2-layer table transformer. The dict is the model's saved config, hence the path as text."""
+    weights = cfg.weights("clip_image_weights")
     return {"image": dict(image_size=cfg.image_size, patch_size=cfg.clip_patch_size, width=cfg.clip_width,
-                          layers=cfg.clip_layers, heads=cfg.clip_heads, weights_path=cfg.clip_image_weights),
+                          layers=cfg.clip_layers, heads=cfg.clip_heads,
+                          weights_path=None if weights is None else str(weights)),
             "table": dict(event_dim=event_dim, width=cfg.clip_table_width or event_dim, layers=cfg.clip_table_layers,
                           heads=cfg.clip_table_heads, out_dim=cfg.clip_width, null_events=cfg.null_events)}
 
@@ -317,7 +320,7 @@ def _first_stage(cfg: StudyConfig, ds: dict):
     kw = dict(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
               image_size=cfg.image_size, norm_num_groups=_groups(cfg.vae_channels))
     if cfg.vae_weights:
-        return load_cheff_checkpoint(cfg.vae_weights, layers_per_block=cfg.vae_layers_per_block, **kw)
+        return load_cheff_checkpoint(cfg.weights("vae_weights"), layers_per_block=cfg.vae_layers_per_block, **kw)
     seed_everything(cfg)
     vae = build_vae(layers_per_block=cfg.vae_layers_per_block, **kw)
     return fit(vae, _loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),

@@ -30,51 +30,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .constants import IMAGENOME_LABELS
+from .constants import EVENT_TABLES, IMAGENOME_LABELS, WHATIF_INTERVENTIONS
 from .events import event_columns, serialize_event
 from .sampling import pair_seed
-
-# Interventions a what-if can add: the rows the synthetic world writes when the clinician acts (events_emit.py),
-# the world action they stand for (dynamics.ACTIONS), and the findings medicine (and the world) says they lower.
-# Plain crystalloid boluses are not in the list: the reference's inputevents filter (D2) drops them, so the
-# model never sees one and a what-if with them could only test the filter.
-INTERVENTIONS: dict[str, dict] = {
-    "diuretic": {
-        "events": [("prescriptions", {"drug_type": "MAIN", "drug": "Furosemide", "dose_val_rx": "40",
-                                      "dose_unit_rx": "mg", "form_val_disp": "40", "form_unit_disp": "mg",
-                                      "route": "IV"}),
-                   ("inputevents", {"itemid": "Furosemide (Lasix)", "amount": 40, "amountuom": "mg",
-                                    "ordercategoryname": "05-Med Bolus",
-                                    "ordercomponenttypedescription": "Main order parameter",
-                                    "ordercategorydescription": "Drug Push", "isopenbag": 0,
-                                    "originalamount": 40, "originalrate": 0})],
-        "action": {"furosemide_mg": 40.0},
-        "lowers": ("pulmonary edema/hazy opacity", "pleural effusion"),
-    },
-    "antibiotic": {
-        "events": [("prescriptions", {"drug_type": "MAIN", "drug": "Vancomycin", "dose_val_rx": "1",
-                                      "dose_unit_rx": "g", "form_val_disp": "1", "form_unit_disp": "g",
-                                      "route": "IV"}),
-                   ("inputevents", {"itemid": "Vancomycin", "amount": 1, "amountuom": "dose",
-                                    "ordercategoryname": "08-Antibiotics (IV)",
-                                    "secondaryordercategoryname": "02-Fluids (Crystalloids)",
-                                    "ordercomponenttypedescription": "Main order parameter",
-                                    "ordercategorydescription": "Drug Push", "totalamount": 100,
-                                    "totalamountuom": "ml", "isopenbag": 0, "originalamount": 1,
-                                    "originalrate": 0})],
-        "action": {"antibiotic_start": 120.0},
-        "lowers": ("consolidation", "pneumonia"),
-    },
-    "intubation": {
-        "events": [("procedureevents", {"itemid": "Intubation", "value": 1, "valueuom": "None",
-                                        "ordercategoryname": "Intubation/Extubation",
-                                        "ordercategorydescription": "Task", "isopenbag": 0, "originalamount": 1,
-                                        "originalrate": 0})],
-        "action": {"intubate": 1.0},
-        "lowers": (),          # adds tubes; the evaluator scores no devices
-    },
-}
-
 
 @dataclass(frozen=True)
 class Event:
@@ -129,23 +87,35 @@ class EventList:
             text_style: str = "plain") -> "EventList":
         """With one event of ``table`` (``values``: column → value, itemid as its label) at ``hours`` after I_prev.
 
-        Columns are put in the table's serialization order; an unknown column is an error (it would never
-        appear in an extracted text). The new event goes after events of the same time (stable order).
+        A MIMIC table (:data:`~ehrxdiff.constants.EVENT_TABLES`): columns in the table's serialization order, an
+        unknown column an error (it would never appear in an extracted text). Any other table is an own cohort's
+        (:mod:`ehrxdiff.own_cohort`): columns in the given order, a ``text`` value last, as that module writes a
+        row. The new event goes after events of the same time (stable order).
         """
-        order = event_columns(table)
-        unknown = set(values) - set(order)
-        if unknown:
-            raise ValueError(f"{table}: unknown column(s) {sorted(unknown)}; serialized columns: {order}")
-        text = serialize_event(table, {c: values[c] for c in order if c in values}, text_style=text_style)
+        if table in EVENT_TABLES:
+            order = event_columns(table)
+            unknown = set(values) - set(order)
+            if unknown:
+                raise ValueError(f"{table}: unknown column(s) {sorted(unknown)}; serialized columns: {order}")
+            ordered = {c: values[c] for c in order if c in values}
+        else:
+            ordered = {c: v for c, v in values.items() if c != "text"}
+            if values.get("text") is not None:
+                ordered[""] = values["text"]     # a nameless column writes its value alone (own_cohort's rule)
+        text = serialize_event(table, ordered, text_style=text_style)
         vec = np.asarray(embedder([text]), np.float32)[0].astype(np.float16)   # as stored (D8: fp16)
         new = Event(text, float(hours), _frozen(vec), added=True)
         at = int(np.searchsorted(self.hours, new.hours, side="right")) if len(self) else 0
         return EventList(self.events[:at] + (new,) + self.events[at:])
 
-    def add_intervention(self, name: str, hours: float, *, embedder, text_style: str = "plain") -> "EventList":
-        """With every event row of an :data:`INTERVENTIONS` entry at ``hours``."""
+    def add_intervention(self, intervention: str | dict, hours: float, *, embedder,
+                         text_style: str = "plain") -> "EventList":
+        """With every event row of an intervention at ``hours``: a built-in's name
+        (:data:`~ehrxdiff.constants.WHATIF_INTERVENTIONS`) or a definition ``{"events": [(table, values), …]}``
+        as :meth:`ehrxdiff.config.StudyConfig.interventions` returns them."""
+        definition = WHATIF_INTERVENTIONS[intervention] if isinstance(intervention, str) else intervention
         out = self
-        for table, values in INTERVENTIONS[name]["events"]:
+        for table, values in definition["events"]:
             out = out.add(table, values, hours, embedder=embedder, text_style=text_style)
         return out
 
@@ -246,12 +216,14 @@ def what_if(pipe, prev_image: torch.Tensor, factual: EventList, counterfactual: 
 def intervention_effects(pipe, evaluator, dataset, pair_keys: Sequence[str], intervention: str, *, hours: dict,
                          embedder, seeds: Sequence[int], num_inference_steps: int, eta: float = 1.0,
                          text_style: str = "plain", batch_size: int = 16, event_guidance_scale: float = 1.0,
-                         events_of: dict[str, str] | None = None) -> pd.DataFrame:
+                         events_of: dict[str, str] | None = None, definition: dict | None = None) -> pd.DataFrame:
     """Add ``intervention`` at ``hours[pair_key]`` to each pair's S_event; per (pair, label) the evaluator's
     P(finding) under both histories (mean over seeds) and their difference ``delta_p`` = counterfactual − factual.
     ``dataset``: a :class:`ehrxdiff.data.PairDataset` holding the pairs (I_prev and the event store).
     ``events_of`` (pair_key → another pair): the shuffled-events control (issue 14) - both histories start from the
-    other pair's S_event, the edit and I_prev stay this pair's, so the effect is compared with this pair's truth."""
+    other pair's S_event, the edit and I_prev stay this pair's, so the effect is compared with this pair's truth.
+    ``definition``: the intervention's rows when it is not a built-in (``StudyConfig.interventions()``)."""
+    edit = definition if definition is not None else intervention
     index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
     labels = list(evaluator.labels)
     rows = []
@@ -259,7 +231,7 @@ def intervention_effects(pipe, evaluator, dataset, pair_keys: Sequence[str], int
         keys = list(pair_keys[start:start + batch_size])
         prev = torch.stack([dataset[index[k]]["prev_image"] for k in keys])
         fact = [EventList.from_store(dataset.store, events_of[k] if events_of else k) for k in keys]
-        cf = [f.add_intervention(intervention, hours[k], embedder=embedder, text_style=text_style)
+        cf = [f.add_intervention(edit, hours[k], embedder=embedder, text_style=text_style)
               for f, k in zip(fact, keys)]
         kw = dict(num_inference_steps=num_inference_steps, eta=eta, event_guidance_scale=event_guidance_scale)
         pf = finding_probabilities(evaluator, predict(pipe, prev, fact, keys, seeds, **kw).flatten(0, 1))
@@ -274,18 +246,21 @@ def intervention_effects(pipe, evaluator, dataset, pair_keys: Sequence[str], int
     return pd.DataFrame(rows)
 
 
-def agreement(effects: pd.DataFrame, *, min_true_effect: float = 0.01) -> pd.DataFrame:
+def agreement(effects: pd.DataFrame, *, min_true_effect: float = 0.01,
+              lowers: dict[str, Sequence[str]] | None = None) -> pd.DataFrame:
     """Model vs world, per (intervention, label) the intervention is meant to lower.
 
     ``effects`` carries ``delta_p`` (model) and ``delta_true`` (the world's severity change for the same edit).
     ``lowers_rate``: share of pairs where the predicted probability fell; ``agreement``: share of pairs whose
     true change is at least ``min_true_effect`` in size where the model moved the same way; mean effects and
     the Spearman correlation of the two. With an ``events`` column (own / shuffled S_event, the control of
-    issue 14) one row per events kind as well."""
+    issue 14) one row per events kind as well. ``lowers``: intervention → the findings it is meant to lower
+    (default: the built-ins'; ``StudyConfig.interventions()`` gives the configured ones)."""
+    lowers = lowers if lowers is not None else {k: v["lowers"] for k, v in WHATIF_INTERVENTIONS.items()}
     out = []
     effects = effects if "events" in effects else effects.assign(events="own")
     for (iv, lab, ev), g in effects.groupby(["intervention", "label", "events"], sort=False):
-        if lab not in INTERVENTIONS[iv]["lowers"]:
+        if lab not in lowers.get(iv, ()):
             continue
         real = g[g["delta_true"].abs() >= min_true_effect]
         out.append({"intervention": iv, "label": lab, "events": ev, "n_pairs": len(g),

@@ -132,3 +132,48 @@ def test_paper_profile_keeps_the_papers_recipe():
     paper, demo = load_config("paper"), load_config("demo")
     assert paper.ldm_clip_trainable and paper.snr_gamma is None
     assert not demo.ldm_clip_trainable and demo.snr_gamma == 5.0
+
+
+# ------------------------------------------------------------------------------- what-if interventions (issue 16)
+OWN = {"own_images": "images.csv", "own_events": "events.csv"}
+OWN_DIURETIC = {"diuretic": {"events": [{"table": "drugs", "item": "furosemide", "value": 40, "text": "iv push"}],
+                             "lowers": ["pulmonary edema/hazy opacity", "pleural effusion"]}}
+
+
+def test_whatif_interventions_are_the_builtins_on_mimic_data_and_the_defined_ones_on_an_own_cohort():
+    from ehrxdiff.constants import WHATIF_INTERVENTIONS
+    syn = load_config("smoke").interventions()
+    assert list(syn) == list(WHATIF_INTERVENTIONS) and syn["diuretic"]["action"] == {"furosemide_mg": 40.0}
+    assert load_config("smoke", OWN).interventions() == {}            # nothing MIMIC-shaped is added by default
+    own = load_config("smoke", OWN | {"whatif_definitions": OWN_DIURETIC}).interventions()
+    assert own == {"diuretic": {"events": [("drugs", {"item": "furosemide", "value": 40, "text": "iv push"})],
+                                "lowers": ("pulmonary edema/hazy opacity", "pleural effusion"), "action": None}}
+    # on MIMIC-shaped data a definition wins over the built-in of its name (and has no world truth), the rest stay
+    mixed = load_config("smoke", {"whatif_definitions": OWN_DIURETIC,
+                                  "whatif_interventions": ["diuretic", "antibiotic"]}).interventions()
+    assert mixed["diuretic"]["action"] is None and mixed["antibiotic"]["action"] == {"antibiotic_start": 120.0}
+    # the profile path: a definition given as YAML text on the command line (-p KEY VALUE) parses the same
+    text = "{diuretic: {events: [{table: drugs, item: furosemide, value: 40, text: iv push}], " \
+           "lowers: [pulmonary edema/hazy opacity, pleural effusion]}}"
+    assert load_config("smoke", OWN | {"whatif_definitions": text}).interventions() == own
+
+
+@pytest.mark.parametrize("params, message", [
+    (OWN | {"whatif_interventions": ["diuretic"]}, r"'diuretic' is a built-in MIMIC intervention \(it adds "
+                                                   r"prescriptions, inputevents rows\) and this is an own cohort"),
+    ({"whatif_interventions": ["diuresis"]}, r"unknown 'diuresis' \(built-in: diuretic, antibiotic, intubation"),
+    ({"whatif_definitions": {"x": {"events": []}}}, r"whatif_definitions\.x: expected"),
+    ({"whatif_definitions": {"x": {"events": [{"table": "drugs", "item": "a"}], "lower": []}}}, r"\.x: expected"),
+    ({"whatif_definitions": {"x": {"events": [{"item": "a"}]}}}, r"x\.events\[0\]: an event is a mapping with 'table'"),
+    ({"whatif_definitions": {"x": {"events": [{"table": "drugs", "item": ["a", "b"]}]}}}, r"must be text or numbers"),
+    ({"whatif_definitions": {"x": {"events": [{"table": "drugs", "item": "a"}], "lowers": ["edema"]}}},
+     r"x\.lowers: findings the evaluator scores .*not \['edema'\]"),
+    ({"whatif_definitions": {"x": {"events": [{"table": "prescriptions", "dose": 40}]}}},
+     r"x\.events\[0\]: prescriptions has no serialized column\(s\) \['dose'\]"),
+    ({"sampler_study_samplers": ["euler"]}, r"'euler' is not ddim or dpm"),
+    ({"sampler_study_steps": [10, 0]}, r"sampler_study_steps must be positive"),
+])
+def test_bad_whatif_and_sampler_keys_fail_at_load(params, message):
+    """Notebook 07's keys are checked with every other key, before notebook 01 starts (not when 07 runs)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", params)

@@ -75,7 +75,9 @@ def test_has_labels_by_source(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 def own_cohort_from_world(world: Path, out: Path) -> tuple[Path, Path]:
     """The smoke world's films and lab/drug rows rewritten in the documented two-table format, with sex but
-    without age and without any finding column (so: no labels, sex AUROC and FID yes, age r no)."""
+    without age and without any finding column (so: no labels, sex AUROC and FID yes, age r no), and timed by
+    the **day** as many real cohorts are (issue 16): films and events at midnight of their date, so every event
+    of a target film's day carries the target's own time."""
     from ehrxdiff.schemas import cxr_image_relpath
     cxr = world / "mimic-cxr-jpg" / "2.0.0"
     hosp = world / "mimiciv" / "2.2" / "hosp"
@@ -83,16 +85,18 @@ def own_cohort_from_world(world: Path, out: Path) -> tuple[Path, Path]:
     clock = meta["StudyTime"].map(lambda t: f"{int(float(t)):06d}")
     sex = pd.read_csv(hosp / "patients.csv.gz").set_index("subject_id")["gender"]
     images = pd.DataFrame({
-        "subject_id": meta["subject_id"], "time": pd.to_datetime(meta["StudyDate"] + clock, format="%Y%m%d%H%M%S"),
+        "subject_id": meta["subject_id"], "time": pd.to_datetime(meta["StudyDate"] + clock,
+                                                                 format="%Y%m%d%H%M%S").dt.normalize(),
         "path": [str(cxr / cxr_image_relpath(s, st, d)) for s, st, d in zip(meta["subject_id"], meta["study_id"],
                                                                              meta["dicom_id"])],
         "view": meta["ViewPosition"], "image_id": meta["dicom_id"], "sex": meta["subject_id"].map(sex)})
     labs = pd.read_csv(hosp / "labevents.csv.gz")
     drugs = pd.read_csv(hosp / "prescriptions.csv.gz")
+    day = lambda t: pd.to_datetime(t).dt.normalize()   # noqa: E731
     events = pd.concat([
-        pd.DataFrame({"subject_id": labs["subject_id"], "time": labs["charttime"], "table": "labs",
+        pd.DataFrame({"subject_id": labs["subject_id"], "time": day(labs["charttime"]), "table": "labs",
                       "item": labs["itemid"], "value": labs["valuenum"], "unit": labs["valueuom"]}),
-        pd.DataFrame({"subject_id": drugs["subject_id"], "time": drugs["starttime"], "table": "drugs",
+        pd.DataFrame({"subject_id": drugs["subject_id"], "time": day(drugs["starttime"]), "table": "drugs",
                       "item": drugs["drug"], "value": drugs["dose_val_rx"], "unit": drugs["dose_unit_rx"],
                       "text": "route " + drugs["route"].astype(str)})], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +121,16 @@ def test_label_free_own_cohort_runs_every_notebook(tmp_path, monkeypatch):
               "data_dir": str(tmp_path / "data"),
               # smaller than smoke where it only costs time: this test is about the label-free paths, not training
               "ablation_variants": [], "vae_steps": 2, "ldm_steps": 2, "sample_steps": 2, "uncertainty_samples": 2,
-              "rollout_chains": 2, "rollout_max_steps": 2, "sampler_study_steps": [2]}
+              "rollout_chains": 2, "rollout_max_steps": 2, "sampler_study_steps": [2],
+              # day-resolution films: 1- and 2-day gaps need a window above 48 h (issue 16: "a suitable window")
+              "max_interval_hours": 72,
+              # sex AUROC needs both sexes among the scored test pairs: at day resolution the 5 % test split is one
+              # patient; 15 % and 16 scored pairs hold both (7 patients; the subset: 14 M, 2 F)
+              "test_fraction": 0.15, "eval_max_pairs": 16,
+              # a what-if in this cohort's own terms (the built-in MIMIC ones are refused on an own cohort)
+              "whatif_definitions": {"diuretic": {
+                  "events": [{"table": "drugs", "item": "Furosemide", "value": 40, "unit": "mg", "text": "route IV"}],
+                  "lowers": ["pulmonary edema/hazy opacity", "pleural effusion"]}}}
     seconds = {}
     for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         t0 = time.perf_counter()
@@ -126,11 +139,21 @@ def test_label_free_own_cohort_runs_every_notebook(tmp_path, monkeypatch):
         seconds[nb.name] = round(time.perf_counter() - t0, 1)
     print("notebook seconds:", seconds)
     assert not (run / "cohort" / "image_labels.parquet").exists()
+    # 01-02 at day resolution: the events of a target film's own day (stamped with its time) are in the events
+    # table but never in that pair's S_event (window_end "exclusive", the default)
+    pairs = pd.read_parquet(run / "cohort" / "pairs.parquet")
+    interval = ((pairs["target_time"] - pairs["prev_time"]).dt.total_seconds() / 3600).set_axis(pairs["pair_key"])
+    assert set(interval.round(6)) <= {24.0, 48.0} and (interval == 48.0).any()     # 2-day gaps kept by the 72 h
+    raw = pd.read_csv(events, parse_dates=["time"], dtype={"subject_id": str})
+    at_target = raw.merge(pairs, left_on=["subject_id", "time"], right_on=["subject_id", "target_time"])
+    assert len(at_target) > 100                       # the leak the window must keep out is there to leak
+    s_event = pd.read_parquet(run / "events" / "events.parquet")
+    assert len(s_event) and (s_event["hours"].to_numpy() < interval.reindex(s_event["pair_key"]).to_numpy()).all()
     ev, sim = run / "eval", run / "simulation"
     # 05: image similarity per method and seed (the previous image once, each model per sampling seed)
     per_pair = pd.read_csv(ev / "image_similarity.csv")
     n_pairs = per_pair["pair_key"].nunique()
-    assert n_pairs == 8 and set(per_pair["metric"]) == {"MSE", "PSNR", "SSIM"}
+    assert n_pairs == 16 and set(per_pair["metric"]) == {"MSE", "PSNR", "SSIM"}
     counts = per_pair.groupby("method")["seed"].nunique()
     assert counts["previous image"] == 1 and counts["EHRXDiff"] == counts["EHRXDiff_w_null"] == 2
     assert per_pair["value"].notna().all() and per_pair.groupby(["method", "seed", "metric"]).size().eq(n_pairs).all()
@@ -163,6 +186,8 @@ def test_label_free_own_cohort_runs_every_notebook(tmp_path, monkeypatch):
         "what-if effects and agreement", "P(finding) spread and calibration", "rollout Brier score and AUROC",
         "sampler study AUROC and FID"}
     assert not (sim / "calibration.csv").exists() and not (sim / "whatif_effects.csv").exists()
+    out07 = (tmp_path / "07_what_if.ipynb").read_text()
+    assert "difference map only (mean |cf - f| = " in out07       # the own-terms diuretic was added and predicted
     for name in ("fig_whatif_example", "fig_uncertainty", "fig_rollout", "fig_sampler_study"):
         assert (fig / f"{name}.png").exists(), name
     out05 = (tmp_path / "05_evaluation.ipynb").read_text()

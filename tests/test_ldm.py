@@ -3,11 +3,9 @@
 Tiny random models built from config (no downloads): 16 px images -> f=4 latent 3x4x4, 16-wide tokens.
 """
 import math
-import re
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from torch.utils.data import DataLoader, Dataset
 
 from ehrxdiff.adaptor import TABLE_IV_VARIANTS, FusionAdaptor
@@ -15,6 +13,7 @@ from ehrxdiff.data import collate_pairs
 from ehrxdiff.ldm import PAPER_UNET_CHANNELS, ClipConditioner, build_ehrxdiff, build_noise_scheduler, build_unet, widen_conv_in
 from ehrxdiff.vae import build_vae, load_cheff_checkpoint, measure_latent_scale, psnr, train_vae
 from ehrxdiff.wnull import NULL_SUFFIX, NullTargetAugmentation, WithNullSamples
+from weight_files import to_ldm_layout
 
 torch.set_num_threads(1)
 PX, EVENT_DIM, WIDTH, MAX_EVENTS = 16, 8, 16, 6
@@ -53,36 +52,10 @@ def test_vae_has_cheff_shape_f4_three_latent_channels():
     assert vae.config.scaling_factor == pytest.approx(0.18215)
 
 
-def _to_ldm_layout(sd: dict, n_levels: int) -> dict:
-    """Inverse of diffusers' converter, to fabricate a Cheff/LDM-layout state dict for the test."""
-    top = {d: l for d, l in DIFFUSERS_TO_LDM_MAPPING["vae"].items()}
-    out = {}
-    for k, v in sd.items():
-        if k in top:
-            out[top[k]] = v
-            continue
-        k2 = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", k)
-        k2 = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k2)
-        k2 = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets",
-                    lambda m: f"decoder.up.{n_levels - 1 - int(m.group(1))}.block", k2)
-        k2 = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
-                    lambda m: f"decoder.up.{n_levels - 1 - int(m.group(1))}.upsample", k2)
-        k2 = re.sub(r"mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k2)
-        k2 = k2.replace("conv_shortcut", "nin_shortcut")
-        if "mid_block.attentions.0" in k2:
-            k2 = k2.replace("mid_block.attentions.0", "mid.attn_1").replace("group_norm", "norm")
-            for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
-                k2 = k2.replace(f".{a}.", f".{b}.")
-            if v.ndim == 2:
-                v = v[:, :, None, None]  # LDM stores attention projections as 1x1 convs
-        out[k2] = v
-    return out
-
-
 def test_load_cheff_checkpoint_converts_ldm_layout_and_rejects_mismatch(tmp_path):
     torch.manual_seed(0)
     vae = tiny_vae().eval()
-    ldm = _to_ldm_layout(vae.state_dict(), 3)
+    ldm = to_ldm_layout(vae.state_dict(), 3)
     ldm = {f"first_stage_model.{k}": v for k, v in ldm.items()}
     ldm["loss.discriminator.main.0.weight"] = torch.zeros(1)  # training-loss keys are ignored
     path = tmp_path / "cheff_autoencoder.pt"

@@ -90,6 +90,21 @@ def test_qualitative_and_difference_figures(tmp_path):
     assert reporting._event_text(ex[0]["events"], 6, 40).startswith("(+3 earlier events)")
 
 
+def test_own_cohort_tables_are_ranked_by_event_salience_not_by_mimic_names():
+    """Issue 16: an own cohort's tables ("drugs", "vitals") have no MIMIC rank; ``event_salience`` gives one, and
+    the caption says the rule that chose (never "treatments, labs, then vitals" for tables it did not rank)."""
+    ev = [(f"vitals item spo2 value {90 + i}", float(i), "vitals") for i in range(6)]
+    ev.insert(1, ("drugs item furosemide value 40", 0.5, "drugs"))
+    no_order = reporting.salient_events(ev, 2, ())
+    assert no_order == ["+0 h drugs item furosemide value 40", "+5 h vitals item spo2 value 95"]   # distinct items
+    assert reporting.salient_events(ev, 1, ("drugs",)) == ["+0 h drugs item furosemide value 40"]
+    assert reporting.salient_events(ev, 1, ("vitals",)) == ["+5 h vitals item spo2 value 95"]
+    assert reporting.salience_rule(()) == "distinct items, most recent first"
+    assert reporting.salience_rule(["drugs"]) == "drugs first, distinct items, most recent first"
+    head = reporting._event_text(no_order, 6, 60, total=len(ev), rule=reporting.salience_rule(())).splitlines()[0]
+    assert head == "(2 of 7 events: distinct items, most recent first)"
+
+
 def test_salient_events_show_treatments_before_vitals_in_time_order():
     ev = [(f"chartevents itemid Heart Rate value {i}", float(i), "chartevents") for i in range(10)]
     ev.insert(3, ("prescriptions drug Furosemide dose 40", 2.5, "prescriptions"))

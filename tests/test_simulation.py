@@ -10,7 +10,8 @@ from ehrxdiff.rollout import admission_chains, rollout, step_metrics
 from ehrxdiff.sampler_study import sampler_study
 from ehrxdiff.synthetic.counterfactual import true_effect
 from ehrxdiff.uncertainty import calibration_table, pixel_std, probability_spread, sample_many
-from ehrxdiff.whatif import EventList, INTERVENTIONS, agreement, predict, what_if
+from ehrxdiff.constants import WHATIF_INTERVENTIONS
+from ehrxdiff.whatif import EventList, agreement, predict, what_if
 from test_pipeline import EVENT_DIM, PX, tiny_pipe
 
 torch.set_num_threads(1)
@@ -95,7 +96,7 @@ def test_edits_never_mutate_the_original():
     iv = orig.add_intervention("diuretic", 1.0, embedder=embed)
     assert (orig.texts, list(orig.hours)) == (before[0], list(before[1]))
     assert np.array_equal(orig.embeddings(), before[2])
-    assert len(dropped) == 1 and len(added) == 4 and len(iv) == 3 + len(INTERVENTIONS["diuretic"]["events"])
+    assert len(dropped) == 1 and len(added) == 4 and len(iv) == 3 + len(WHATIF_INTERVENTIONS["diuretic"]["events"])
     # columns in the table's serialization order, inserted after events of the same time
     assert added.texts[1] == "prescriptions drug_type MAIN drug Vancomycin route IV" and added.events[1].added
     assert orig.drop(item="furosemide").texts == orig.texts[:2]
@@ -185,3 +186,26 @@ def test_world_truth_diuretic_lowers_edema_and_agreement_counts_signs():
                             "delta_p": [-0.1, -0.2, 0.1, 0.05], "delta_true": [-0.1, -0.1, -0.1, 0.0]})
     s = agreement(effects).iloc[0]
     assert s["lowers_rate"] == 0.5 and s["n_true_effect"] == 3 and s["agreement"] == pytest.approx(2 / 3)
+
+
+def test_an_own_cohort_intervention_reaches_the_model_as_its_extracted_row_would(tmp_path):
+    """Issue 16: a what-if defined in an own cohort's terms is written exactly as extract_own_events writes the
+    same row (column order as given, free text last), and agreement scores the findings it was defined to lower."""
+    from ehrxdiff.config import load_config
+    from ehrxdiff.own_cohort import extract_own_events
+    definition = {"drugs": {"events": [{"table": "drugs", "item": "Furosemide", "value": 40, "unit": "mg",
+                                        "text": "route IV"}], "lowers": ["pleural effusion"]}}
+    cfg = load_config("smoke", {"own_images": "i.csv", "own_events": "e.csv", "whatif_definitions": definition})
+    edit = cfg.interventions()["drugs"]
+    iv = EventList(()).add_intervention(edit, 2.0, embedder=embed)
+    t0 = pd.Timestamp("2150-01-01")
+    pd.DataFrame([{"subject_id": "1", "time": t0 + pd.Timedelta(hours=2), "table": "drugs", "item": "Furosemide",
+                   "value": "40", "unit": "mg", "text": "route IV"}]).to_csv(tmp_path / "events.csv", index=False)
+    pairs = pd.DataFrame({"pair_key": ["k"], "subject_id": ["1"], "prev_time": [t0],
+                          "target_time": [t0 + pd.Timedelta(hours=5)]})
+    extracted = extract_own_events(tmp_path / "events.csv", pairs)
+    assert iv.texts == list(extracted.texts) == ["drugs item Furosemide value 40 unit mg route IV"]
+    effects = pd.DataFrame({"intervention": "drugs", "label": ["pleural effusion", "pneumonia"],
+                            "delta_p": [-0.1, -0.1], "delta_true": [np.nan, np.nan]})
+    scored = agreement(effects, lowers={k: v["lowers"] for k, v in cfg.interventions().items()})
+    assert list(scored["label"]) == ["pleural effusion"] and np.isnan(scored["agreement"].iloc[0])
