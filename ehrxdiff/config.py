@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .constants import EVENT_TABLES, IMAGENOME_LABELS, TABLE_IV_VARIANTS, WHATIF_INTERVENTIONS
+from .constants import EVENT_TABLES, IMAGENOME_LABELS, TABLE_IV_VARIANTS, WHATIF_DEFAULT, WHATIF_INTERVENTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = ROOT / "configs"
@@ -152,8 +152,8 @@ class StudyConfig:
     age_model_weights: str | None = None     # local Riken age model
     # -- beyond the paper: notebook 07 (issue 7; what-if, uncertainty, rollout, sampler study; ehrxdiff/simulation.py)
     simulation_model: str = "EHRXDiff_w_null"   # the notebook-04 model notebook 07 simulates with
-    # None: the built-ins (constants.WHATIF_INTERVENTIONS: diuretic, antibiotic, intubation) on MIMIC-shaped data,
-    # every whatif_definitions entry on an own cohort; else names from either (README "What-if interventions")
+    # None: the built-ins diuretic and antibiotic (constants.WHATIF_DEFAULT; intubation is built in too) on
+    # MIMIC-shaped data, every whatif_definitions entry on an own cohort; else names from either (README)
     whatif_interventions: list | None = None
     whatif_definitions: dict = field(default_factory=dict)   # name → {events: [{table, column: value…}], lowers: [...]}
     # tables a figure caption shows first when S_event is too long to print (None: MIMIC's treatments, labs, then
@@ -350,7 +350,7 @@ def _interventions(c: StudyConfig) -> dict[str, dict]:
         raise ConfigError(f"whatif_definitions must be a mapping name → definition, got {c.whatif_definitions!r}")
     defined = {str(k): _definition(str(k), v) for k, v in c.whatif_definitions.items()}
     names = c.whatif_interventions if c.whatif_interventions is not None else \
-        list(defined if c.own_cohort else WHATIF_INTERVENTIONS)
+        list(defined if c.own_cohort else WHATIF_DEFAULT)
     out = {}
     for name in names:
         if name in defined:

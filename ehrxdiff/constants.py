@@ -108,3 +108,4 @@ WHATIF_INTERVENTIONS: dict[str, dict] = {
         "lowers": (),          # adds tubes; the evaluator scores no devices
     },
 }
+WHATIF_DEFAULT = ("diuretic", "antibiotic")   # run by default on MIMIC-shaped data (intubation lowers no finding)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def check_pairs(pairs: pd.DataFrame, *, where: str, report: pd.DataFrame | None 
         raise EmptyCohortError(f"{where}: {len(pairs):,} pairs, but none in the {', '.join(empty)} split(s) "
                                f"(counts: {counts.to_dict()}). Use more patients, change test_fraction / "
                                "valid_fraction, or give a split_file that fills every split.")
+    if "subject_id" in pairs and "valid" in splits:
+        # one patient's pairs are one sex and one course: the evaluator's and the models' selection on valid
+        # (AUROC, sex AUROC, age r) is then NaN or meaningless, which no later message explains
+        patients = pairs[pairs["split"] == "valid"]["subject_id"].nunique()
+        if patients < 2:
+            warnings.warn(f"{where}: the valid split holds {patients} patient(s) ({int(counts.get('valid', 0))} "
+                          "pairs): model selection on it (the evaluator's best epoch by AUROC / sex AUROC / age r) is "
+                          "meaningless. Raise valid_fraction or give a split_file with at least 2 patients in valid.",
+                          stacklevel=2)
 
 
 def write_table1(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:

@@ -141,9 +141,8 @@ OWN_DIURETIC = {"diuretic": {"events": [{"table": "drugs", "item": "furosemide",
 
 
 def test_whatif_interventions_are_the_builtins_on_mimic_data_and_the_defined_ones_on_an_own_cohort():
-    from ehrxdiff.constants import WHATIF_INTERVENTIONS
     syn = load_config("smoke").interventions()
-    assert list(syn) == list(WHATIF_INTERVENTIONS) and syn["diuretic"]["action"] == {"furosemide_mg": 40.0}
+    assert list(syn) == ["diuretic", "antibiotic"] and syn["diuretic"]["action"] == {"furosemide_mg": 40.0}
     assert load_config("smoke", OWN).interventions() == {}            # nothing MIMIC-shaped is added by default
     own = load_config("smoke", OWN | {"whatif_definitions": OWN_DIURETIC}).interventions()
     assert own == {"diuretic": {"events": [("drugs", {"item": "furosemide", "value": 40, "text": "iv push"})],
