@@ -4,8 +4,9 @@
 #   ./run_all.sh                         run notebooks 01..NN on the demo profile (synthetic world, CPU)
 #   ./run_all.sh --profile smoke|demo|paper|path/to/profile.yaml [-p KEY VALUE]... [--only 03] [--from 04]
 #   ./run_all.sh --test [pytest args]    run the test suite (what .ci/run calls)
+#   ./run_all.sh --lab [jupyter args]    open the notebooks in JupyterLab with this environment's kernel
 #
-# Both create .venv when missing and install the pinned dependencies and the package (editable) first.
+# All three create .venv when missing and install the pinned dependencies and the package (editable) first.
 # Executed notebooks land in <run_dir>/notebooks/ (runs/<profile>/ by default); a one-line summary per notebook is printed and the
 # script stops with a non-zero exit at the first failure.
 set -euo pipefail
@@ -53,18 +54,26 @@ PYTEST_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --test) MODE=test; shift; PYTEST_ARGS=("$@"); break ;;
+    --lab) MODE=lab; shift; PYTEST_ARGS=("$@"); break ;;
     --profile) PROFILE="$2"; shift 2 ;;
     --profile=*) PROFILE="${1#*=}"; shift ;;
     -p|--param) OVERRIDES+=(-p "$2" "$3"); shift 3 ;;
     --only) ONLY="$2"; shift 2 ;;
     --from) FROM="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (see ./run_all.sh --help)" >&2; exit 2 ;;
   esac
 done
 
 bootstrap
 PYBIN="$VENV/bin/python"
+
+if [ "$MODE" = lab ]; then
+  # the same environment variables as a scripted run (offline model loading, hash seed, this checkout first on
+  # PYTHONPATH), and the environment's own Jupyter, so the "Python 3" kernel is this .venv's interpreter
+  # (MPLBACKEND unset: the kernel's inline backend shows the figures; Agg is for the scripted runs)
+  exec env -u MPLBACKEND "$VENV/bin/jupyter" lab --notebook-dir "$ROOT/notebooks" "${PYTEST_ARGS[@]}"
+fi
 
 if [ "$MODE" = test ]; then
   set +e

@@ -187,7 +187,7 @@ def _bench_ldm(a) -> int:
     cfg = load_config(a.profile)
     torch.manual_seed(0)
     vae = build_vae(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
-                    layers_per_block=cfg.vae_layers_per_block, image_size=cfg.image_size, norm_num_groups=study._groups(cfg.vae_channels))
+                    layers_per_block=cfg.vae_layers_per_block, image_size=cfg.image_size, norm_num_groups=study.norm_groups(cfg.vae_channels))
     clip = EHRCLIP.from_config(study.clip_model_config(cfg, a.event_dim))
     dev = torch.device(a.device)
 
@@ -196,7 +196,7 @@ def _bench_ldm(a) -> int:
         return build_ehrxdiff(vae=vae, image_size=cfg.image_size, clip=ClipConditioner.from_ehrclip(clip),
                               max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
                               unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads,
-                              layers_per_block=cfg.unet_layers_per_block, norm_num_groups=study._groups(cfg.unet_channels),
+                              layers_per_block=cfg.unet_layers_per_block, norm_num_groups=study.norm_groups(cfg.unet_channels),
                               clip_trainable=clip_trainable, snr_gamma=cfg.snr_gamma).to(dev)
 
     b, n = a.batch_size or cfg.ldm_batch_size, cfg.max_events
@@ -297,7 +297,7 @@ def _bench_loader(cfg, batch_size: int, batches: int = 40) -> None:
     from ehrxdiff import study
     ds = study.datasets(cfg, ("train",))
     for epoch in (1, 2):   # a fresh loader per epoch, as in training: workers (and their image caches) start anew
-        it = iter(study._loader(cfg, ds["train"], shuffle=True, batch_size=batch_size))
+        it = iter(study.loader(cfg, ds["train"], shuffle=True, batch_size=batch_size))
         next(it)
         t0 = time.perf_counter()
         n = sum(1 for _, _ in zip(range(batches), it))

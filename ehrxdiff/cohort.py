@@ -116,7 +116,7 @@ def check_image_files(paths: list[Path], *, workers: int = 8, decode: bool = Tru
 
     ``decode=True`` (the default, as the own-cohort path) decodes every image in full, so a JPEG cut short in a
     download fails here and not in training (issue 15); ``decode=False`` parses the header only (exists, non-empty,
-    PIL reads the header), for very large downloads: README "Running on real data" has the cost of each.
+    PIL reads the header), for very large downloads: docs/real-data.md has the cost of each.
     """
     from PIL import Image, ImageFile, UnidentifiedImageError
 

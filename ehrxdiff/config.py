@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from . import constants as C
 from .constants import EVENT_TABLES, IMAGENOME_LABELS, TABLE_IV_VARIANTS, WHATIF_DEFAULT, WHATIF_INTERVENTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ class StudyConfig:
     mimic_iv_dir: str | None = None          # real MIMIC-IV v2.2 root (…/mimiciv/2.2); unset → synthetic
     mimic_cxr_dir: str | None = None         # real MIMIC-CXR-JPG v2.0.0 root
     imagenome_dir: str | None = None         # real Chest ImaGenome v1.0.0 root
-    own_images: str | None = None            # your own cohort (README "Your own cohort", ehrxdiff.own_cohort):
+    own_images: str | None = None            # your own cohort (docs/own-cohort.md, ehrxdiff.own_cohort):
     own_events: str | None = None            #   images + events tables, instead of MIMIC and the synthetic world
     own_image_root: str | None = None        #   where relative image paths start (unset → the images table's folder)
     check_images: str = "decode"             # decode | header | none: how hard image files are checked (both paths)
@@ -56,16 +57,16 @@ class StudyConfig:
     num_workers: int = 0
     # -- cohort (§II-D, paper-reference §2, D1, D12) -------------------------------------------------------
     pairing: str = "all_earlier"             # all_earlier (reference code) | consecutive (paper wording)
-    max_interval_hours: float = 48.0
-    min_age: int = 18
-    split_seed: int = 42
-    test_fraction: float = 0.05
-    valid_fraction: float = 0.05
+    max_interval_hours: float = float(C.MAX_INTERVAL_HOURS)
+    min_age: int = C.MIN_AGE
+    split_seed: int = C.SPLIT_SEED
+    test_fraction: float = C.TEST_FRACTION
+    valid_fraction: float = C.VALID_FRACTION
     split_file: str | None = None            # the reference's dataset_split.json, when the user has it
     duckdb_memory_limit: str = "4GB"
     duckdb_threads: int = 2
     # -- events (§II-D, D2, D7, D8) ----------------------------------------------------------------------
-    max_events: int = 1024
+    max_events: int = C.MAX_EVENTS
     text_style: str = "plain"                # plain | genhpf_digits
     filter_inputevents: bool = True
     drug_matching: str = "casefold"          # casefold (tall-man / lower-case names match) | exact (the reference's)
@@ -99,8 +100,8 @@ class StudyConfig:
     checkpoint_limit: int = 2                # newest checkpoints kept per training run
     # -- VAE (D10) ---------------------------------------------------------------------------------------
     vae_channels: list = field(default_factory=lambda: [32, 64, 64])
-    vae_latent_channels: int = 3
-    latent_scale: float | None = 0.18215      # Cheff's scale_factor [R]; None → measured 1/std (LDM's scale_by_std)
+    vae_latent_channels: int = C.LATENT_CHANNELS
+    latent_scale: float | None = C.LATENT_SCALE   # Cheff's scale_factor [R]; None → measured 1/std (LDM's scale_by_std)
     vae_layers_per_block: int = 2            # res blocks per level (Cheff: 2); CPU profiles use 1
     vae_steps: int = 300
     vae_batch_size: int = 32
@@ -126,8 +127,8 @@ class StudyConfig:
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short
     ema_decay: float = 0.999                 # paper 0.9999
     ldm_mixed_precision: str = "auto"        # auto (bf16/fp16 on a GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    beta_start: float = 0.0015               # noise schedule (§II-C; sqrt-linear, 1000 steps) [R configs]
-    beta_end: float = 0.0295
+    beta_start: float = C.BETA_START         # noise schedule (§II-C; sqrt-linear, 1000 steps) [R configs]
+    beta_end: float = C.BETA_END
     null_events: str = "learned_token"       # learned_token (D3) | zeros (reference)
     augment_targets: str = "null_only"       # null_only (paper, D4) | all (reference)
     ablation_variants: list = field(default_factory=list)   # Table IV rows (adaptor.TABLE_IV_VARIANTS) besides the final model
@@ -153,7 +154,7 @@ class StudyConfig:
     # -- beyond the paper: notebook 07 (issue 7; what-if, uncertainty, rollout, sampler study; ehrxdiff/simulation.py)
     simulation_model: str = "EHRXDiff_w_null"   # the notebook-04 model notebook 07 simulates with
     # None: the built-ins diuretic and antibiotic (constants.WHATIF_DEFAULT; intubation is built in too) on
-    # MIMIC-shaped data, every whatif_definitions entry on an own cohort; else names from either (README)
+    # MIMIC-shaped data, every whatif_definitions entry on an own cohort; else names from either (docs/methods.md)
     whatif_interventions: list | None = None
     whatif_definitions: dict = field(default_factory=dict)   # name → {events: [{table, column: value…}], lowers: [...]}
     # tables a figure caption shows first when S_event is too long to print (None: MIMIC's treatments, labs, then
@@ -359,7 +360,7 @@ def _interventions(c: StudyConfig) -> dict[str, dict]:
             raise ConfigError(f"whatif_interventions: {name!r} is a built-in MIMIC intervention (it adds "
                               f"{', '.join(t for t, _ in WHATIF_INTERVENTIONS[name]['events'])} rows) and this "
                               "is an own cohort: define the intervention in your tables' terms in "
-                              "whatif_definitions (README \"What-if interventions\")")
+                              "whatif_definitions (docs/methods.md, \"What-if interventions\")")
         elif name in WHATIF_INTERVENTIONS:
             b = WHATIF_INTERVENTIONS[name]
             out[name] = {"events": list(b["events"]), "lowers": tuple(b["lowers"]), "action": dict(b["action"])}

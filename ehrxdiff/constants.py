@@ -2,7 +2,9 @@
 
 [P §x] = Kyung et al., "Towards Predicting Temporal Changes in a Patient's Chest X-ray Images based on
 Electronic Health Records"; [R] = the released code, as summarised in shared/docs/paper-reference.md.
-Profiles (configs/*.yaml) may shrink sizes for CPU runs; these are the paper's values.
+Profiles (configs/*.yaml) may shrink sizes for CPU runs; these are the paper's values. This is their one home:
+``config.StudyConfig``'s defaults for the data steps are these names, and ``configs/paper.yaml`` is checked
+against them (``tests/test_config.py::test_paper_profile_is_the_papers_numbers``).
 """
 
 # --- Data (§II-D, §III-A, paper-reference §2) --------------------------------------------------
@@ -33,7 +35,6 @@ VAE_DOWNSAMPLE = 4              # f = 4 -> H_f = W_f = 64 [R configs, Cheff]
 LATENT_SCALE = 0.18215          # scale_factor [R configs]
 D_CLIP = 768                    # CLIP width = UNet context_dim [P §III-A]
 N_IMAGE_TOKENS = 65             # ViT-B/32 at 256 px: 8x8 patches + CLS [R VisualTransformer]
-D_EVENT = 1536                  # ada-002 embedding width = table transformer width [R]
 C_FUSION = 1024                 # fused context tokens [R condition_feat_dim]
 TABLE_LAYERS, TABLE_HEADS = 2, 24   # table transformer [R TabTransformerEmbedder]
 

@@ -33,23 +33,24 @@ import torch
 from . import study
 from .config import StudyConfig
 from .constants import IMAGENOME_LABELS
+from .layout import layout
 from .schemas import IMAGENOME_RELATIONS
 
 BASELINES = ("GT", "previous image", "previous label", "table classifier", "table classifier w/ prev label")
 
 
 def eval_dir(cfg: StudyConfig) -> Path:
-    return study.run_dir(cfg, "eval")
+    return layout(cfg).eval
 
 
 def missing_labels_reason(cfg: StudyConfig) -> str | None:
     """Why this study has no finding labels (None when it has them): the one sentence every skip record and
     message repeats, so a user reads the same cause in notebooks 05, 06 and 07."""
     if cfg.own_cohort:
-        path = cfg.path("run_dir") / "cohort" / "image_labels.parquet"
+        path = layout(cfg).image_labels
         if not path.exists():
             return (f"no finding labels: the images table {cfg.own_images} has no finding columns "
-                    f"({path.name} was not written; README \"Your own cohort\")")
+                    f"({path.name} was not written; docs/own-cohort.md)")
         return None
     if not cfg.synthetic and "imagenome" not in cfg.source_dirs():
         return "no finding labels: imagenome_dir (Chest ImaGenome) is not set"
@@ -66,10 +67,10 @@ def label_rows(cfg: StudyConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.
     """(image-level labels, Table II rows) from the Chest ImaGenome relations file (§10.1)."""
     from .labels import image_labels, pair_label_rows, read_relations
     if cfg.own_cohort:  # labels come with the images table (own_cohort writes them in labels.image_labels' layout)
-        path = cfg.path("run_dir") / "cohort" / "image_labels.parquet"
+        path = layout(cfg).image_labels
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: the evaluation needs finding columns in {cfg.own_images} "
-                                    "(README, \"Your own cohort\")")
+                                    "(docs/own-cohort.md)")
         labels = pd.read_parquet(path)
         return labels, pair_label_rows(pairs, labels)
     src = cfg.source_dirs()
@@ -221,7 +222,7 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
            "auroc_per_label": pd.concat(per_labels, ignore_index=True), "demographics": pd.DataFrame(demo)}
     if cfg.synthetic:
         from .metrics import ceiling_auroc
-        gt_img = pd.read_parquet(cfg.synthetic_root / "ground_truth" / "images.parquet")
+        gt_img = pd.read_parquet(layout(cfg).ground_truth("images"))
         out["ceiling"] = pd.DataFrame([ceiling_auroc(test_rows, gt_img)])
     for k, v in out.items():
         v.to_csv(eval_dir(cfg) / f"{k}.csv", index=False)
@@ -379,7 +380,7 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     t4 = auroc_table(summ[summ["method"].isin(rows4)].replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}),
                      index_order=[*rows4[:-1], study.FINAL_VARIANT], ceiling=ceiling)
     caption4 = "Table IV: conditioning ablation (weighted-macro AUROC)"
-    if (reid := eval_dir(cfg) / "reidentification.csv").exists():  # written by notebook 04 (ehrxdiff.identity)
+    if (reid := layout(cfg).reidentification).exists():  # written by notebook 04 (study.score_reidentification)
         from .identity import summary_table
         rank = summary_table(pd.read_csv(reid).replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}))
         t4.insert(t4.columns.get_loc("evaluator"), "re-id rank", rank["rank percentile"].reindex(t4.index))
@@ -437,7 +438,7 @@ def guidance_sweep_table(cfg: StudyConfig, results: dict[str, pd.DataFrame]):
     summ, demo = results["auroc_summary"], results["demographics"]
     long = [summ.assign(metric="AUROC " + summ["subset"], value=summ["auroc"]),
             demo[demo["metric"] == "FID"]]
-    if (p := eval_dir(cfg) / "reidentification.csv").exists():
+    if (p := layout(cfg).reidentification).exists():
         reid = pd.read_csv(p)
         long.append(reid.assign(metric="re-id rank", value=reid["rank_percentile"]))
     long = pd.concat([d[["method", "seed", "metric", "value"]] for d in long], ignore_index=True)

@@ -68,26 +68,3 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
     long = table.melt(id_vars=["method", "seed"], value_vars=list(SUMMARY_COLUMNS), var_name="metric")
     return seed_table(long.replace({"metric": SUMMARY_COLUMNS}), index="method", columns="metric",
                       column_order=list(SUMMARY_COLUMNS.values()))
-
-
-def _read(table: pd.DataFrame, root, size: int) -> np.ndarray:
-    from pathlib import Path
-
-    from .images import load_image
-    return np.stack([load_image(Path(root) / p, size).numpy() for p in table["path"]])
-
-
-def score_study(cfg, test_pairs: pd.DataFrame) -> pd.DataFrame:
-    """Re-identification of the scored test pairs (``study.test_pairs``) for the real target ("GT", the reference)
-    and every trained model x sampling seed; written to ``run_dir/eval/reidentification.csv``. Needs no labels.
-    The previous image itself would score 1 by construction and is left out."""
-    from . import study
-    from .baselines import pair_image_table
-
-    root, size = cfg.source_dirs()["mimic_cxr"], cfg.image_size
-    prev = _read(pair_image_table(test_pairs, "prev"), root, size)
-    images = {("GT", 0): _read(pair_image_table(test_pairs, "target"), root, size)}
-    images |= {k: v.numpy() for k, v in study.load_predictions(cfg, test_pairs["pair_key"]).items()}
-    out = reidentification_table(images, prev)
-    out.to_csv(study.run_dir(cfg, "eval") / "reidentification.csv", index=False)
-    return out

@@ -10,7 +10,7 @@
   standard pytorch-fid formula with the 1e-6 diagonal fallback.
 * Mean ± std over sampling seeds (the paper reports 3 seeds for every stochastic result, §III-A).
 * Image similarity to the true target (MSE, PSNR, SSIM; beyond the paper): what a cohort *without* finding
-  labels can still be scored on (README "Your own cohort"), since it needs no evaluator and no labels.
+  labels can still be scored on (docs/own-cohort.md), since it needs no evaluator and no labels.
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ from .reporting import save_figure
 from .schemas import cxr_image_relpath
 
 
-def _finish(fig, path_stem):
+def finish_figure(fig, path_stem):
+    """Tight layout, then PNG + PDF under ``path_stem`` when given (``reporting.save_figure``); every figure
+    function of the package ends here, so all figures are written the same way."""
     fig.tight_layout()
     if path_stem is not None:
         save_figure(fig, path_stem)
@@ -35,7 +37,7 @@ def contact_sheet(metadata: pd.DataFrame, cxr_root: str | Path, *, n: int = 16, 
         ax.imshow(read_gray(Path(cxr_root) / cxr_image_relpath(r.subject_id, r.study_id, r.dicom_id)),
                   cmap="gray", vmin=0, vmax=1)
         ax.set_title(" ".join(str(getattr(r, c)) for c in caption_cols), fontsize=7)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def interval_histogram(pairs: pd.DataFrame, *, max_hours: float = 48, title: str | None = None, path_stem=None):
@@ -50,7 +52,7 @@ def interval_histogram(pairs: pd.DataFrame, *, max_hours: float = 48, title: str
     ax.set_xlabel("interval I_prev → I_trg (h)")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def pair_examples(pairs: pd.DataFrame, cxr_root: str | Path, *, n: int = 4, seed: int = 0, path_stem=None):
@@ -62,7 +64,7 @@ def pair_examples(pairs: pd.DataFrame, cxr_root: str | Path, *, n: int = 4, seed
             ax.imshow(read_gray(Path(cxr_root) / rel), cmap="gray", vmin=0, vmax=1)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def event_counts(events: pd.DataFrame, *, path_stem=None):
@@ -74,7 +76,7 @@ def event_counts(events: pd.DataFrame, *, path_stem=None):
     b.hist(per_pair, bins=30, color="0.4")
     b.set_xlabel("events per pair")
     b.set_ylabel("pairs")
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def loss_curves(history: pd.DataFrame, *, title: str = "", path_stem=None, y: str = "loss"):
@@ -87,7 +89,7 @@ def loss_curves(history: pd.DataFrame, *, title: str = "", path_stem=None, y: st
     ax.set_ylabel(y)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def embedding_projection(embeddings: np.ndarray, values, *, label: str, path_stem=None):
@@ -99,7 +101,7 @@ def embedding_projection(embeddings: np.ndarray, values, *, label: str, path_ste
     fig.colorbar(sc, ax=ax, label=label)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def image_grid(columns: dict[str, list], *, row_titles=None, path_stem=None):
@@ -119,4 +121,4 @@ def image_grid(columns: dict[str, list], *, row_titles=None, path_stem=None):
                 axes[i, j].set_title(name, fontsize=8)
         if row_titles is not None:
             axes[i, 0].set_ylabel(row_titles[i], fontsize=6)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)

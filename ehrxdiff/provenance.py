@@ -1,6 +1,6 @@
 """The machine and software a run's tables came from, written next to the tables (issue 15).
 
-Two runs on the same machine give byte-identical tables (README, "Reproducibility"); across machines the
+Two runs on the same machine give byte-identical tables (docs/reproducibility.md); across machines the
 numbers move with the CPU's kernels (MKL/oneDNN pick code paths by instruction set: AVX-512 vs AVX2 sum in a
 different order) and with package versions. ``environment.json`` records what a reader needs to tell which
 case a difference is: CPU model and instruction set, thread counts, torch's BLAS/LAPACK build, and the

@@ -1,10 +1,10 @@
-"""The README's numbers, assembled from a finished run's files — so the README never carries a number by hand.
+"""The results page's numbers, assembled from a finished run's files — so no number there is carried by hand.
 
-``python -m ehrxdiff.results_digest runs/demo figures --readme README.md`` replaces the block between
-``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with: run times (``timings.csv``), Tables I–IV
+``python -m ehrxdiff.results_digest runs/demo figures --readme docs/results.md`` replaces the block between
+``<!-- results:begin -->`` and ``<!-- results:end -->`` in that page with: run times (``timings.csv``), Tables I–IV
 (``figures/table*.md``), the diffusion models' training (``ldm/training_summary.csv``) and conditioning
 sensitivity (``figures/table_conditioning_sensitivity.md``), the event guidance sweep
-(``figures/table_guidance_sweep.md``), patient re-identification (``eval/reidentification.csv``), the paper's claims
+(``figures/table_guidance_sweep.md``), patient re-identification (``samples/reidentification.csv``), the paper's claims
 (``eval/claims.csv``), CLIP retrieval (``clip/retrieval_valid.csv``) and notebook 07's what-if agreement, calibration,
 rollout and sampler study (``simulation/*.csv``). A part whose file is missing is left out with a line saying so.
 The prose that interprets the numbers stays outside the block, written by a person who has read them.
@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from .identity import summary_table
+from .layout import RunLayout
 from .reporting import TABLE_NAMES, to_markdown
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -37,7 +38,7 @@ def _timings(run: Path) -> str:
 
 
 def _reidentification(run: Path) -> str:
-    r = pd.read_csv(run / "eval" / "reidentification.csv")
+    r = pd.read_csv(RunLayout(run).reidentification)
     df = summary_table(r)
     n, chance = int(r["n"].iloc[0]), float(r["chance_top1"].iloc[0])
     return (f"**Do the predictions follow the previous image?** Patient re-identification from I_prev on the {n} scored "
@@ -147,7 +148,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("figures_dir")
-    ap.add_argument("--readme", help="update this README's results block instead of printing")
+    ap.add_argument("--readme", help="update this page's results block (docs/results.md) instead of printing")
     a = ap.parse_args(argv)
     block = digest(a.run_dir, a.figures_dir)
     if a.readme:

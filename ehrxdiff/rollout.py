@@ -127,7 +127,7 @@ def plot_rollout(metrics: pd.DataFrame, path_stem=None):
     """Each metric against the step, mean over seeds, one line per method."""
     import matplotlib.pyplot as plt
 
-    from .plots import _finish
+    from .plots import finish_figure
     names = list(dict.fromkeys(metrics["metric"]))
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.3), squeeze=False)
     for ax, metric in zip(axes[0], names):
@@ -141,14 +141,14 @@ def plot_rollout(metrics: pd.DataFrame, path_stem=None):
     n = metrics.groupby("step")["n_pairs"].max()
     fig.suptitle("rollout vs one-step vs carrying the first image forward; pairs per step: "
                  + ", ".join(f"{s}: {v}" for s, v in n.items()), fontsize=8)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def plot_rollout_example(dataset, chains: pd.DataFrame, preds: dict[str, dict], chain: int, path_stem=None):
     """One chain: the true films on top, the rollout (seed 0) below, starting from the true I_0."""
     import matplotlib.pyplot as plt
 
-    from .plots import _finish
+    from .plots import finish_figure
     index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
     g = chains[chains["chain"] == chain].sort_values("step")
     n = len(g) + 1
@@ -163,4 +163,4 @@ def plot_rollout_example(dataset, chains: pd.DataFrame, preds: dict[str, dict], 
         axes[0][j].set_title(f"true I_{j}", fontsize=8)
         axes[1][j].imshow(preds["rollout"][(chain, r["step"])][0, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
         axes[1][j].set_title(f"rollout Î_{j}", fontsize=8)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)

@@ -81,7 +81,7 @@ def plot_sampler_study(table: pd.DataFrame, path_stem=None, *, reference: dict |
     ``reference``: optional {metric: value} drawn as dashed lines (e.g. the previous-image baseline's AUROC)."""
     import matplotlib.pyplot as plt
 
-    from .plots import _finish
+    from .plots import finish_figure
     metrics = list(dict.fromkeys(table["metric"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.9 * len(metrics), 3.0), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -96,4 +96,4 @@ def plot_sampler_study(table: pd.DataFrame, path_stem=None, *, reference: dict |
         ax.set_xlabel("steps")
         ax.set_title(metric, fontsize=9)
     axes[0][0].legend(fontsize=7)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)

@@ -33,18 +33,19 @@ import torch
 
 from . import study
 from .config import StudyConfig
+from .layout import layout
 
 log = logging.getLogger(__name__)
 
 
 def sim_dir(cfg: StudyConfig) -> Path:
-    return study.run_dir(cfg, "simulation")
+    return layout(cfg).simulation
 
 
 def load_evaluator(cfg: StudyConfig):
     """The evaluator notebook 05 trained (D9)."""
     from .evaluators import CXREvaluator
-    best = cfg.path("run_dir") / "eval" / "evaluator" / "best"
+    best = layout(cfg).evaluator_best
     if not best.is_dir():
         raise FileNotFoundError(f"{best} not found: run notebook 05 first")
     return CXREvaluator.from_pretrained(best)
@@ -177,7 +178,7 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     keys = ds.pairs["pair_key"].tolist()
     hours = {k: added_hours(EventList.from_store(ds.store, k)) for k in keys}
     emb = study.make_embedder(cfg)
-    course = (pd.read_parquet(cfg.synthetic_root / "ground_truth" / "course.parquet") if cfg.synthetic else None)
+    course = pd.read_parquet(layout(cfg).ground_truth("course")) if cfg.synthetic else None
     # the shuffled-events control (issue 14): the same edit on another what-if pair's S_event (a fixed, recorded
     # permutation), added at that history's oldest visible hour; scored against this pair's true effect
     kinds, events_of, shuffled_hours = ("own",), None, None

@@ -2,14 +2,8 @@
 
 Notebooks call these and plot; each step is idempotent (it reuses what an earlier run wrote, so a
 notebook can be re-run or resumed cheaply) and maps the :class:`~ehrxdiff.config.StudyConfig` onto the
-explicit keyword arguments of the modules that do the work. This is the only place that knows the
-layout of ``run_dir``:
-
-    cohort/pairs.parquet, cohort_report.csv      (01)   events/…, event_store/      (02)
-    clip/                                         (03)   vae/, ldm/<variant>/         (04)
-    latent_cache/{first_stage,conditions}-<fingerprint>/  (04: frozen encoders' outputs, ehrxdiff.cache)
-    samples/<run>/seed<k>/<pair_key>.png          (04: SampleRun.folder)   eval/*.csv  (05)
-    samples/shuffled_events.csv, samples/vae-reconstruction/seed0/  (04: the controls of issue 14)
+explicit keyword arguments of the modules that do the work. Every path under ``run_dir`` comes from
+:mod:`ehrxdiff.layout` (``layout(cfg)``), which names them all in one place.
 """
 from __future__ import annotations
 
@@ -22,14 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from .config import StudyConfig
+from .layout import layout
 
 log = logging.getLogger(__name__)
-
-
-def run_dir(cfg: StudyConfig, *parts: str) -> Path:
-    p = cfg.path("run_dir").joinpath(*parts)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def seed_everything(cfg: StudyConfig) -> None:
@@ -69,9 +58,9 @@ def prepare_sources(cfg: StudyConfig) -> dict[str, Path]:
 def build_cohort(cfg: StudyConfig, *, force: bool = False):
     """Pairs and the drop funnel (paper-reference §2), cached under ``run_dir/cohort``."""
     from . import cohort
-    out = run_dir(cfg, "cohort")
-    if not force and (out / "pairs.parquet").exists() and (out / "cohort_report.csv").exists():
-        res = cohort.CohortResult(pd.read_parquet(out / "pairs.parquet"), pd.read_csv(out / "cohort_report.csv"))
+    out = layout(cfg).cohort
+    if not force and layout(cfg).pairs.exists() and (out / "cohort_report.csv").exists():
+        res = cohort.CohortResult(pd.read_parquet(layout(cfg).pairs), pd.read_csv(out / "cohort_report.csv"))
         check_pairs(res.pairs, where=f"the cohort in {out}", report=res.report)
         return res
     src = prepare_sources(cfg)
@@ -174,7 +163,7 @@ def make_embedder(cfg: StudyConfig):
 def load_events(cfg: StudyConfig):
     """The extracted events as notebook 02 wrote them (read-only: no re-split, no embedding)."""
     from .events import EventResult
-    ev_dir = cfg.path("run_dir") / "events"
+    ev_dir = layout(cfg).events
     if not (ev_dir / "events.parquet").exists():
         raise FileNotFoundError(f"{ev_dir}/events.parquet not found: run notebook 02 first")
     return EventResult.read(ev_dir, cfg.text_style)
@@ -187,7 +176,7 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
     that only need the events call :func:`load_events`."""
     from .event_store import EventStore, build_event_store
     from .events import extract_events_to_dir
-    ev_dir, store_dir = run_dir(cfg, "events"), cfg.path("run_dir") / "event_store"
+    ev_dir, store_dir = layout(cfg).events, layout(cfg).event_store
     if not force and (ev_dir / "events.parquet").exists():
         ev = load_events(cfg)
     else:
@@ -214,10 +203,11 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
 
 def _resplit(cfg: StudyConfig, pairs: pd.DataFrame, kept_keys) -> pd.DataFrame:
     """The samples of the study: pairs that kept ≥ 1 event, split *after* that filter as the reference does
-    (ehr.py make_input: drop pairs with < 1 event, then the patient-level split, §2.7). Table I is rewritten
-    from these (the paper counts samples with events)."""
+    (ehr.py make_input: drop pairs with < 1 event, then the patient-level split, §2.7), written as notebook 02's own
+    ``events/samples.parquet`` (notebook 01's pairs stay as they are). Table I is drawn again from these (the paper
+    counts samples with events)."""
     from .cohort import assign_splits
-    out = cfg.path("run_dir") / "cohort" / "samples.parquet"
+    out = layout(cfg).samples
     kept = pairs[pairs["pair_key"].isin(set(kept_keys))].reset_index(drop=True)
     if cfg.split_file is None:
         kept["split"] = assign_splits(kept, split_seed=cfg.split_seed, test_fraction=cfg.test_fraction,
@@ -231,8 +221,8 @@ def _resplit(cfg: StudyConfig, pairs: pd.DataFrame, kept_keys) -> pd.DataFrame:
 def load_pairs_with_events(cfg: StudyConfig) -> tuple[pd.DataFrame, object]:
     """The study's samples (pairs with events, split after the event filter) and the event store."""
     from .event_store import EventStore
-    pairs = pd.read_parquet(cfg.path("run_dir") / "cohort" / "samples.parquet")
-    store = EventStore.open(cfg.path("run_dir") / "event_store")
+    pairs = pd.read_parquet(layout(cfg).samples)
+    store = EventStore.open(layout(cfg).event_store)
     return pairs[pairs["pair_key"].isin(set(store.pair_keys))].reset_index(drop=True), store
 
 
@@ -271,7 +261,7 @@ def train_clip(cfg: StudyConfig, ds: dict | None = None) -> dict:
     ds = ds or datasets(cfg, ("train", "valid"))
     seed_everything(cfg)
     model = EHRCLIP.from_config(clip_model_config(cfg, ds["train"].store.dim))
-    return fit(model, ds["train"], ds["valid"], out_dir=run_dir(cfg, "clip"), epochs=cfg.clip_epochs,
+    return fit(model, ds["train"], ds["valid"], out_dir=layout(cfg).clip, epochs=cfg.clip_epochs,
                batch_size=cfg.clip_batch_size, collate_fn=collate(cfg), warmup_steps=cfg.clip_warmup_steps,
                checkpoint_every=cfg.clip_checkpoint_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
                lr=cfg.clip_lr, weight_decay=cfg.clip_weight_decay, num_workers=cfg.num_workers)
@@ -279,14 +269,14 @@ def train_clip(cfg: StudyConfig, ds: dict | None = None) -> dict:
 
 def load_clip(cfg: StudyConfig):
     from .clip import EHRCLIP
-    return EHRCLIP.from_pretrained(cfg.path("run_dir") / "clip" / "final")
+    return EHRCLIP.from_pretrained(layout(cfg).clip_final)
 
 
 def ground_truth_images(cfg: StudyConfig) -> pd.DataFrame | None:
     """The synthetic world's per-image truth (severities, devices, pose), or None on real data."""
     if not cfg.synthetic:
         return None
-    return pd.read_parquet(cfg.synthetic_root / "ground_truth" / "images.parquet").set_index("dicom_id")
+    return pd.read_parquet(layout(cfg).ground_truth("images")).set_index("dicom_id")
 
 
 # ---------------------------------------------------------------------------------------------------- 04
@@ -294,7 +284,7 @@ MAIN_MODELS = {"EHRXDiff": False, "EHRXDiff_w_null": True}   # name → with the
 FINAL_VARIANT = "xattn-VAE+CLIPimg+CLIPtab"                   # Table IV row 7 = EHRXDiff
 
 
-def _groups(channels) -> int:
+def norm_groups(channels) -> int:
     """Largest GroupNorm group count ≤ 32 dividing every channel width (tiny CPU models need fewer)."""
     import math
     g = 0
@@ -303,7 +293,8 @@ def _groups(channels) -> int:
     return max(d for d in range(1, 33) if g % d == 0)
 
 
-def _loader(cfg: StudyConfig, dataset, *, shuffle: bool, batch_size: int | None = None):
+def loader(cfg: StudyConfig, dataset, *, shuffle: bool, batch_size: int | None = None):
+    """A DataLoader of image pairs with the study's collate (VAE training, its checks, the uncached LDM path)."""
     from torch.utils.data import DataLoader
     return DataLoader(dataset, batch_size=batch_size or cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle,
                       collate_fn=collate(cfg), num_workers=cfg.num_workers)
@@ -318,7 +309,7 @@ def train_vae(cfg: StudyConfig, ds: dict):
     scale = cfg.latent_scale
     if scale is None:
         from .vae import measure_latent_scale
-        scale = measure_latent_scale(vae, _loader(cfg, ds["train"], shuffle=False, batch_size=cfg.vae_batch_size),
+        scale = measure_latent_scale(vae, loader(cfg, ds["train"], shuffle=False, batch_size=cfg.vae_batch_size),
                                      image_keys=("prev_image", "target_image"))
     vae.register_to_config(scaling_factor=float(scale))
     return vae
@@ -328,15 +319,15 @@ def _first_stage(cfg: StudyConfig, ds: dict):
     from .vae import build_vae, load_cheff_checkpoint
     from .vae import train_vae as fit
     kw = dict(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
-              image_size=cfg.image_size, norm_num_groups=_groups(cfg.vae_channels))
+              image_size=cfg.image_size, norm_num_groups=norm_groups(cfg.vae_channels))
     if cfg.vae_weights:
         return load_cheff_checkpoint(cfg.weights("vae_weights"), layers_per_block=cfg.vae_layers_per_block, **kw)
     seed_everything(cfg)
     vae = build_vae(layers_per_block=cfg.vae_layers_per_block, **kw)
-    return fit(vae, _loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),
-               output_dir=run_dir(cfg, "vae"), max_steps=cfg.vae_steps, learning_rate=cfg.vae_lr,
+    return fit(vae, loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),
+               output_dir=layout(cfg).vae, max_steps=cfg.vae_steps, learning_rate=cfg.vae_lr,
                kl_weight=cfg.vae_kl_weight, image_keys=("prev_image", "target_image"),
-               valid_loader=_loader(cfg, ds["valid"], shuffle=False, batch_size=cfg.vae_batch_size),
+               valid_loader=loader(cfg, ds["valid"], shuffle=False, batch_size=cfg.vae_batch_size),
                validate_every=cfg.validate_every, checkpoint_every=cfg.validate_every,
                checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed)
 
@@ -450,6 +441,29 @@ def load_predictions(cfg: StudyConfig, pair_keys) -> dict[tuple[str, int], "torc
     return out
 
 
+def score_reidentification(cfg: StudyConfig, test_pairs: pd.DataFrame) -> pd.DataFrame:
+    """Patient re-identification (:mod:`ehrxdiff.identity`) of the scored test pairs for the real target ("GT", the
+    reference) and every sampling run x seed: notebook 04 shows it beside its samples and writes it there
+    (``samples/reidentification.csv``; notebook 05's Table IV reads it). Needs no labels. The previous image itself
+    would score 1 by construction and is left out."""
+    import numpy as np
+
+    from .baselines import pair_image_table
+    from .identity import reidentification_table
+    from .images import load_image
+    root, size = cfg.source_dirs()["mimic_cxr"], cfg.image_size
+
+    def read(table: pd.DataFrame) -> np.ndarray:
+        return np.stack([load_image(Path(root) / p, size).numpy() for p in table["path"]])
+
+    images = {("GT", 0): read(pair_image_table(test_pairs, "target"))}
+    images |= {k: v.numpy() for k, v in load_predictions(cfg, test_pairs["pair_key"]).items()}
+    out = reidentification_table(images, read(pair_image_table(test_pairs, "prev")))
+    layout(cfg).samples_root
+    out.to_csv(layout(cfg).reidentification, index=False)
+    return out
+
+
 def ldm_steps(cfg: StudyConfig, name: str) -> int:
     """Optimizer steps of one model: ``ldm_steps`` for the main models, ``ablation_ldm_steps`` (when set) for the
     other Table IV rows - Table IV's caption says when they trained less."""
@@ -464,7 +478,7 @@ def ldm_caches(cfg: StudyConfig, ds: dict, vae, clip=None):
     targets) and, when ``clip`` (a :class:`~ehrxdiff.ldm.ClipConditioner`) is given, its frozen tokens."""
     from .cache import CachedPairs, ConditionCache, FirstStageCache
     pairs = pd.concat([ds[s].pairs for s in ("train", "valid")], ignore_index=True)
-    root, cache_root = ds["train"].image_root, run_dir(cfg, "latent_cache")
+    root, cache_root = ds["train"].image_root, layout(cfg).latent_cache
     images = set(pairs["prev_path"].astype(str)) | set(pairs["target_path"].astype(str))
     first = FirstStageCache.build(vae, image_root=root, paths=images, image_size=cfg.image_size,
                                   cache_root=cache_root, augment_paths=CachedPairs.null_augment_paths(ds["train"].pairs),
@@ -486,17 +500,17 @@ def ldm_loaders(cfg: StudyConfig, ds: dict, *, wnull: bool, vae, clip=None, shuf
     from .wnull import WithNullSamples
     if not cfg.ldm_cache_first_stage:
         train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
-        return _loader(cfg, train, shuffle=True), _loader(cfg, ds["valid"], shuffle=shuffle_valid)
+        return loader(cfg, train, shuffle=True), loader(cfg, ds["valid"], shuffle=shuffle_valid)
     from .cache import CachedPairs, collate_cached
     first, cond = ldm_caches(cfg, ds, vae, None if cfg.ldm_clip_trainable else clip)
     col = partial(collate_cached, max_events=cfg.max_events)
 
-    def loader(dataset, shuffle):
+    def cached(dataset, shuffle):
         return DataLoader(dataset, batch_size=cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=col,
                           num_workers=cfg.num_workers)
-    return (loader(CachedPairs(ds["train"], first, cond, with_null=wnull, seed=cfg.seed,
+    return (cached(CachedPairs(ds["train"], first, cond, with_null=wnull, seed=cfg.seed,
                                event_dropout=cfg.event_dropout), True),
-            loader(CachedPairs(ds["valid"], first, cond), shuffle_valid))
+            cached(CachedPairs(ds["valid"], first, cond), shuffle_valid))
 
 
 def build_variant(cfg: StudyConfig, name: str, vae, clip):
@@ -513,7 +527,7 @@ def build_variant(cfg: StudyConfig, name: str, vae, clip):
                           vae_mode=vae_mode, use_clip_image=use_img, use_clip_table=use_tab,
                           max_events=cfg.max_events, c_fusion=cfg.context_tokens, d_clip=cfg.clip_width,
                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads,
-                          layers_per_block=cfg.unet_layers_per_block, norm_num_groups=_groups(cfg.unet_channels),
+                          layers_per_block=cfg.unet_layers_per_block, norm_num_groups=norm_groups(cfg.unet_channels),
                           latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                           clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion)
 
@@ -527,7 +541,7 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
     model = build_variant(cfg, name, vae, clip)
     train, valid = ldm_loaders(cfg, ds, wnull=variants(cfg)[name][1], vae=vae, clip=model.clip)
     seed_everything(cfg)   # building the caches may or may not draw from the RNG (first build vs reload)
-    return train_ldm(model, train, output_dir=output_dir or run_dir(cfg, "ldm", name),
+    return train_ldm(model, train, output_dir=output_dir or layout(cfg).ldm(name),
                      max_steps=max_steps or ldm_steps(cfg, name), valid_loader=valid,
                      learning_rate=cfg.ldm_lr, effective_batch=cfg.ldm_batch_size * cfg.ldm_grad_accum,
                      ema_decay=cfg.ema_decay, mixed_precision=cfg.ldm_mixed_precision,
@@ -589,7 +603,7 @@ def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int | None
         _, valid = ldm_loaders(cfg, ds, wnull=False, vae=model.vae, clip=model.clip)
         rows[name] = sensitivity(model, valid, max_batches=max_batches)
     out = pd.DataFrame(rows).T.rename_axis("model")
-    out.to_csv(run_dir(cfg, "ldm") / "conditioning_sensitivity.csv")
+    out.to_csv(layout(cfg).ldm() / "conditioning_sensitivity.csv")
     shown = out.copy()
     for c in ("I_prev swapped", "S_event swapped"):
         shown[f"{c} (% change)"] = 100 * (out[c] / out["own condition"] - 1)
@@ -609,7 +623,7 @@ def device():
 def load_pipeline(cfg: StudyConfig, name: str):
     """A trained model's EMA pipeline (D6), on :func:`device`."""
     from .pipeline import EHRXDiffPipeline
-    return EHRXDiffPipeline.from_pretrained(cfg.path("run_dir") / "ldm" / name / "pipeline").to(device())
+    return EHRXDiffPipeline.from_pretrained(layout(cfg).ldm_pipeline(name)).to(device())
 
 
 def test_pairs(cfg: StudyConfig, ds: dict):
@@ -625,12 +639,12 @@ def sample_dir(cfg: StudyConfig, run: "str | SampleRun", seed: int) -> Path:
     """``samples/<run folder>/seed<k>``; a model's name means its main run (its own events at its guidance)."""
     if isinstance(run, str):
         run = next((r for r in sample_runs(cfg) if r.method == run), None) or SampleRun(run, OWN_EVENTS, 1.0, run, ())
-    return cfg.path("run_dir") / "samples" / run.folder / f"seed{seed}"
+    return layout(cfg).sample_dir(run.folder, seed)
 
 
 def reconstruction_dir(cfg: StudyConfig) -> Path:
     """``samples/vae-reconstruction/seed0``: the first stage's reconstructions of I_trg (:data:`RECONSTRUCTION`)."""
-    return cfg.path("run_dir") / "samples" / "vae-reconstruction" / "seed0"
+    return layout(cfg).reconstruction_dir
 
 
 def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.DataFrame:
@@ -640,7 +654,8 @@ def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.
     from .sampling import WithEvents, generate_split
     runs = sample_runs(cfg) if runs is None else runs
     perm = shuffled_events(cfg, test.pairs)
-    perm.to_csv(run_dir(cfg, "samples") / "shuffled_events.csv", index=False)
+    layout(cfg).samples_root
+    perm.to_csv(layout(cfg).shuffled_events, index=False)
     data = {OWN_EVENTS: test, SHUFFLED_EVENTS: WithEvents(test, dict(zip(perm["pair_key"], perm["events_of"]))),
             NO_EVENTS: WithEvents(test, None)}
     rows, pipes = [], {}

@@ -91,7 +91,7 @@ def plot_uncertainty(prev: torch.Tensor, samples: torch.Tensor, targets: torch.T
     (left out when ``spread`` is None: no finding labels, so no evaluator probabilities)."""
     import matplotlib.pyplot as plt
 
-    from .plots import _finish
+    from .plots import finish_figure
     rows = min(max_rows, len(pair_keys))
     std = pixel_std(samples)
     fig = plt.figure(figsize=(14 if spread is not None else 10, 2.3 * rows + 0.4))
@@ -120,14 +120,14 @@ def plot_uncertainty(prev: torch.Tensor, samples: torch.Tensor, targets: torch.T
         ax.invert_yaxis()
         if r == rows - 1:
             ax.set_xlabel("P(finding): mean, min–max over samples", fontsize=8)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def plot_calibration(table: pd.DataFrame, path_stem=None):
     """Reliability diagram: mean predicted probability vs frequency of the finding in I_trg, one line per method."""
     import matplotlib.pyplot as plt
 
-    from .plots import _finish
+    from .plots import finish_figure
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect")
     for method, g in table.groupby("method", sort=False):
@@ -137,4 +137,4 @@ def plot_calibration(table: pd.DataFrame, path_stem=None):
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)

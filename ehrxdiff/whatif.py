@@ -283,7 +283,7 @@ def plot_what_if(result: WhatIf, path_stem=None, *, labels=IMAGENOME_LABELS, tit
     """I_prev | factual I_pred | counterfactual I_pred | difference (cf − f), and per-finding P under both."""
     import matplotlib.pyplot as plt
 
-    from .plots import _finish
+    from .plots import finish_figure
     fig = plt.figure(figsize=(13, 3.4))
     grid = fig.add_gridspec(1, 5, width_ratios=[1, 1, 1, 1, 1.8])
     imgs = [("I_prev", result.prev[0]), ("factual I_pred", result.factual[0, 0]),
@@ -316,14 +316,14 @@ def plot_what_if(result: WhatIf, path_stem=None, *, labels=IMAGENOME_LABELS, tit
         ax.text(0.0, 0.5, "no evaluator P(finding):\nthe cohort has no finding labels", fontsize=8, va="center")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)
 
 
 def plot_effects(effects: pd.DataFrame, summary: pd.DataFrame, path_stem=None):
     """Per (intervention, finding): the model's change in P(finding) against the world's true severity change."""
     import matplotlib.pyplot as plt
 
-    from .plots import _finish
+    from .plots import finish_figure
     if "events" in summary:   # the own-events rows; the shuffled control is in the agreement table
         summary = summary[summary["events"] == "own"]
         effects = effects[effects["events"] == "own"]
@@ -338,4 +338,4 @@ def plot_effects(effects: pd.DataFrame, summary: pd.DataFrame, path_stem=None):
         ax.set_ylabel("model: Δ P(finding)", fontsize=8)
         ax.set_title(f"+{s['intervention']} → {s['label']}\nlowers {s['lowers_rate']:.0%} (world "
                      f"{s['true_lowers_rate']:.0%}), agree {s['agreement']:.0%}", fontsize=8)
-    return _finish(fig, path_stem)
+    return finish_figure(fig, path_stem)

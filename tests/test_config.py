@@ -134,6 +134,27 @@ def test_paper_profile_keeps_the_papers_recipe():
     assert not demo.ldm_clip_trainable and demo.snr_gamma == 5.0
 
 
+
+def test_paper_profile_is_the_papers_numbers():
+    """constants.py is the paper numbers' one home (issue 17): configs/paper.yaml and the config's defaults for the
+    data steps are checked against it, so a copy that drifts fails here."""
+    from ehrxdiff import constants as C
+    paper, default = load_config("paper"), StudyConfig()
+    assert (paper.image_size, paper.clip_width, paper.context_tokens, paper.max_events) == \
+        (C.IMAGE_SIZE, C.D_CLIP, C.C_FUSION, C.MAX_EVENTS)
+    assert (paper.image_size // paper.clip_patch_size) ** 2 + 1 == C.N_IMAGE_TOKENS
+    assert 2 ** (len(paper.vae_channels) - 1) == C.VAE_DOWNSAMPLE and paper.vae_latent_channels == C.LATENT_CHANNELS
+    assert paper.unet_channels == [C.UNET_BASE_CHANNELS * m for m in C.UNET_CHANNEL_MULT]
+    assert paper.unet_heads == C.UNET_HEADS and (paper.clip_table_layers, paper.clip_table_heads) == \
+        (C.TABLE_LAYERS, C.TABLE_HEADS)
+    assert paper.ldm_lr == C.LDM_LR and paper.ldm_batch_size * paper.ldm_grad_accum == C.EFFECTIVE_BATCH
+    assert paper.ema_decay == C.EMA_DECAY and (paper.sample_steps, paper.sample_eta) == (C.DDIM_STEPS, C.DDIM_ETA)
+    assert (paper.clip_batch_size, paper.clip_lr, paper.clip_weight_decay) == (C.CLIP_BATCH, C.CLIP_LR, C.CLIP_WD)
+    assert (paper.latent_scale, paper.beta_start, paper.beta_end) == (C.LATENT_SCALE, C.BETA_START, C.BETA_END)
+    assert (default.max_interval_hours, default.min_age, default.split_seed, default.test_fraction,
+            default.valid_fraction) == (C.MAX_INTERVAL_HOURS, C.MIN_AGE, C.SPLIT_SEED, C.TEST_FRACTION,
+                                        C.VALID_FRACTION)
+
 # ------------------------------------------------------------------------------- what-if interventions (issue 16)
 OWN = {"own_images": "images.csv", "own_events": "events.csv"}
 OWN_DIURETIC = {"diuretic": {"events": [{"table": "drugs", "item": "furosemide", "value": 40, "text": "iv push"}],

@@ -51,7 +51,8 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert t1.loc["samples"].sum() > 0
     assert (tmp_path / "run" / "event_store").is_dir()
     # Later notebooks must never rewrite the study's samples (06 once re-split its test subset in place).
-    samples = pd.read_parquet(tmp_path / "run" / "cohort" / "samples.parquet")
+    samples = pd.read_parquet(tmp_path / "run" / "events" / "samples.parquet")   # 02: its own output
+    assert not (tmp_path / "run" / "cohort" / "samples.parquet").exists()         # 01's folder is not rewritten
     assert len(samples) == t1.loc["samples"].sum() > 100
     for table in ("table2_imagenome_auroc", "table3_fid_demographics", "table4_ablation"):
         for ext in ("csv", "md", "tex"):
@@ -72,7 +73,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert {"margin", "ours sd", "compared sd"} <= set(claims.columns)
     sens = pd.read_csv(tmp_path / "run" / "ldm" / "conditioning_sensitivity.csv", index_col=0)   # 04
     assert {"own condition", "I_prev swapped", "S_event swapped"} <= set(sens.columns) and len(sens) >= 2
-    reid = pd.read_csv(tmp_path / "run" / "eval" / "reidentification.csv")   # 04: does I_pred follow I_prev?
+    reid = pd.read_csv(tmp_path / "run" / "samples" / "reidentification.csv")   # 04: does I_pred follow I_prev?
     assert {"GT", "EHRXDiff", "EHRXDiff_w_null"} <= set(reid["method"]) and reid["rank_percentile"].between(0, 1).all()
     t4 = pd.read_csv(tmp_path / "fig" / "table4_ablation.csv", index_col=0)
     assert t4["re-id rank"].ne("–").all()
