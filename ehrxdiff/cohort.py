@@ -32,12 +32,13 @@ from pathlib import Path
 import pandas as pd
 
 from ehrxdiff.constants import FRONTAL_VIEWS, MAX_INTERVAL_HOURS, MIN_AGE, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
+from ehrxdiff.schemas import cxr_image_relpath
 from ehrxdiff.sources import (ID_SQL, OFFSET_SQL, InputFileError, MissingTableError, SchemaError, connect,
                               materialize, register_table)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CohortResult", "build_cohort", "assign_splits", "table1", "format_table1", "check_image_files", "main"]
+__all__ = ["CohortResult", "build_cohort", "pair_images", "assign_splits", "table1", "format_table1", "check_image_files", "main"]
 
 PAIR_COLUMNS = (
     "pair_key", "subject_id", "hadm_id", "prev_dicom_id", "target_dicom_id", "prev_study_id",
@@ -279,8 +280,6 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
     # 4. image files on disk: missing or unreadable images are excluded before pairing
     if check_images != "none":
         imgs = con.execute("SELECT DISTINCT dicom_id, subject_id, study_id FROM linked ORDER BY dicom_id").df()
-        from ehrxdiff.schemas import cxr_image_relpath
-
         rel = [cxr_image_relpath(s, t, d) for d, s, t in imgs.itertuples(index=False)]
         status = check_image_files([image_root / r for r in rel], decode=check_images == "decode")
         imgs["status"] = status
@@ -292,12 +291,35 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
         con.register("bad_images", bad)
         con.execute("DELETE FROM linked WHERE dicom_id IN (SELECT dicom_id FROM bad_images)")
 
-    # 5. pairs inside one admission
+    # 5-6. pairs inside one admission, split by patient (the one pairing function both sources call)
+    pairs = pair_images(con, "linked", rep, pairing=pairing, max_interval_hours=max_interval_hours,
+                        split_seed=split_seed, test_fraction=test_fraction, valid_fraction=valid_fraction,
+                        split_file=split_file,
+                        paths=lambda p, side: [cxr_image_relpath(s, t, d) for s, t, d in
+                                               zip(p["subject_id"], p[f"{side}_study_id"], p[f"{side}_dicom_id"])])
+    con.close()
+    return CohortResult(pairs=pairs, report=rep.frame())
+
+
+def pair_images(con, linked: str, rep, *, pairing: str, max_interval_hours: float, split_seed: int,
+                test_fraction: float, valid_fraction: float, split_file: str | Path | None, paths) -> pd.DataFrame:
+    """Steps 5-6 of the module docstring over linked frontal images: pairs inside one admission (or an own
+    cohort's episode) and their patient-level split, each drop counted in ``rep``. The one pairing function:
+    :func:`build_cohort` calls it on MIMIC's image-admission links, :func:`ehrxdiff.own_cohort.build_own_cohort`
+    on its images grouped by episode, so ``pairing``, the interval rule, the split and the funnel rows are the
+    same code for both.
+
+    ``linked``: a DuckDB table of one row per (image, admission) link with ``subject_id``, ``hadm_id``, ``age``,
+    ``gender``, ``dicom_id``, ``study_id``, ``image_time`` and ``study_order`` (dense rank per subject of the
+    study's earliest frontal image time). ``paths(pairs, side)`` gives the image paths of side "prev" or
+    "target". ``rep``: the funnel, anything with ``add(kind, what, unit, n)``. Returns the pairs with columns
+    :data:`PAIR_COLUMNS`.
+    """
     interval = float(max_interval_hours) * 3600.0
-    con.execute("""
+    con.execute(f"""
         CREATE TEMP TABLE cand AS
         WITH l AS (SELECT *, dense_rank() OVER (PARTITION BY subject_id, hadm_id ORDER BY study_order) AS adm_rank
-                   FROM linked)
+                   FROM {linked})
         SELECT t.subject_id, t.hadm_id, t.age, t.gender,
                p.dicom_id AS prev_dicom_id, t.dicom_id AS target_dicom_id,
                p.study_id AS prev_study_id, t.study_id AS target_study_id,
@@ -320,13 +342,9 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
                dt_seconds / 3600.0 AS interval_hours, age, gender
         FROM cand WHERE {keep} AND dt_seconds < {interval}
         ORDER BY subject_id, hadm_id, target_time, target_dicom_id, prev_time, prev_dicom_id""").df()
-    con.close()
-    from ehrxdiff.schemas import cxr_image_relpath
-
-    pairs["prev_path"] = [cxr_image_relpath(s, t, d) for s, t, d in
-                          zip(pairs["subject_id"], pairs["prev_study_id"], pairs["prev_dicom_id"])]
-    pairs["target_path"] = [cxr_image_relpath(s, t, d) for s, t, d in
-                            zip(pairs["subject_id"], pairs["target_study_id"], pairs["target_dicom_id"])]
+    con.execute("DROP TABLE cand")
+    pairs["prev_path"] = paths(pairs, "prev")
+    pairs["target_path"] = paths(pairs, "target")
 
     # 6. split
     if split_file is not None:
@@ -342,7 +360,7 @@ def build_cohort(mimic_iv_dir: str | Path, mimic_cxr_dir: str | Path, *, pairing
     rep.add("kept", "pairs", "pairs", len(pairs))
     pairs = pairs[list(PAIR_COLUMNS)]
     pairs["interval_hours"] = pairs["interval_hours"].astype("float64")
-    return CohortResult(pairs=pairs, report=rep.frame())
+    return pairs
 
 
 def table1(pairs: pd.DataFrame) -> pd.DataFrame:

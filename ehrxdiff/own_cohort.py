@@ -37,9 +37,9 @@ a pair by subject and time) is written ``<column> <value>`` in file order when i
 last (``note patient short of breath``).
 
 What is reused, not rewritten: the pairs and the patient-level split are made by
-:func:`ehrxdiff.cohort.build_cohort` itself, run over a MIMIC-shaped view of the images table written to a
-temporary folder (one admission per episode spanning its frontal images; one study per subject and time;
-no age filter), so ``pairing``, ``max_interval_hours``, the split and the drop funnel are the MIMIC path's.
+:func:`ehrxdiff.cohort.pair_images`, the MIMIC path's own pairing step, called on the table's frontal images
+grouped by episode (an episode plays an admission; one study per subject and time; no age filter), so ``pairing``,
+``max_interval_hours``, the split and the pairing rows of the funnel are the MIMIC path's.
 Events join a pair by subject with prev_time <= time < target_time (``window_end="exclusive"``, the default: an
 event at the target's own time, e.g. every event of its day in day-resolution data, was taken with the film to
 be predicted) or <= target_time (``"inclusive"``, the reference's rule), time-ordered with a
@@ -59,19 +59,16 @@ import argparse
 import logging
 import os
 import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ehrxdiff.cohort import (CHECK_IMAGES, CXR_METADATA_STEM, CohortResult, build_cohort, check_image_files,
-                             format_table1, table1)
+from ehrxdiff.cohort import CHECK_IMAGES, CohortResult, check_image_files, format_table1, pair_images, table1
 from ehrxdiff.constants import IMAGENOME_LABELS, MAX_EVENTS, MAX_INTERVAL_HOURS, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
 from ehrxdiff.events import TEXT_STYLES, EventResult, serialize_event, window_sql
 from ehrxdiff.images import ImageLoadError, read_gray
-from ehrxdiff.schemas import COLUMNS
 from ehrxdiff.sources import (ID_PATTERN, OFFSET_PATTERN, InputFileError, MissingTableError, SchemaError, connect,
                               csv_relation_sql, read_header, reading, validate_columns)
 
@@ -82,7 +79,7 @@ __all__ = ["OwnCohortResult", "read_table", "build_own_cohort", "extract_own_eve
 
 IMAGE_COLUMNS = ("subject_id", "time", "path", "view")
 EVENT_COLUMNS = ("subject_id", "time", "table")
-FRONTAL = {"PA": "PA", "AP": "AP", "FRONTAL": "AP"}    # accepted view → the ViewPosition build_cohort keeps
+FRONTAL = {"PA": "PA", "AP": "AP", "FRONTAL": "AP"}    # accepted view → its ViewPosition (a MIMIC frontal one)
 # a view is frontal when its first word (upper-cased; words split by space, _ or -) is PA, AP or FRONTAL: real
 # tables say "AP Supine", "AP portable", "PA erect" (issue 16: 91 films of a real collection were dropped)
 _FRONTAL_RULE = r"^(PA|AP|FRONTAL)(?:[ _-].*)?$"
@@ -234,7 +231,7 @@ class _Funnel:
         self.rows.append({"kind": kind, "what": what, "unit": unit, "n": int(n)})
 
     def list_only(self, df: pd.DataFrame, hit: pd.Series, reason: str, detail) -> None:
-        """List rows in ``rejected_images.csv`` that another step counts (non-frontal views: build_cohort)."""
+        """List rows in ``rejected_images.csv`` that another step counts (non-frontal views: the funnel row of build_own_cohort)."""
         if hit.any():
             self.rejected.append(pd.DataFrame({"row": df.index[hit], "path": df.loc[hit, "path"], "reason": reason,
                                                "detail": detail[hit]}))
@@ -297,7 +294,7 @@ def _images(path: Path, image_root: Path, check_images: str, workers: int, fun: 
     ok = fun.reject(img, ok, img["image_id"].where(ok).duplicated() & img["image_id"].notna(),
                     "duplicate image_id (first row kept)")
 
-    # the files of frontal rows (the others are dropped as non-frontal by build_cohort, unread, and listed here)
+    # the files of frontal rows (the others are counted as non-frontal by the funnel, unread, and listed here)
     img["view_position"] = frontal_view(img["view"])
     frontal = ok & img["view_position"].notna()
     fun.list_only(img, ok & ~frontal & img["view"].notna(), "non-frontal view (counted in the cohort funnel)",
@@ -344,25 +341,6 @@ def _check_episodes(path: Path, img: pd.DataFrame) -> None:
                          f"earlier episode of the subject ends; episodes of one subject must not overlap in time")
 
 
-def _mimic_view(root: Path, img: pd.DataFrame) -> None:
-    """Write the frontal-or-not images as MIMIC-IV patients/admissions and a MIMIC-CXR metadata file (integer ids)."""
-    (root / "hosp").mkdir(parents=True, exist_ok=True)
-    fmt = "%Y-%m-%d %H:%M:%S"
-    frontal = img[img["view_position"].notna()]
-    adm = frontal.groupby(["subject_code", "hadm_code"])["time"].agg(["min", "max"]).reset_index()
-    pd.DataFrame({"subject_id": adm["subject_code"], "hadm_id": adm["hadm_code"],
-                  "admittime": (adm["min"] - pd.Timedelta(seconds=1)).dt.strftime(fmt),
-                  "dischtime": adm["max"].dt.strftime(fmt)}
-                 ).reindex(columns=COLUMNS["hosp/admissions"]).to_csv(root / "hosp" / "admissions.csv", index=False)
-    # age = year(admittime) - anchor_year + anchor_age >= 0 = min_age: nobody is dropped for age here
-    pd.DataFrame({"subject_id": sorted(img["subject_code"].unique()), "anchor_age": 0, "anchor_year": 0}
-                 ).reindex(columns=COLUMNS["hosp/patients"]).to_csv(root / "hosp" / "patients.csv", index=False)
-    pd.DataFrame({"dicom_id": img["image_id"], "subject_id": img["subject_code"], "study_id": img["study_code"],
-                  "ViewPosition": img["view_position"].fillna(img["view"]),
-                  "StudyDate": img["time"].dt.strftime("%Y%m%d"), "StudyTime": img["time"].dt.strftime("%H%M%S")}
-                 ).reindex(columns=COLUMNS["cxr/metadata"]).to_csv(root / f"{CXR_METADATA_STEM}.csv", index=False)
-
-
 def _first(img: pd.DataFrame, keys: list[str], col: str) -> pd.Series:
     return img.dropna(subset=[col]).groupby(keys)[col].first()
 
@@ -372,7 +350,7 @@ def build_own_cohort(images: str | Path, *, image_root: str | Path | None = None
                      test_fraction: float = TEST_FRACTION, valid_fraction: float = VALID_FRACTION,
                      split_file: str | Path | None = None, check_images: str = "decode", workers: int | None = None,
                      threads: int | None = None) -> OwnCohortResult:
-    """Pairs of an images table (module docstring for the format) by :func:`ehrxdiff.cohort.build_cohort`.
+    """Pairs of an images table (module docstring for the format) by :func:`ehrxdiff.cohort.pair_images`.
 
     ``check_images``: "decode" reads every frontal image in full with :func:`ehrxdiff.images.read_gray` (finds
     truncated files too), "header" only parses headers (fast, as the MIMIC path), "none" trusts the table.
@@ -391,26 +369,38 @@ def build_own_cohort(images: str | Path, *, image_root: str | Path | None = None
     img["subject_code"] = img["subject_id"].map({s: i + 1 for i, s in enumerate(subjects)}).astype("int64")
     img["hadm_code"] = img.groupby(["subject_id", "episode_id"], sort=True).ngroup().astype("int64") + 1
     img["study_code"] = img.groupby(["subject_id", "time"], sort=True).ngroup().astype("int64") + 1
-    with tempfile.TemporaryDirectory(prefix="own-cohort-") as tmp:
-        _mimic_view(Path(tmp), img)
-        res = build_cohort(tmp, tmp, pairing=pairing, max_interval_hours=max_interval_hours, min_age=0,
-                           split_seed=split_seed, test_fraction=test_fraction, valid_fraction=valid_fraction,
-                           split_file=split_file, check_images="none", threads=threads)
 
-    # back from the view's integer ids to the table's ids, paths, age and sex
-    pairs = res.pairs
+    # the frontal images of each episode are its links (episodes do not overlap: checked above); times to the
+    # second, as the MIMIC path reads StudyDate + StudyTime; study order = dense rank of the study's time
+    frontal = img[img["view_position"].notna()]
+    fun.add("dropped", "non-frontal view (lateral, other or empty ViewPosition)", "images", len(img) - len(frontal))
+    fun.add("kept", "frontal images", "images", len(frontal))
+    t = frontal["time"].dt.floor("s")
+    linked = pd.DataFrame({"subject_id": frontal["subject_code"], "hadm_id": frontal["hadm_code"],
+                           "age": pd.Series(float("nan"), index=frontal.index), "gender": None,
+                           "dicom_id": frontal["image_id"].astype(str), "study_id": frontal["study_code"],
+                           "image_time": t,
+                           "study_order": t.groupby(frontal["subject_code"]).rank(method="dense").astype("int64")})
     by_id = img.set_index("image_id")
+    con = connect(threads=threads)
+    con.register("linked_frame", linked)
+    con.execute("CREATE TEMP TABLE linked AS SELECT * FROM linked_frame")
+    pairs = pair_images(con, "linked", fun, pairing=pairing, max_interval_hours=max_interval_hours,
+                        split_seed=split_seed, test_fraction=test_fraction, valid_fraction=valid_fraction,
+                        split_file=split_file,
+                        paths=lambda q, side: q[f"{side}_dicom_id"].map(by_id["path"]).astype(str).tolist())
+    con.close()
+
+    # back from the integer codes to the table's ids, and age and sex
     pairs["subject_id"] = pairs["prev_dicom_id"].map(by_id["subject_id"]).astype(str)
     pairs["hadm_id"] = pairs["prev_dicom_id"].map(by_id["episode_id"]).astype(str)
-    pairs["prev_path"] = pairs["prev_dicom_id"].map(by_id["path"]).astype(str)
-    pairs["target_path"] = pairs["target_dicom_id"].map(by_id["path"]).astype(str)
     episode = list(zip(pairs["subject_id"], pairs["hadm_id"]))
     age = _first(img, ["subject_id", "episode_id"], "age") if "age" in img else pd.Series(dtype=float)
     pairs["age"] = pd.Series([age.get(k, float("nan")) for k in episode], index=pairs.index, dtype="float64")
     sex = _first(img, ["subject_id"], "sex") if "sex" in img else pd.Series(dtype=object)
     pairs["gender"] = pairs["subject_id"].map(sex).astype(object)
 
-    report = pd.concat([pd.DataFrame(fun.rows), res.report.drop(columns="step")], ignore_index=True)
+    report = pd.DataFrame(fun.rows)
     report.insert(0, "step", range(1, len(report) + 1))
     rejected = (pd.concat(fun.rejected, ignore_index=True).sort_values("row", kind="mergesort").reset_index(drop=True)
                 if fun.rejected else pd.DataFrame(columns=["row", "path", "reason", "detail"]))
