@@ -29,11 +29,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 
 from . import study
+from .baselines import (PairEvents, TableClassifier, collate_events, generated_image_table, pair_image_table,
+                        predict_table_classifier, previous_label_scores, train_table_classifier)
 from .config import StudyConfig
 from .constants import IMAGENOME_LABELS
+from .evaluators import (DEMO_DENSENET, DENSENET121, CXREvaluator, EvaluatorImages, RikenAgeModel,
+                         score_images as score_batches, train_evaluator as fit_evaluator)
+from .identity import summary_table
+from .images import load_image
+from .labels import (image_labels, label_matrix, pair_label_rows, prev_label_matrix, read_relations,
+                     target_label_matrix)
 from .layout import layout
+from .metrics import (HIGHER_IS_BETTER, IMAGE_METRICS, age_pearson, ceiling_auroc, fid, image_similarity,
+                      score_method, sex_auroc, weighted_macro_auroc)
+from .reporting import (SALIENCE, auroc_table, plot_auroc_bars, plot_guidance_sweep, plot_label_heatmap,
+                        salience_rule, salient_events, seed_table, write_table)
 from .schemas import IMAGENOME_RELATIONS
 
 BASELINES = ("GT", "previous image", "previous label", "table classifier", "table classifier w/ prev label")
@@ -65,7 +78,6 @@ def has_labels(cfg: StudyConfig) -> bool:
 
 def label_rows(cfg: StudyConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(image-level labels, Table II rows) from the Chest ImaGenome relations file (§10.1)."""
-    from .labels import image_labels, pair_label_rows, read_relations
     if cfg.own_cohort:  # labels come with the images table (own_cohort writes them in labels.image_labels' layout)
         path = layout(cfg).image_labels
         if not path.exists():
@@ -82,7 +94,6 @@ def label_rows(cfg: StudyConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.
 
 def _image_table(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     """Unique images (prev and target) of some pairs with their labels, sex (1 = female) and age."""
-    from .labels import label_matrix
     imgs = pd.concat([pairs[["prev_dicom_id", "prev_path", "gender", "age"]].set_axis(["dicom_id", "path", "gender", "age"], axis=1),
                       pairs[["target_dicom_id", "target_path", "gender", "age"]].set_axis(["dicom_id", "path", "gender", "age"], axis=1)])
     imgs = imgs.drop_duplicates("dicom_id").reset_index(drop=True)
@@ -96,7 +107,6 @@ def build_evaluator(cfg: StudyConfig):
     """The evaluator network as the config sets it up, before any training: ``evaluator_arch`` (the paper's
     DenseNet-121 or the demo's small DenseNet), its backbone from the local ``xrv_weights`` file when given
     (torchxrayvision's pickled model or its state dict, :func:`ehrxdiff.evaluators.load_xrv_backbone`; §10.6)."""
-    from .evaluators import DEMO_DENSENET, DENSENET121, CXREvaluator
     arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
     study.seed_everything(cfg)       # the head's initial weights (and the backbone's without xrv_weights)
     return CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size, name=cfg.evaluator_arch,
@@ -105,7 +115,6 @@ def build_evaluator(cfg: StudyConfig):
 
 @lru_cache(maxsize=2)
 def _riken(path: str):
-    from .evaluators import RikenAgeModel
     return RikenAgeModel(path)
 
 
@@ -125,13 +134,11 @@ def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame 
                     select_on: str = "val_macro_auroc"):
     """The study's own evaluator (D9), trained on images of train-split patients only (``labels`` None: on sex
     and age alone, selected on ``select_on``)."""
-    from .evaluators import CXREvaluator, EvaluatorImages
-    from .evaluators import train_evaluator as fit
     root = cfg.source_dirs()["mimic_cxr"]
     model = build_evaluator(cfg)
     sets = {s: EvaluatorImages(_image_table(pairs[pairs["split"] == s], labels), root, image_size=cfg.image_size)
             for s in ("train", "valid")}
-    best = fit(model, sets["train"], sets["valid"], output_dir=eval_dir(cfg) / "evaluator", epochs=cfg.eval_epochs,
+    best = fit_evaluator(model, sets["train"], sets["valid"], output_dir=eval_dir(cfg) / "evaluator", epochs=cfg.eval_epochs,
                batch_size=cfg.eval_batch_size, seed=cfg.seed, select_on=select_on)
     return CXREvaluator.from_pretrained(best)
 
@@ -139,20 +146,12 @@ def train_evaluator(cfg: StudyConfig, pairs: pd.DataFrame, labels: pd.DataFrame 
 def score_images(cfg: StudyConfig, model, table: pd.DataFrame, root: Path):
     """Evaluator outputs for (pair_key, path) images: P(label), p_female, age (the Riken model's when
     ``age_model_weights`` is set, :func:`age_model`), FID features."""
-    from torch.utils.data import DataLoader
-
-    from .evaluators import EvaluatorImages
-    from .evaluators import score_images as run
     ds = EvaluatorImages(table, root, image_size=cfg.image_size, key_col="pair_key")
-    return run(model, DataLoader(ds, batch_size=cfg.eval_batch_size), age_model=age_model(cfg))
+    return score_batches(model, DataLoader(ds, batch_size=cfg.eval_batch_size), age_model=age_model(cfg))
 
 
 def table_classifiers(cfg: StudyConfig, rows: pd.DataFrame, test_keys) -> dict[str, pd.DataFrame]:
     """The two event-only baselines (§10.4), initialised from the pre-trained CLIP table tower."""
-    from torch.utils.data import DataLoader
-
-    from .baselines import PairEvents, TableClassifier, collate_events, predict_table_classifier, train_table_classifier
-    from .labels import prev_label_matrix, target_label_matrix
     _, store = study.load_pairs_with_events(cfg)
     clip = study.load_clip(cfg)
     keep = set(test_keys)
@@ -175,8 +174,6 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
     Without finding labels: :func:`evaluate_without_labels` (module docstring)."""
     if not has_labels(cfg):
         return evaluate_without_labels(cfg)
-    from .baselines import generated_image_table, pair_image_table, previous_label_scores
-    from .metrics import age_pearson, fid, score_method, sex_auroc, weighted_macro_auroc
     ds = study.datasets(cfg, ("test",))
     test = study.test_pairs(cfg, ds)
     samples, _ = study.load_pairs_with_events(cfg)
@@ -221,7 +218,6 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
     out = {"auroc_summary": pd.concat(summaries, ignore_index=True),
            "auroc_per_label": pd.concat(per_labels, ignore_index=True), "demographics": pd.DataFrame(demo)}
     if cfg.synthetic:
-        from .metrics import ceiling_auroc
         gt_img = pd.read_parquet(layout(cfg).ground_truth("images"))
         out["ceiling"] = pd.DataFrame([ceiling_auroc(test_rows, gt_img)])
     for k, v in out.items():
@@ -258,7 +254,6 @@ def label_free_plan(pairs: pd.DataFrame, *, xrv_weights: str | None) -> tuple[di
 
 
 def _similarity_rows(method: str, seed: int, keys, pred, target) -> pd.DataFrame:
-    from .metrics import image_similarity
     sim = image_similarity(pred, target).assign(pair_key=list(keys))
     return sim.melt(id_vars="pair_key", var_name="metric", value_name="value").assign(method=method, seed=seed)
 
@@ -266,7 +261,6 @@ def _similarity_rows(method: str, seed: int, keys, pred, target) -> pd.DataFrame
 def vs_previous_image(per_pair: pd.DataFrame) -> pd.DataFrame:
     """Per (method, seed, metric): the method's mean over pairs next to the previous image's on the same pairs,
     their difference, and the share of pairs where the method is closer to I_trg (ties count half)."""
-    from .metrics import HIGHER_IS_BETTER
     prev = per_pair[per_pair["method"] == "previous image"].set_index(["pair_key", "metric"])["value"]
     out = []
     for (method, seed, metric), g in per_pair[per_pair["method"] != "previous image"].groupby(
@@ -295,8 +289,6 @@ def print_skipped(results: dict[str, pd.DataFrame]) -> None:
 def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
     """The label-free evaluation (module docstring): image similarity per method and seed against I_trg, model
     vs previous image, and FID / age r / sex AUROC where the cohort makes them meaningful; ``skipped.csv``."""
-    from .baselines import generated_image_table, pair_image_table
-    from .metrics import age_pearson, fid, sex_auroc
     reason = missing_labels_reason(cfg)
     ds = study.datasets(cfg, ("test",))
     test = study.test_pairs(cfg, ds)
@@ -357,7 +349,6 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     Label-free results: :func:`write_label_free_tables`."""
     if "auroc_summary" not in results:
         return write_label_free_tables(cfg, results)
-    from .reporting import auroc_table, plot_auroc_bars, plot_label_heatmap, seed_table, write_table
     fig = study.figures_dir(cfg)
     summ = results["auroc_summary"]
     ceiling = results["ceiling"].iloc[0].to_dict() if "ceiling" in results else None
@@ -374,14 +365,12 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
                     f"{study.GUIDANCE_SWEEP_MODEL}: eps = eps(I_prev, null) + s (eps(I_prev, S_event) - eps(I_prev, "
                     f"null)); s = 0 is the no-S_event prediction, s = 1 the paper's sampler; the study samples at s = "
                     f"{cfg.event_guidance_scale:g}. Mean ± std over sampling seeds; re-id rank 0.5 = chance")
-        from .reporting import plot_guidance_sweep
         plot_guidance_sweep(sweep_tidy, fig / "fig_guidance_sweep", chosen=cfg.event_guidance_scale)
     rows4 = [v for v in study.variants(cfg) if v not in study.MAIN_MODELS] + ["EHRXDiff"]
     t4 = auroc_table(summ[summ["method"].isin(rows4)].replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}),
                      index_order=[*rows4[:-1], study.FINAL_VARIANT], ceiling=ceiling)
     caption4 = "Table IV: conditioning ablation (weighted-macro AUROC)"
     if (reid := layout(cfg).reidentification).exists():  # written by notebook 04 (study.score_reidentification)
-        from .identity import summary_table
         rank = summary_table(pd.read_csv(reid).replace({"method": {"EHRXDiff": study.FINAL_VARIANT}}))
         t4.insert(t4.columns.get_loc("evaluator"), "re-id rank", rank["rank percentile"].reindex(t4.index))
         caption4 += "; re-id rank: does the prediction follow I_prev (patient re-identification, chance 0.5)"
@@ -427,7 +416,6 @@ def _sampling_note(cfg: StudyConfig) -> str:
 def guidance_sweep_table(cfg: StudyConfig, results: dict[str, pd.DataFrame]):
     """(tidy, shown): AUROC all / diff / same, FID and re-id rank of :data:`study.GUIDANCE_SWEEP_MODEL` against the
     event guidance scale s (issue 14), with the shuffled-events control at the study's s; None without a sweep."""
-    from .reporting import seed_table
     sweep = study.guidance_sweep_runs(cfg)
     if not sweep:
         return None
@@ -457,8 +445,6 @@ def guidance_sweep_table(cfg: StudyConfig, results: dict[str, pd.DataFrame]):
 def write_label_free_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """The label-free tables: image similarity (every method, mean ± std over seeds), model vs previous image,
     Table III with the columns that could be computed, and what was skipped. Each caption names the skips."""
-    from .metrics import IMAGE_METRICS
-    from .reporting import seed_table, write_table
     fig = study.figures_dir(cfg)
     skipped = results["skipped"]
     note = "Without finding labels; skipped: " + "; ".join(skipped["what"]) + " (eval/skipped.csv)"
@@ -573,7 +559,6 @@ def claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
 def _similarity_claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Without labels: each main model closer to I_trg than the previous image, per image metric (2 seed spreads;
     for MSE, lower is better, so the rows compare -MSE and report MSE)."""
-    from .metrics import HIGHER_IS_BETTER, IMAGE_METRICS
     vs = results["vs_previous_image"]
     out = []
     for model in study.MAIN_MODELS:
@@ -597,8 +582,6 @@ def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_
     of ``event_salience`` first, else no table order).
     Without labels the pairs are chosen by the images instead: the largest mean |I_trg − I_prev| first, and the
     smallest as the "no change" example (the caption says so rather than naming a finding)."""
-    from .images import load_image
-    from .reporting import SALIENCE, salience_rule, salient_events
     salience = cfg.event_salience if cfg.event_salience is not None else (() if cfg.own_cohort else SALIENCE)
     ds = study.datasets(cfg, ("test",))
     test = study.test_pairs(cfg, ds)

@@ -27,13 +27,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
 from . import study
+from .baselines import generated_image_table, pair_image_table
 from .config import StudyConfig
+from .evaluation import label_rows, missing_labels_reason, score_images
+from .evaluators import CXREvaluator
 from .layout import layout
+from .metrics import image_similarity, score_method
+from .reporting import write_table
+from .rollout import admission_chains, plot_rollout, plot_rollout_example, rollout, step_metrics
+from .sampler_study import plot_sampler_study, sampler_study
+from .synthetic.counterfactual import pair_true_effects
+from .uncertainty import (calibration_table, pixel_spread, plot_calibration, plot_uncertainty, probability_spread,
+                          sample_many)
+from .whatif import EventList, agreement, intervention_effects, plot_effects, plot_what_if, what_if
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +56,6 @@ def sim_dir(cfg: StudyConfig) -> Path:
 
 def load_evaluator(cfg: StudyConfig):
     """The evaluator notebook 05 trained (D9)."""
-    from .evaluators import CXREvaluator
     best = layout(cfg).evaluator_best
     if not best.is_dir():
         raise FileNotFoundError(f"{best} not found: run notebook 05 first")
@@ -95,7 +106,6 @@ class Context:
 def context(cfg: StudyConfig) -> Context:
     """Load everything once. Without finding labels the evaluator is not loaded (even one trained on sex/age has
     an untrained finding head) and the label rows are None (module docstring)."""
-    from .evaluation import label_rows, missing_labels_reason
     pipe = study.load_pipeline(cfg, cfg.simulation_model)
     pipe.set_progress_bar_config(disable=True)
     pipe.use_sampler(cfg.sampler, clip_x0=cfg.sample_clip_x0)
@@ -126,7 +136,6 @@ def what_if_example(ctx: Context, intervention: str | None = None, pair_key: str
     """One pair's what-if (figure ``fig_whatif_example``) with a configured intervention (default: ``diuretic``
     when configured, else the first; none configured: skipped). Default pair: on the synthetic world, the scored
     test pair whose I_prev has the most edema (where a diuretic matters); otherwise the first scored pair."""
-    from .whatif import EventList, plot_what_if, what_if
     cfg = ctx.cfg
     defined = cfg.interventions()
     if not defined:
@@ -160,9 +169,6 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each configured intervention added to ``whatif_pairs`` test pairs: the model's change in P(finding) next
     to the world's true severity change (synthetic data only; on real data the truth columns are NaN).
     Without labels: skipped (empty tables), since both effects are changes in P(finding)."""
-    from .synthetic.counterfactual import pair_true_effects
-    from .reporting import write_table
-    from .whatif import EventList, agreement, intervention_effects, plot_effects
     defined = ctx.cfg.interventions()
     if not defined:
         ctx.skip("what-if effects and agreement", "no intervention configured (whatif_interventions / "
@@ -223,11 +229,6 @@ def run_uncertainty(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``uncertainty_samples`` predictions for ``uncertainty_pairs`` test pairs (pixel std, P spread), and the
     calibration of P(finding) on the scored test pairs, from the images notebook 04 generated (every seed).
     Without labels: the per-pixel std per pair (``pixel_spread``) and no calibration (empty table)."""
-    from .baselines import generated_image_table, pair_image_table
-    from .evaluation import score_images
-    from .uncertainty import (calibration_table, pixel_spread, plot_calibration, plot_uncertainty, probability_spread,
-                              sample_many)
-    from .whatif import EventList
     t0 = time.perf_counter()
     cfg = ctx.cfg
     ds = ctx.subset(cfg.uncertainty_pairs, pool=ctx.scored)
@@ -278,7 +279,6 @@ def run_uncertainty(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
 # --------------------------------------------------------------------------------------------------- rollout
 def run_rollout(ctx: Context) -> pd.DataFrame:
     """Up to ``rollout_chains`` chains of ≤ ``rollout_max_steps`` consecutive test pairs, rolled out."""
-    from .rollout import admission_chains, plot_rollout, plot_rollout_example, rollout, step_metrics
     t0 = time.perf_counter()
     cfg = ctx.cfg
     chains = admission_chains(ctx.test.pairs, max_steps=cfg.rollout_max_steps, max_chains=cfg.rollout_chains)
@@ -304,10 +304,6 @@ def run_rollout(ctx: Context) -> pd.DataFrame:
 def run_sampler_study(ctx: Context) -> pd.DataFrame:
     """DDIM and DPM-Solver++ at each of ``sampler_study_steps`` on ``sampler_study_pairs`` scored test pairs.
     Without labels: image similarity to I_trg and seconds per image, the previous image as the reference line."""
-    from .metrics import score_method
-    from .evaluation import score_images
-    from .baselines import pair_image_table
-    from .sampler_study import plot_sampler_study, sampler_study
     t0 = time.perf_counter()
     cfg = ctx.cfg
     ds = ctx.subset(cfg.sampler_study_pairs, pool=ctx.scored)
@@ -317,7 +313,6 @@ def run_sampler_study(ctx: Context) -> pd.DataFrame:
                           event_guidance_scale=ctx.steps["event_guidance_scale"])
     table.to_csv(sim_dir(cfg) / "sampler_study.csv", index=False)
     if not ctx.has_labels:
-        from .metrics import image_similarity
         items = [ds[i] for i in range(len(ds))]
         prev = image_similarity(torch.stack([it["prev_image"] for it in items]),
                                 torch.stack([it["target_image"] for it in items]))
@@ -348,9 +343,6 @@ def what_if_panel(ctx: Context):
     """JupyterLab panel: pick a scored test pair, untick events to drop them, add an intervention at an hour,
     press *predict*. Under papermill the widgets are built but no callback runs (nothing is predicted)."""
     import ipywidgets as w
-    import matplotlib.pyplot as plt
-
-    from .whatif import EventList, plot_what_if, what_if
     cfg, pairs = ctx.cfg, ctx.scored.pairs
     defined = cfg.interventions()
     pick = w.Dropdown(options=pairs["pair_key"].tolist(), description="pair")

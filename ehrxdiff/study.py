@@ -7,16 +7,49 @@ explicit keyword arguments of the modules that do the work. Every path under ``r
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import copy
 import logging
+import math
+import multiprocessing as mp
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
 
+from . import cohort, embedding
+from .baselines import generated_image_table, pair_image_table
+from .cache import CachedPairs, ConditionCache, FirstStageCache, collate_cached
+from .clip import EHRCLIP
+from .cohort import assign_splits, format_table1, table1
 from .config import StudyConfig
+from .constants import TABLE_IV_VARIANTS
+from .data import PairDataset, collate_pairs
+from .event_store import EventStore, build_event_store
+from .events import EventResult, extract_events_to_dir
+from .identity import reidentification_table
+from .images import load_image, to_uint8
 from .layout import layout
+from .ldm import ClipConditioner, build_ehrxdiff
+from .own_cohort import build_own_cohort, extract_own_events
+from .pipeline import EHRXDiffPipeline
+from .reporting import write_table
+from .sampling import WithEvents, generate_split, png_path, save_png
+from .synthetic import generate_world
+from .train_clip import train_clip as fit_clip
+from .train_ldm import conditioning_sensitivity as loss_sensitivity, train_ldm
+from .vae import build_vae, load_cheff_checkpoint, measure_latent_scale, train_vae as fit_vae
+from .wnull import WithNullSamples
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +58,6 @@ def seed_everything(cfg: StudyConfig) -> None:
     """Seed Python, NumPy and torch from ``cfg.seed`` right before a model is built. Its initial weights come from the
     global RNG, whose state there was not fixed: two fresh runs of notebook 03 trained different CLIP weights (max
     |diff| 0.46) from identical data. The training loops seed only after the model exists."""
-    from accelerate.utils import set_seed
     set_seed(cfg.seed)
 
 
@@ -43,7 +75,6 @@ def prepare_sources(cfg: StudyConfig) -> dict[str, Path]:
             if not cfg.path(key).is_file():
                 raise FileNotFoundError(f"{key}: {cfg.path(key)} does not exist")
     if cfg.synthetic:
-        from .synthetic import generate_world
         t0 = time.perf_counter()
         generate_world(cfg.synthetic_root, n_patients=cfg.synthetic_n_patients, seed=cfg.synthetic_seed,
                        image_size=cfg.synthetic_image_size)
@@ -57,7 +88,6 @@ def prepare_sources(cfg: StudyConfig) -> dict[str, Path]:
 
 def build_cohort(cfg: StudyConfig, *, force: bool = False):
     """Pairs and the drop funnel (paper-reference §2), cached under ``run_dir/cohort``."""
-    from . import cohort
     out = layout(cfg).cohort
     if not force and layout(cfg).pairs.exists() and (out / "cohort_report.csv").exists():
         res = cohort.CohortResult(pd.read_parquet(layout(cfg).pairs), pd.read_csv(out / "cohort_report.csv"))
@@ -65,7 +95,6 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
         return res
     src = prepare_sources(cfg)
     if cfg.own_cohort:
-        from .own_cohort import build_own_cohort
         res = build_own_cohort(cfg.path("own_images"), image_root=src["mimic_cxr"], pairing=cfg.pairing,
                                max_interval_hours=cfg.max_interval_hours, split_seed=cfg.split_seed,
                                test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction,
@@ -126,8 +155,6 @@ def check_pairs(pairs: pd.DataFrame, *, where: str, report: pd.DataFrame | None 
 def write_table1(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:
     """Table I (patients, admissions, samples, mean interval per split) as CSV, Markdown and LaTeX; returns it as
     written (counts as integers, not the floats a numeric frame shows)."""
-    from .cohort import format_table1, table1
-    from .reporting import write_table
     t1 = table1(pairs)
     shown = format_table1(t1)
     write_table(shown, "table1_cohort", figures_dir(cfg), caption="Table I: cohort statistics per split")
@@ -145,24 +172,22 @@ class EventsStep:
 
 def make_embedder(cfg: StudyConfig):
     """The configured backend with its on-disk cache (shared by runs: keyed by backend and model)."""
-    from .embedding import make_embedder as make
     cache = cfg.path("data_dir") / "cache" / f"embeddings-{cfg.embedding_backend}.sqlite"
     cache.parent.mkdir(parents=True, exist_ok=True)
     if cfg.embedding_backend == "hashing":
-        return make("hashing", cache_path=cache, dim=cfg.embedding_dim)
+        return embedding.make_embedder("hashing", cache_path=cache, dim=cfg.embedding_dim)
     if cfg.embedding_backend == "local":
-        return make("local", cache_path=cache, model_path=cfg.embedding_model_path)
+        return embedding.make_embedder("local", cache_path=cache, model_path=cfg.embedding_model_path)
     common = dict(cache_path=cache, data_is_synthetic=cfg.synthetic, allow_external_api=cfg.allow_external_api,
                   provider=cfg.openai_provider)
     if cfg.openai_provider == "azure":   # Azure addresses a deployment of the model, under its endpoint
-        return make("openai", **common, model=cfg.openai_azure_deployment or cfg.openai_model,
-                    azure_endpoint=cfg.openai_azure_endpoint, api_version=cfg.openai_api_version)
-    return make("openai", **common, model=cfg.openai_model, base_url=cfg.openai_base_url)
+        return embedding.make_embedder("openai", **common, model=cfg.openai_azure_deployment or cfg.openai_model,
+                                       azure_endpoint=cfg.openai_azure_endpoint, api_version=cfg.openai_api_version)
+    return embedding.make_embedder("openai", **common, model=cfg.openai_model, base_url=cfg.openai_base_url)
 
 
 def load_events(cfg: StudyConfig):
     """The extracted events as notebook 02 wrote them (read-only: no re-split, no embedding)."""
-    from .events import EventResult
     ev_dir = layout(cfg).events
     if not (ev_dir / "events.parquet").exists():
         raise FileNotFoundError(f"{ev_dir}/events.parquet not found: run notebook 02 first")
@@ -174,15 +199,12 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
 
     ``pairs`` must be the whole cohort: the study's samples are re-split from it (``_resplit``). Readers
     that only need the events call :func:`load_events`."""
-    from .event_store import EventStore, build_event_store
-    from .events import extract_events_to_dir
     ev_dir, store_dir = layout(cfg).events, layout(cfg).event_store
     if not force and (ev_dir / "events.parquet").exists():
         ev = load_events(cfg)
     else:
         src = prepare_sources(cfg)
         if cfg.own_cohort:
-            from .own_cohort import extract_own_events
             extract_own_events(cfg.path("own_events"), pairs, max_events=cfg.max_events, text_style=cfg.text_style,
                                threads=cfg.duckdb_threads, window_end=cfg.event_window_end).write(ev_dir)
         else:  # streamed by DuckDB to parquet (bounded memory at full MIMIC scale), then read back
@@ -206,7 +228,6 @@ def _resplit(cfg: StudyConfig, pairs: pd.DataFrame, kept_keys) -> pd.DataFrame:
     (ehr.py make_input: drop pairs with < 1 event, then the patient-level split, §2.7), written as notebook 02's own
     ``events/samples.parquet`` (notebook 01's pairs stay as they are). Table I is drawn again from these (the paper
     counts samples with events)."""
-    from .cohort import assign_splits
     out = layout(cfg).samples
     kept = pairs[pairs["pair_key"].isin(set(kept_keys))].reset_index(drop=True)
     if cfg.split_file is None:
@@ -220,7 +241,6 @@ def _resplit(cfg: StudyConfig, pairs: pd.DataFrame, kept_keys) -> pd.DataFrame:
 
 def load_pairs_with_events(cfg: StudyConfig) -> tuple[pd.DataFrame, object]:
     """The study's samples (pairs with events, split after the event filter) and the event store."""
-    from .event_store import EventStore
     pairs = pd.read_parquet(layout(cfg).samples)
     store = EventStore.open(layout(cfg).event_store)
     return pairs[pairs["pair_key"].isin(set(store.pair_keys))].reset_index(drop=True), store
@@ -228,7 +248,6 @@ def load_pairs_with_events(cfg: StudyConfig) -> tuple[pd.DataFrame, object]:
 
 def datasets(cfg: StudyConfig, splits=("train", "valid", "test")) -> dict:
     """PairDatasets per split, images from the MIMIC-CXR root at ``image_size``."""
-    from .data import PairDataset
     pairs, store = load_pairs_with_events(cfg)
     root = cfg.source_dirs()["mimic_cxr"]
     return {s: PairDataset(pairs, root, store, image_size=cfg.image_size, max_events=cfg.max_events, split=s)
@@ -248,27 +267,21 @@ def clip_model_config(cfg: StudyConfig, event_dim: int) -> dict:
 
 
 def collate(cfg: StudyConfig):
-    from functools import partial
-
-    from .data import collate_pairs
     return partial(collate_pairs, max_events=cfg.max_events)
 
 
 def train_clip(cfg: StudyConfig, ds: dict | None = None) -> dict:
     """CXR–EHR CLIP pre-training on (I_prev, S_event) of the train split; resumes, or loads a finished run."""
-    from .clip import EHRCLIP
-    from .train_clip import train_clip as fit
     ds = ds or datasets(cfg, ("train", "valid"))
     seed_everything(cfg)
     model = EHRCLIP.from_config(clip_model_config(cfg, ds["train"].store.dim))
-    return fit(model, ds["train"], ds["valid"], out_dir=layout(cfg).clip, epochs=cfg.clip_epochs,
+    return fit_clip(model, ds["train"], ds["valid"], out_dir=layout(cfg).clip, epochs=cfg.clip_epochs,
                batch_size=cfg.clip_batch_size, collate_fn=collate(cfg), warmup_steps=cfg.clip_warmup_steps,
                checkpoint_every=cfg.clip_checkpoint_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
                lr=cfg.clip_lr, weight_decay=cfg.clip_weight_decay, num_workers=cfg.num_workers)
 
 
 def load_clip(cfg: StudyConfig):
-    from .clip import EHRCLIP
     return EHRCLIP.from_pretrained(layout(cfg).clip_final)
 
 
@@ -286,7 +299,6 @@ FINAL_VARIANT = "xattn-VAE+CLIPimg+CLIPtab"                   # Table IV row 7 =
 
 def norm_groups(channels) -> int:
     """Largest GroupNorm group count ≤ 32 dividing every channel width (tiny CPU models need fewer)."""
-    import math
     g = 0
     for c in channels:
         g = math.gcd(g, int(c))
@@ -295,7 +307,6 @@ def norm_groups(channels) -> int:
 
 def loader(cfg: StudyConfig, dataset, *, shuffle: bool, batch_size: int | None = None):
     """A DataLoader of image pairs with the study's collate (VAE training, its checks, the uncached LDM path)."""
-    from torch.utils.data import DataLoader
     return DataLoader(dataset, batch_size=batch_size or cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle,
                       collate_fn=collate(cfg), num_workers=cfg.num_workers)
 
@@ -308,7 +319,6 @@ def train_vae(cfg: StudyConfig, ds: dict):
     vae = _first_stage(cfg, ds)
     scale = cfg.latent_scale
     if scale is None:
-        from .vae import measure_latent_scale
         scale = measure_latent_scale(vae, loader(cfg, ds["train"], shuffle=False, batch_size=cfg.vae_batch_size),
                                      image_keys=("prev_image", "target_image"))
     vae.register_to_config(scaling_factor=float(scale))
@@ -316,15 +326,13 @@ def train_vae(cfg: StudyConfig, ds: dict):
 
 
 def _first_stage(cfg: StudyConfig, ds: dict):
-    from .vae import build_vae, load_cheff_checkpoint
-    from .vae import train_vae as fit
     kw = dict(block_out_channels=tuple(cfg.vae_channels), latent_channels=cfg.vae_latent_channels,
               image_size=cfg.image_size, norm_num_groups=norm_groups(cfg.vae_channels))
     if cfg.vae_weights:
         return load_cheff_checkpoint(cfg.weights("vae_weights"), layers_per_block=cfg.vae_layers_per_block, **kw)
     seed_everything(cfg)
     vae = build_vae(layers_per_block=cfg.vae_layers_per_block, **kw)
-    return fit(vae, loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),
+    return fit_vae(vae, loader(cfg, ds["train"], shuffle=True, batch_size=cfg.vae_batch_size),
                output_dir=layout(cfg).vae, max_steps=cfg.vae_steps, learning_rate=cfg.vae_lr,
                kl_weight=cfg.vae_kl_weight, image_keys=("prev_image", "target_image"),
                valid_loader=loader(cfg, ds["valid"], shuffle=False, batch_size=cfg.vae_batch_size),
@@ -377,7 +385,6 @@ class SampleRun:
 
 def uses_events(cfg: StudyConfig, name: str) -> bool:
     """Whether a trained model reads S_event (a CLIP-table variant of Table IV)."""
-    from .constants import TABLE_IV_VARIANTS
     return TABLE_IV_VARIANTS[variants(cfg)[name][0]][2]
 
 
@@ -415,7 +422,6 @@ def shuffled_events(cfg: StudyConfig, pairs: pd.DataFrame) -> pd.DataFrame:
     """The shuffled-events control's fixed permutation: each pair's S_event is replaced by another pair's
     (``pair_key`` → ``events_of``). One random cycle through all pairs (seeded by ``seed``), so no pair keeps its
     own events; notebook 04 records it in ``samples/shuffled_events.csv``."""
-    import numpy as np
     keys = sorted(pairs["pair_key"].astype(str))
     if len(keys) < 2:
         raise ValueError("the shuffled-events control needs at least 2 test pairs")
@@ -428,10 +434,6 @@ def load_predictions(cfg: StudyConfig, pair_keys) -> dict[tuple[str, int], "torc
     """Notebook 04's predictions of ``pair_keys`` for every sampling run and seed (:func:`sample_runs`), as
     ``{(method, seed): [N, 3, H, W]}`` in [-1, 1] at ``image_size`` (as ``images.load_image``); raises naming the
     first missing file."""
-    import torch
-
-    from .baselines import generated_image_table
-    from .images import load_image
     keys, out = list(pair_keys), {}
     for run in sample_runs(cfg):
         for seed in run.seeds:
@@ -446,11 +448,6 @@ def score_reidentification(cfg: StudyConfig, test_pairs: pd.DataFrame) -> pd.Dat
     reference) and every sampling run x seed: notebook 04 shows it beside its samples and writes it there
     (``samples/reidentification.csv``; notebook 05's Table IV reads it). Needs no labels. The previous image itself
     would score 1 by construction and is left out."""
-    import numpy as np
-
-    from .baselines import pair_image_table
-    from .identity import reidentification_table
-    from .images import load_image
     root, size = cfg.source_dirs()["mimic_cxr"], cfg.image_size
 
     def read(table: pd.DataFrame) -> np.ndarray:
@@ -476,7 +473,6 @@ def ldm_caches(cfg: StudyConfig, ds: dict, vae, clip=None):
     """The frozen encoders' outputs for the train and valid pairs (:mod:`ehrxdiff.cache`), built once per VAE / CLIP
     and reused by every variant: the VAE posteriors (with ``null_augmentations`` jittered copies of the w_null null
     targets) and, when ``clip`` (a :class:`~ehrxdiff.ldm.ClipConditioner`) is given, its frozen tokens."""
-    from .cache import CachedPairs, ConditionCache, FirstStageCache
     pairs = pd.concat([ds[s].pairs for s in ("train", "valid")], ignore_index=True)
     root, cache_root = ds["train"].image_root, layout(cfg).latent_cache
     images = set(pairs["prev_path"].astype(str)) | set(pairs["target_path"].astype(str))
@@ -493,15 +489,9 @@ def ldm_caches(cfg: StudyConfig, ds: dict, vae, clip=None):
 def ldm_loaders(cfg: StudyConfig, ds: dict, *, wnull: bool, vae, clip=None, shuffle_valid: bool = False):
     """(train, valid) loaders of one LDM: from the caches (``ldm_cache_first_stage``; CLIP tokens too when the
     towers are frozen and ``clip`` is given) or encoding images every step as the reference does."""
-    from functools import partial
-
-    from torch.utils.data import DataLoader
-
-    from .wnull import WithNullSamples
     if not cfg.ldm_cache_first_stage:
         train = WithNullSamples(ds["train"], enabled=wnull, augment_targets=cfg.augment_targets)
         return loader(cfg, train, shuffle=True), loader(cfg, ds["valid"], shuffle=shuffle_valid)
-    from .cache import CachedPairs, collate_cached
     first, cond = ldm_caches(cfg, ds, vae, None if cfg.ldm_clip_trainable else clip)
     col = partial(collate_cached, max_events=cfg.max_events)
 
@@ -516,10 +506,6 @@ def ldm_loaders(cfg: StudyConfig, ds: dict, *, wnull: bool, vae, clip=None, shuf
 def build_variant(cfg: StudyConfig, name: str, vae, clip):
     """A fresh model of one Table IV variant (§II-C) around the shared VAE and a copy of the pre-trained CLIP towers,
     seeded so every variant starts from the same draw of the RNG (a fair ablation)."""
-    import copy
-
-    from .constants import TABLE_IV_VARIANTS
-    from .ldm import ClipConditioner, build_ehrxdiff
     variant, _ = variants(cfg)[name]
     vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
     seed_everything(cfg)
@@ -537,7 +523,6 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
     """Train one conditional LDM (Eq. 2) of :func:`variants`; resumes, or reloads a finished run. ``output_dir`` and
     ``max_steps`` (default ``ldm/<name>`` and :func:`ldm_steps`) let a learning curve train the same recipe in
     stages elsewhere (``python -m ehrxdiff.bench curve``)."""
-    from .train_ldm import train_ldm
     model = build_variant(cfg, name, vae, clip)
     train, valid = ldm_loaders(cfg, ds, wnull=variants(cfg)[name][1], vae=vae, clip=model.clip)
     seed_everything(cfg)   # building the caches may or may not draw from the RNG (first build vs reload)
@@ -552,7 +537,6 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
 
 def _train_worker(cfg: StudyConfig, name: str, vae, clip, threads: int) -> dict:
     """One model in a worker process (:func:`train_variants`): its own torch threads, its own datasets."""
-    import torch
     torch.set_num_threads(threads)
     return train_variant(cfg, name, datasets(cfg, ("train", "valid")), vae, clip, progress=False)
 
@@ -568,14 +552,9 @@ def train_variants(cfg: StudyConfig, ds: dict, vae, clip) -> dict[str, dict]:
     same throughput, measured end to end only this way. Models go in waves of that many, in order, so a lone last
     model trains in this process on every core. The caches are built once here, before any worker starts.
     Results per model are the same as sequential training up to float rounding (another thread count)."""
-    import os
     names = list(variants(cfg))
     if cfg.ldm_parallel_models <= 1:
         return {name: train_variant(cfg, name, ds, vae, clip) for name in names}
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from .ldm import ClipConditioner
     ldm_caches(cfg, ds, vae, None if cfg.ldm_clip_trainable else ClipConditioner.from_ehrclip(clip))
     k = cfg.ldm_parallel_models
     threads = max(1, (os.cpu_count() or 1) // k)
@@ -595,13 +574,11 @@ def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int | None
     swapped between pairs (:func:`ehrxdiff.train_ldm.conditioning_sensitivity`), over the whole validation split
     (cached inputs make that cheap; ``max_batches`` caps it). Written to ``ldm/conditioning_sensitivity.csv`` and, as
     a table with the relative increases, ``figures/table_conditioning_sensitivity.{csv,md,tex}``."""
-    from .reporting import write_table
-    from .train_ldm import conditioning_sensitivity as sensitivity
     rows = {}
     for name in variants(cfg):
         model = load_pipeline(cfg, name).to_model()
         _, valid = ldm_loaders(cfg, ds, wnull=False, vae=model.vae, clip=model.clip)
-        rows[name] = sensitivity(model, valid, max_batches=max_batches)
+        rows[name] = loss_sensitivity(model, valid, max_batches=max_batches)
     out = pd.DataFrame(rows).T.rename_axis("model")
     out.to_csv(layout(cfg).ldm() / "conditioning_sensitivity.csv")
     shown = out.copy()
@@ -616,13 +593,11 @@ def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int | None
 def device():
     """The device accelerate trains on (a GPU when there is one, else the CPU): sampling and the Eq. 2 checks of
     saved models run there too - on a GPU machine a pipeline left on the CPU would sample ~100x slower."""
-    from accelerate import PartialState
     return PartialState().device
 
 
 def load_pipeline(cfg: StudyConfig, name: str):
     """A trained model's EMA pipeline (D6), on :func:`device`."""
-    from .pipeline import EHRXDiffPipeline
     return EHRXDiffPipeline.from_pretrained(layout(cfg).ldm_pipeline(name)).to(device())
 
 
@@ -651,7 +626,6 @@ def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.
     """I_pred for every test pair, sampling run (:func:`sample_runs`) and seed (D6: EMA weights; DDIM or
     DPM-Solver++), resumable; records the shuffled-events permutation (``samples/shuffled_events.csv``) and writes
     the VAE reconstructions of I_trg (:func:`reconstruct_targets`). One row per run and seed."""
-    from .sampling import WithEvents, generate_split
     runs = sample_runs(cfg) if runs is None else runs
     perm = shuffled_events(cfg, test.pairs)
     layout(cfg).samples_root
@@ -681,7 +655,6 @@ def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.
 def _match_permutation(folder: Path, perm: pd.DataFrame) -> None:
     """A shuffled-events run folder keeps the permutation its PNGs were sampled with; when the test pairs or the seed
     changed it, the old PNGs are removed rather than resumed into the new control."""
-    import shutil
     record = folder / "shuffled_events.csv"
     if record.exists() and not pd.read_csv(record, dtype=str).equals(perm.astype(str)):
         log.warning("%s: sampled with another shuffled-events permutation; its PNGs are removed", folder)
@@ -695,10 +668,6 @@ def reconstruct_targets(cfg: StudyConfig, test, vae) -> dict:
     predictions: Table II's first-stage row (issue 14). A diffusion model on this VAE draws its images through the
     same decoder, so the findings the evaluator reads in these are about the best its predictions can carry.
     Resumable as :func:`ehrxdiff.sampling.generate_split`."""
-    import torch
-
-    from .images import to_uint8
-    from .sampling import png_path, save_png
     out = reconstruction_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i, k in enumerate(test.pairs["pair_key"]) if not png_path(out, k).is_file()]

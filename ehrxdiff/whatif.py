@@ -23,7 +23,7 @@ same edit, and :func:`agreement` compares the two.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
