@@ -456,7 +456,7 @@ def score_reidentification(cfg: StudyConfig, test_pairs: pd.DataFrame) -> pd.Dat
     images = {("GT", 0): read(pair_image_table(test_pairs, "target"))}
     images |= {k: v.numpy() for k, v in load_predictions(cfg, test_pairs["pair_key"]).items()}
     out = reidentification_table(images, read(pair_image_table(test_pairs, "prev")))
-    layout(cfg).samples_root
+    layout(cfg).samples_root      # the folder, created when asked for
     out.to_csv(layout(cfg).reidentification, index=False)
     return out
 
@@ -628,7 +628,7 @@ def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.
     the VAE reconstructions of I_trg (:func:`reconstruct_targets`). One row per run and seed."""
     runs = sample_runs(cfg) if runs is None else runs
     perm = shuffled_events(cfg, test.pairs)
-    layout(cfg).samples_root
+    layout(cfg).samples_root      # the folder, created when asked for
     perm.to_csv(layout(cfg).shuffled_events, index=False)
     data = {OWN_EVENTS: test, SHUFFLED_EVENTS: WithEvents(test, dict(zip(perm["pair_key"], perm["events_of"]))),
             NO_EVENTS: WithEvents(test, None)}
