@@ -329,8 +329,8 @@ def _definition(name: str, d) -> dict:
         if ev["table"] in EVENT_TABLES:
             # a MIMIC table: its columns are the extraction's; the check reads the reference's item filters
             # from disk, so it runs only for definitions that name a MIMIC table
-            from .events import event_columns
-            unknown = sorted(set(values) - set(event_columns(ev["table"])))
+            from .events import event_columns, unknown_columns
+            unknown = unknown_columns(ev["table"], values)
             if unknown:
                 raise ConfigError(f"{where}.events[{i}]: {ev['table']} has no serialized column(s) {unknown} "
                                   f"(its columns: {', '.join(event_columns(ev['table']))})")
@@ -420,8 +420,9 @@ def _validate(c: StudyConfig) -> None:
     if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in c.sampler_study_steps):
         raise ConfigError(f"sampler_study_steps must be positive integers, got {c.sampler_study_steps}")
     for key in WEIGHT_KEYS:       # a missing file fails here, not after notebooks 01-03 have run
-        if getattr(c, key) is not None and not c.path(key).is_file():
-            raise ConfigError(f"{key}: no such file {c.path(key)} (weights are read from local files only, never "
+        path = c.weights(key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: no such file {path} (weights are read from local files only, never "
                               "downloaded; relative paths are taken from the repository root)")
     if not 0 <= c.test_fraction + c.valid_fraction < 1:
         raise ConfigError("test_fraction + valid_fraction must be in [0, 1)")

@@ -92,6 +92,12 @@ def event_columns(table: str, header: list[str] | None = None) -> list[str]:
     return [c for c in header if c not in dropped]
 
 
+def unknown_columns(table: str, columns) -> list[str]:
+    """The ``columns`` that ``table``'s extracted text never carries (sorted): an event written by hand with one of
+    them could not look like an extracted event (what-if edits, ``whatif_definitions``)."""
+    return sorted(set(columns) - set(event_columns(table)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The serialization rules, once in Python (for what-if edits and tests) and once in SQL (for scale).
 

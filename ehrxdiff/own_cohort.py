@@ -74,7 +74,7 @@ from ehrxdiff.sources import (ID_PATTERN, OFFSET_PATTERN, InputFileError, Missin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OwnCohortResult", "read_table", "build_own_cohort", "extract_own_events", "import_own_cohort",
+__all__ = ["OwnCohortResult", "read_table", "build_own_cohort", "extract_own_events", "serialize_own_row", "import_own_cohort",
            "IMAGE_COLUMNS", "EVENT_COLUMNS", "main"]
 
 IMAGE_COLUMNS = ("subject_id", "time", "path", "view")
@@ -420,6 +420,16 @@ def build_own_cohort(images: str | Path, *, image_root: str | Path | None = None
 # ---------------------------------------------------------------------------------------------------------------
 # events → S_event per pair
 
+def serialize_own_row(table: str, values: dict, text: str | None = None, *, text_style: str = "plain") -> str:
+    """One row of an own events table as event text: its columns in the given (file) order, then the free ``text``
+    (a nameless column writes its value alone), by the MIMIC path's serializer. The what-if writes added events
+    with it too (:meth:`ehrxdiff.whatif.EventList.add`), so they read exactly like extracted rows."""
+    d = dict(values)
+    if text is not None:
+        d[""] = text
+    return serialize_event(table, d, text_style=text_style)
+
+
 def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
                        text_style: str = "plain", threads: int | None = None,
                        window_end: str = "exclusive") -> EventResult:
@@ -488,11 +498,8 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
     values = df.loc[rows, value_cols].itertuples(index=False) if value_cols else [()] * len(rows)
     row_text = {}
     for r, table, vals in zip(rows, ev.loc[rows, "table"], values):
-        d = dict(zip(value_cols, vals))
-        if pd.notna(text.get(r)):
-            d[""] = text[r]   # a nameless column writes its value alone: the free text goes last
-        row_text[r] = serialize_event(table, {k: (None if v is pd.NA else v) for k, v in d.items()},
-                                      text_style=text_style)
+        row_text[r] = serialize_own_row(table, {k: (None if v is pd.NA else v) for k, v in zip(value_cols, vals)},
+                                        text[r] if pd.notna(text.get(r)) else None, text_style=text_style)
     texts = sorted(set(row_text.values()))
     text_id = {t: i for i, t in enumerate(texts)}
     out = pd.DataFrame({

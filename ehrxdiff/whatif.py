@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 
 from .constants import EVENT_TABLES, IMAGENOME_LABELS, WHATIF_INTERVENTIONS
-from .events import event_columns, serialize_event
+from .events import event_columns, serialize_event, unknown_columns
+from .own_cohort import serialize_own_row
 from .sampling import pair_seed
 
 @dataclass(frozen=True)
@@ -94,15 +95,13 @@ class EventList:
         """
         if table in EVENT_TABLES:
             order = event_columns(table)
-            unknown = set(values) - set(order)
+            unknown = unknown_columns(table, values)
             if unknown:
-                raise ValueError(f"{table}: unknown column(s) {sorted(unknown)}; serialized columns: {order}")
-            ordered = {c: values[c] for c in order if c in values}
+                raise ValueError(f"{table}: unknown column(s) {unknown}; serialized columns: {order}")
+            text = serialize_event(table, {c: values[c] for c in order if c in values}, text_style=text_style)
         else:
-            ordered = {c: v for c, v in values.items() if c != "text"}
-            if values.get("text") is not None:
-                ordered[""] = values["text"]     # a nameless column writes its value alone (own_cohort's rule)
-        text = serialize_event(table, ordered, text_style=text_style)
+            text = serialize_own_row(table, {c: v for c, v in values.items() if c != "text"}, values.get("text"),
+                                     text_style=text_style)
         vec = np.asarray(embedder([text]), np.float32)[0].astype(np.float16)   # as stored (D8: fp16)
         new = Event(text, float(hours), _frozen(vec), added=True)
         at = int(np.searchsorted(self.hours, new.hours, side="right")) if len(self) else 0
