@@ -400,9 +400,9 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
 def table2_rows(cfg: StudyConfig) -> list[str]:
     """Table II's rows: the baselines, the first stage's ceiling, then each main model with its controls."""
     runs = study.sample_runs(cfg)
-    models = [r.method for m in study.MAIN_MODELS for r in runs
-              if r.model == m and (r.events != study.OWN_EVENTS or r.method == m)]
-    return [*BASELINES, study.RECONSTRUCTION, *models]
+    methods = [r.method for m in study.MAIN_MODELS for r in runs
+               if r.model == m and (r.events != study.OWN_EVENTS or r.method == m)]
+    return [*BASELINES, study.RECONSTRUCTION, *methods]
 
 
 def _sampling_note(cfg: StudyConfig) -> str:
