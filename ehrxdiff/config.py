@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from . import constants as C
-from .constants import EVENT_TABLES, IMAGENOME_LABELS, TABLE_IV_VARIANTS, WHATIF_DEFAULT, WHATIF_INTERVENTIONS
+from ehrxdiff import constants as C
+from ehrxdiff.constants import EVENT_TABLES, IMAGENOME_LABELS, TABLE_IV_VARIANTS, WHATIF_DEFAULT, WHATIF_INTERVENTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = ROOT / "configs"
@@ -46,7 +46,7 @@ class StudyConfig:
     mimic_iv_dir: str | None = None          # real MIMIC-IV v2.2 root (…/mimiciv/2.2); unset → synthetic
     mimic_cxr_dir: str | None = None         # real MIMIC-CXR-JPG v2.0.0 root
     imagenome_dir: str | None = None         # real Chest ImaGenome v1.0.0 root
-    own_images: str | None = None            # your own cohort (docs/own-cohort.md, ehrxdiff.own_cohort):
+    own_images: str | None = None            # your own cohort (docs/own-cohort.md, ehrxdiff.data.own_cohort):
     own_events: str | None = None            #   images + events tables, instead of MIMIC and the synthetic world
     own_image_root: str | None = None        #   where relative image paths start (unset → the images table's folder)
     check_images: str = "decode"             # decode | header | none: how hard image files are checked (both paths)
@@ -115,7 +115,7 @@ class StudyConfig:
     context_tokens: int = 64                 # C_fusion (paper 1024)
     ldm_steps: int = 300                     # optimizer steps per main model (EHRXDiff, EHRXDiff_w_null)
     ablation_ldm_steps: int | None = None    # steps per Table IV ablation row; unset → ldm_steps (fewer: caption says so)
-    ldm_cache_first_stage: bool = True       # VAE posteriors computed once (ehrxdiff.cache), not every step
+    ldm_cache_first_stage: bool = True       # VAE posteriors computed once (ehrxdiff.training.cache), not every step
     ldm_clip_trainable: bool = True          # fine-tune the CLIP towers with Eq. 2 (reference); False → tokens cached
     null_augmentations: int = 4              # cached jittered copies of each w_null null target (cache only)
     snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
@@ -151,7 +151,7 @@ class StudyConfig:
     eval_image_size: int = 64
     xrv_weights: str | None = None           # local torchxrayvision DenseNet-121 weights
     age_model_weights: str | None = None     # local Riken age model
-    # -- beyond the paper: notebook 07 (issue 7; what-if, uncertainty, rollout, sampler study; ehrxdiff/simulation.py)
+    # -- beyond the paper: notebook 07 (issue 7; what-if, uncertainty, rollout, sampler study; ehrxdiff/study/simulation.py)
     simulation_model: str = "EHRXDiff_w_null"   # the notebook-04 model notebook 07 simulates with
     # None: the built-ins diuretic and antibiotic (constants.WHATIF_DEFAULT; intubation is built in too) on
     # MIMIC-shaped data, every whatif_definitions entry on an own cohort; else names from either (docs/methods.md)
@@ -209,7 +209,7 @@ class StudyConfig:
 
     def source_dirs(self) -> dict[str, Path]:
         """Release roots: the real downloads when given, otherwise the synthetic world's tree."""
-        from .schemas import IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
+        from ehrxdiff.data.schemas import IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
         if self.own_cohort:
             root = self.path("own_image_root") if self.own_image_root else self.path("own_images").parent
             return {"mimic_cxr": root}
@@ -329,7 +329,7 @@ def _definition(name: str, d) -> dict:
         if ev["table"] in EVENT_TABLES:
             # a MIMIC table: its columns are the extraction's; the check reads the reference's item filters
             # from disk, so it runs only for definitions that name a MIMIC table
-            from .events import event_columns, unknown_columns
+            from ehrxdiff.data.events import event_columns, unknown_columns
             unknown = unknown_columns(ev["table"], values)
             if unknown:
                 raise ConfigError(f"{where}.events[{i}]: {ev['table']} has no serialized column(s) {unknown} "

@@ -1,4 +1,4 @@
-"""Hand-built tiny MIMIC-shaped releases for tests: the real headers (ehrxdiff.schemas.COLUMNS, in the
+"""Hand-built tiny MIMIC-shaped releases for tests: the real headers (ehrxdiff.data.schemas.COLUMNS, in the
 release's order and case), gzip'd CSV, NULL = empty field, and tiny real JPEG files on disk.
 
 Tests describe only the rows they need (as dicts keyed by column); every other column is left empty.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ehrxdiff.schemas import COLUMNS, cxr_image_relpath
+from ehrxdiff.data.schemas import COLUMNS, cxr_image_relpath
 
 CXR_METADATA = "mimic-cxr-2.0.0-metadata"
 

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ehrxdiff import study
-from ehrxdiff.cohort import build_cohort, main as cohort_main
-from ehrxdiff.events import extract_events
-from ehrxdiff.own_cohort import extract_own_events, read_table
-from ehrxdiff.sources import InputFileError
+from ehrxdiff.study import prepare
+from ehrxdiff.data.cohort import build_cohort, main as cohort_main
+from ehrxdiff.data.events import extract_events
+from ehrxdiff.data.own_cohort import extract_own_events, read_table
+from ehrxdiff.data.sources import InputFileError
 from ehrxdiff.synthetic import generate_world
 
 IV, CXR = "mimiciv/2.2", "mimic-cxr-jpg/2.0.0"
@@ -285,8 +285,8 @@ def test_zero_pair_cohort_stops_with_a_reason(world, tmp_path, defect):
     if defect == "unparseable admittime":
         assert _n(res, "admission without a valid") == _n(res, "admissions", kind="kept") > 0
         assert _n(res, "age unknown (no patients row)") == 0
-    with pytest.raises(study.EmptyCohortError, match="0 pairs"):
-        study.check_pairs(res.pairs, where="this test", report=res.report)
+    with pytest.raises(prepare.EmptyCohortError, match="0 pairs"):
+        prepare.check_pairs(res.pairs, where="this test", report=res.report)
 
 
 def test_unparseable_age_has_its_own_reason(world, baseline, tmp_path):

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from ehrxdiff.cache import CachedPairs, ConditionCache, FirstStageCache, collate_cached, module_fingerprint
-from ehrxdiff.data import PairDataset, collate_pairs
-from ehrxdiff.event_store import EventStore
-from ehrxdiff.ldm import ClipConditioner, build_ehrxdiff
+from ehrxdiff.training.cache import CachedPairs, ConditionCache, FirstStageCache, collate_cached, module_fingerprint
+from ehrxdiff.data.datasets import PairDataset, collate_pairs
+from ehrxdiff.data.event_store import EventStore
+from ehrxdiff.models.ldm import ClipConditioner, build_ehrxdiff
 from test_ldm import EVENT_DIM, MAX_EVENTS, PX, TINY_CLIP, WIDTH, tiny_vae
 
 torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def model(variant=("xattn", True, True), *, clip_trainable=True, snr_gamma=None,
 
 
 def caches(m, pairs, img_dir, store, cache_root, *, frozen: bool, n_augment: int = 3):
-    from ehrxdiff.wnull import NullTargetAugmentation
+    from ehrxdiff.data.wnull import NullTargetAugmentation
     ds = PairDataset(pairs, img_dir, store, image_size=PX, max_events=MAX_EVENTS)
     # a stronger jitter than the paper's: at 16 px a 10-degree nearest-neighbour affine can leave an image unchanged
     first = FirstStageCache.build(m.vae, image_root=img_dir, paths=set(pairs.prev_path) | set(pairs.target_path),
@@ -179,7 +179,7 @@ def test_null_samples_draw_cached_augmentations_of_the_previous_image(tmp_path):
 
 
 def _train_cached(tmp_path, out, max_steps):
-    from ehrxdiff.train_ldm import train_ldm
+    from ehrxdiff.training.train_ldm import train_ldm
     pairs, img_dir, store = tiny_world(tmp_path / "world")
     m = model(clip_trainable=False, snr_gamma=5.0)
     ds, first, cond = caches(m, pairs, img_dir, store, tmp_path / "cache", frozen=True)
@@ -225,8 +225,8 @@ DISTRIBUTED = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from accelerate import PartialState
     from torch.utils.data import DataLoader
-    from ehrxdiff.cache import CachedPairs, collate_cached
-    from ehrxdiff.train_ldm import train_ldm
+    from ehrxdiff.training.cache import CachedPairs, collate_cached
+    from ehrxdiff.training.train_ldm import train_ldm
     from test_cache import MAX_EVENTS, PX, caches, model, tiny_world
     torch.set_num_threads(1)
     tmp, steps = Path(sys.argv[2]), int(sys.argv[3])

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ehrxdiff.clip import EHRCLIP, ImageTower, TableTower, clip_loss, load_visual_weights
+from ehrxdiff.models.clip import EHRCLIP, ImageTower, TableTower, clip_loss, load_visual_weights
 from ehrxdiff.constants import N_IMAGE_TOKENS
-from ehrxdiff.data import collate_pairs
-from ehrxdiff.train_clip import embed_images, retrieval_from_similarity, retrieval_metrics, train_clip
+from ehrxdiff.data.datasets import collate_pairs
+from ehrxdiff.training.train_clip import embed_images, retrieval_from_similarity, retrieval_metrics, train_clip
 
 torch.set_num_threads(1)
 

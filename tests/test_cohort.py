@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ehrxdiff.cohort import assign_splits, build_cohort, table1
-from ehrxdiff.sources import MissingTableError, SchemaError
+from ehrxdiff.data.cohort import assign_splits, build_cohort, table1
+from ehrxdiff.data.sources import MissingTableError, SchemaError
 from mimic_fixture import admission, build_release, image_row, patient, write_metadata
 
 S1, S2 = 10000001, 10000002

@@ -84,25 +84,25 @@ def test_no_api_key_is_a_config_key():
 
 
 def test_fp32_is_the_configs_name_for_no_autocast():
-    from ehrxdiff.train_ldm import resolve_mixed_precision
+    from ehrxdiff.training.train_ldm import resolve_mixed_precision
     assert load_config("smoke", {"ldm_mixed_precision": "fp32"}).ldm_mixed_precision == "fp32"
     assert resolve_mixed_precision("fp32") == "no" and resolve_mixed_precision("bf16") == "bf16"
 
 
 def test_study_seed_fixes_the_initial_weights_whatever_the_rng_did_before():
-    """study.seed_everything runs before every model is built: the initial weights must not depend on what consumed
+    """shared.seed_everything runs before every model is built: the initial weights must not depend on what consumed
     the RNG earlier."""
     import torch
 
-    from ehrxdiff import study
+    from ehrxdiff.study import shared
     cfg = load_config("smoke")
     weights = []
     for burn in (0, 5):
         torch.rand(burn)   # earlier RNG use that differs between runs
-        study.seed_everything(cfg)
+        shared.seed_everything(cfg)
         weights.append(torch.nn.Linear(4, 3).weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
-    study.seed_everything(load_config("smoke", {"seed": cfg.seed + 1}))
+    shared.seed_everything(load_config("smoke", {"seed": cfg.seed + 1}))
     assert not torch.equal(torch.nn.Linear(4, 3).weight, weights[0])
 
 

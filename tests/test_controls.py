@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 import torch
 
-from ehrxdiff import study
+from ehrxdiff.study import models
 from ehrxdiff.config import ConfigError, load_config
-from ehrxdiff.data import PairDataset, collate_pairs
-from ehrxdiff.evaluation import FAILS, HOLDS, UNDECIDED, claims, verdict
-from ehrxdiff.sampling import WithEvents
-from ehrxdiff.whatif import agreement
+from ehrxdiff.data.datasets import PairDataset, collate_pairs
+from ehrxdiff.study.evaluation import FAILS, HOLDS, UNDECIDED, claims, verdict
+from ehrxdiff.models.sampling import WithEvents
+from ehrxdiff.simulation.whatif import agreement
 from test_cache import tiny_world
 from test_pipeline import tiny_pipe
 
@@ -19,14 +19,14 @@ torch.set_num_threads(1)
 def test_shuffled_events_is_a_fixed_derangement_of_the_pairs():
     cfg = load_config("smoke")
     pairs = pd.DataFrame({"pair_key": [f"p{i:02d}" for i in range(30)]}).sample(frac=1, random_state=3)
-    a, b = study.shuffled_events(cfg, pairs), study.shuffled_events(cfg, pairs.sort_values("pair_key"))
+    a, b = models.shuffled_events(cfg, pairs), models.shuffled_events(cfg, pairs.sort_values("pair_key"))
     pd.testing.assert_frame_equal(a, b)                                  # fixed: the row order does not matter
     assert (a["pair_key"] != a["events_of"]).all()                        # nobody keeps its own events
     assert sorted(a["events_of"]) == sorted(a["pair_key"])                # every pair's events used once
-    other = study.shuffled_events(load_config("smoke", {"seed": 1}), pairs)
+    other = models.shuffled_events(load_config("smoke", {"seed": 1}), pairs)
     assert not other["events_of"].equals(a["events_of"])                  # the permutation follows the seed
     with pytest.raises(ValueError, match="at least 2"):
-        study.shuffled_events(cfg, pairs.head(1))
+        models.shuffled_events(cfg, pairs.head(1))
 
 
 def test_with_events_swaps_only_the_events(tmp_path):
@@ -63,7 +63,7 @@ def test_no_events_control_equals_the_guidance_at_zero():
 
 def test_sample_runs_name_every_control_once_and_the_sweep_reuses_them():
     cfg = load_config("demo", {"event_guidance_scale": 2.0, "guidance_sweep": [0, 1, 2, 4]})
-    runs = study.sample_runs(cfg)
+    runs = models.sample_runs(cfg)
     methods = [r.method for r in runs]
     assert len(set(methods)) == len(methods) and len({r.folder for r in runs}) == len(runs)
     by = {r.method: r for r in runs}
@@ -71,13 +71,13 @@ def test_sample_runs_name_every_control_once_and_the_sweep_reuses_them():
     assert by["EHRXDiff (shuffled S_event)"].folder == "EHRXDiff@shuffled-s2"
     assert by["EHRXDiff_w_null (no S_event)"].folder == "EHRXDiff_w_null@no-events"
     assert by["concat-VAE"].scale == 1.0 and by["concat-VAE"].folder == "concat-VAE"   # no S_event to guide
-    sweep = study.guidance_sweep_runs(cfg)
+    sweep = models.guidance_sweep_runs(cfg)
     assert list(sweep) == [0.0, 1.0, 2.0, 4.0]
     assert sweep[0.0] == by["EHRXDiff_w_null (no S_event)"] and sweep[2.0] == by["EHRXDiff_w_null"]
     assert sweep[1.0].folder == "EHRXDiff_w_null" and sweep[1.0].method == "EHRXDiff_w_null (s = 1)"
-    assert study.sample_dir(cfg, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null@s2"  # a name = its main run
+    assert models.sample_dir(cfg, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null@s2"  # a name = its main run
     plain = load_config("demo", {"event_guidance_scale": 1.0})
-    assert study.sample_dir(plain, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null"
+    assert models.sample_dir(plain, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null"
 
 
 @pytest.mark.parametrize("bad", [{"guidance_sweep": [-1]}, {"guidance_sweep": ["two"]},
@@ -145,7 +145,7 @@ def test_whatif_agreement_reports_own_and_shuffled_events_apart():
 
 
 def test_a_changed_permutation_never_resumes_old_shuffled_samples(tmp_path):
-    from ehrxdiff.study import _match_permutation
+    from ehrxdiff.study.models import _match_permutation
     folder = tmp_path / "EHRXDiff@shuffled"
     a = pd.DataFrame({"pair_key": ["p0", "p1", "p2"], "events_of": ["p1", "p2", "p0"]})
     _match_permutation(folder, a)

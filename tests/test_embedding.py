@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from ehrxdiff.embedding import ExternalAPIRefused, HashingEmbedder, LocalEmbedder, OpenAIEmbedder, make_embedder
+from ehrxdiff.data.embedding import ExternalAPIRefused, HashingEmbedder, LocalEmbedder, OpenAIEmbedder, make_embedder
 
 DIM = 4
 
@@ -177,9 +177,9 @@ def test_local_backend_from_bundled_model(tmp_path):
 
 @pytest.mark.parametrize("provider", ["openai", "azure"])
 def test_notebook_02_embeds_with_the_openai_backend_chosen_by_config(api_key, monkeypatch, tmp_path, provider):
-    """Issue 16: the paper profile's backend through the study's config path (study.make_embedder, as notebook 02
+    """Issue 16: the paper profile's backend through the study's config path (prepare.make_embedder, as notebook 02
     calls it), both providers, against the loopback server; ada-002's 1536-d vectors."""
-    from ehrxdiff import study
+    from ehrxdiff.study import prepare
     from ehrxdiff.config import load_config
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", "az-test-not-a-key")
     with FakeEmbeddingsAPI(dim=1536) as api:
@@ -187,7 +187,7 @@ def test_notebook_02_embeds_with_the_openai_backend_chosen_by_config(api_key, mo
                {"openai_provider": "azure", "openai_azure_endpoint": api.url, "openai_azure_deployment": "ada-dep"})
         cfg = load_config("smoke", {"embedding_backend": "openai", "data_dir": str(tmp_path / "data"),
                                     "run_dir": str(tmp_path / "run"), **net})
-        step = study.build_events(cfg, study.build_cohort(cfg).pairs)
+        step = prepare.build_events(cfg, prepare.build_cohort(cfg).pairs)
     assert step.store.summary()["unique_texts"] == len(step.events.texts) > 0
     assert step.store.summary()["dim"] == 1536
     assert api.paths and all(p.startswith("/openai/deployments/ada-dep/embeddings") if provider == "azure"
@@ -195,13 +195,13 @@ def test_notebook_02_embeds_with_the_openai_backend_chosen_by_config(api_key, mo
 
 
 def test_openai_backend_refuses_real_data_without_opt_in_through_the_config(api_key, tmp_path):
-    from ehrxdiff import study
+    from ehrxdiff.study import prepare
     from ehrxdiff.config import ConfigError, load_config
     from ehrxdiff.synthetic import generate_world
     world = generate_world(tmp_path / "w", n_patients=3, seed=1, image_size=32, workers=1, progress=False)
     real = {"embedding_backend": "openai", "openai_base_url": "http://127.0.0.1:9/v1", "data_dir": str(tmp_path / "d"),
             "mimic_iv_dir": str(world / "mimiciv/2.2"), "mimic_cxr_dir": str(world / "mimic-cxr-jpg/2.0.0")}
     with pytest.raises(ExternalAPIRefused, match="data use agreement"):
-        study.make_embedder(load_config("smoke", real))
+        prepare.make_embedder(load_config("smoke", real))
     with pytest.raises(ConfigError, match="openai_azure_endpoint"):
         load_config("smoke", {**real, "openai_provider": "azure"})

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ehrxdiff import baselines, evaluators
+from ehrxdiff.evaluation import baselines, evaluators
 from ehrxdiff.constants import IMAGENOME_LABELS
 
 torch.set_num_threads(1)
@@ -130,7 +130,7 @@ def test_two_fresh_evaluator_runs_give_identical_weights(tmp_path, image_table):
 # --- baselines -------------------------------------------------------------------------------------
 
 def _tower():
-    from ehrxdiff.clip import TableTower
+    from ehrxdiff.models.clip import TableTower
     return TableTower(event_dim=8, width=8, layers=1, heads=2, out_dim=6, dropout=0.0)
 
 

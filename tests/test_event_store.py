@@ -3,9 +3,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ehrxdiff.embedding import HashingEmbedder
-from ehrxdiff.event_store import EventStore, build_event_store
-from ehrxdiff.events import EventResult
+from ehrxdiff.data.embedding import HashingEmbedder
+from ehrxdiff.data.event_store import EventStore, build_event_store
+from ehrxdiff.data.events import EventResult
 
 
 def _result() -> EventResult:

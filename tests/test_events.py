@@ -2,8 +2,8 @@
 import pandas as pd
 import pytest
 
-from ehrxdiff.events import EventResult, event_columns, extract_events, serialize_event
-from ehrxdiff.sources import MissingTableError, SchemaError
+from ehrxdiff.data.events import EventResult, event_columns, extract_events, serialize_event
+from ehrxdiff.data.sources import MissingTableError, SchemaError
 from mimic_fixture import write_mimic_table
 
 S, H, STAY = 10000001, 20000001, 30000001
@@ -318,7 +318,7 @@ def test_sql_serializer_equals_python_on_every_golden_row(mimic_iv, result, styl
 
 
 def test_streamed_files_read_back_identically(mimic_iv, result, tmp_path):
-    from ehrxdiff.events import EventResult, extract_events_to_dir
+    from ehrxdiff.data.events import EventResult, extract_events_to_dir
     out = extract_events_to_dir(mimic_iv, _pairs(), tmp_path / "ev", threads=1, window_end="inclusive")
     assert not (out / "_work").exists()
     back = EventResult.read(out)
@@ -331,7 +331,7 @@ def test_gunzip_thread_gives_identical_files_and_raises_on_a_truncated_gzip(mimi
     """Inflating the .csv.gz on a second thread into a named pipe changes nothing in the output; a truncated
     gzip stream is an error, never a silently shorter table."""
     import shutil
-    from ehrxdiff.events import EventResult, extract_events_to_dir
+    from ehrxdiff.data.events import EventResult, extract_events_to_dir
     out = extract_events_to_dir(mimic_iv, _pairs(), tmp_path / "ev", threads=2, gunzip_thread=True,
                                 window_end="inclusive")
     back = EventResult.read(out)
@@ -347,9 +347,9 @@ def test_gunzip_thread_gives_identical_files_and_raises_on_a_truncated_gzip(mimi
 
 
 def test_events_command_line_extracts_a_cohort_and_names_bad_inputs(mimic_iv, tmp_path, capsys):
-    """``python -m ehrxdiff.events`` (issue 15 item 6): the cohort's pairs.parquet in, notebook 02's files out;
+    """``python -m ehrxdiff.data.events`` (issue 15 item 6): the cohort's pairs.parquet in, notebook 02's files out;
     a missing file or column is one line naming it, exit status 2."""
-    from ehrxdiff.events import main
+    from ehrxdiff.data.events import main
     _pairs().to_parquet(tmp_path / "pairs.parquet", index=False)
     assert main(["--mimic-iv", str(mimic_iv), "--cohort", str(tmp_path), "--out", str(tmp_path / "ev"),
                  "--threads", "1"]) == 0

@@ -15,10 +15,10 @@ import os
 import numpy as np
 import torch
 
-from ehrxdiff.adaptor import TABLE_IV_VARIANTS
-from ehrxdiff.ldm import ClipConditioner, build_ehrxdiff
-from ehrxdiff.pipeline import EHRXDiffPipeline
-from ehrxdiff.vae import build_vae
+from ehrxdiff.models.adaptor import TABLE_IV_VARIANTS
+from ehrxdiff.models.ldm import ClipConditioner, build_ehrxdiff
+from ehrxdiff.models.pipeline import EHRXDiffPipeline
+from ehrxdiff.models.vae import build_vae
 
 PX, EVENT_DIM, WIDTH, MAX_EVENTS = 16, 8, 16, 6
 TINY_CLIP = {"image": dict(image_size=PX, patch_size=8, width=WIDTH, layers=1, heads=2),

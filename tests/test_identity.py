@@ -1,8 +1,8 @@
-"""Patient re-identification from the previous image (ehrxdiff.identity) on hand-checkable inputs."""
+"""Patient re-identification from the previous image (ehrxdiff.evaluation.identity) on hand-checkable inputs."""
 import numpy as np
 import pytest
 
-from ehrxdiff.identity import reidentification, reidentification_table
+from ehrxdiff.evaluation.identity import reidentification, reidentification_table
 
 
 def _patients(n=6, seed=0):
@@ -40,9 +40,9 @@ def test_rank_by_hand():
 def test_summary_table_is_mean_and_std_over_seeds():
     import pandas as pd
 
-    from ehrxdiff.identity import summary_table
+    from ehrxdiff.reporting.tables import reidentification_summary
     t = pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "rank_percentile": [0.6, 0.8, 0.5],
                       "top1": [0.1, 0.3, 0.0]})
-    col = summary_table(t)["rank percentile"]
+    col = reidentification_summary(t)["rank percentile"]
     assert col["a"] == "0.700 ± 0.141" and col["b"] == "0.500"
-    assert summary_table(t).loc["a", "top-1"] == "0.200 ± 0.141" and list(summary_table(t).index) == ["a", "b"]
+    assert reidentification_summary(t).loc["a", "top-1"] == "0.200 ± 0.141" and list(reidentification_summary(t).index) == ["a", "b"]

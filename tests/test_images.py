@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ehrxdiff.images import ImageLoadError, load_image, read_gray
+from ehrxdiff.data.images import ImageLoadError, load_image, read_gray
 
 
 def _save(tmp_path, name, im: Image.Image, **kw):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ehrxdiff.config import load_config
-from ehrxdiff.evaluation import has_labels, label_free_plan, missing_labels_reason, vs_previous_image
-from ehrxdiff.metrics import image_similarity
+from ehrxdiff.study.evaluation import has_labels, label_free_plan, missing_labels_reason, vs_previous_image
+from ehrxdiff.evaluation.metrics import image_similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def own_cohort_from_world(world: Path, out: Path) -> tuple[Path, Path]:
     without age and without any finding column (so: no labels, sex AUROC and FID yes, age r no), and timed by
     the **day** as many real cohorts are (issue 16): films and events at midnight of their date, so every event
     of a target film's day carries the target's own time."""
-    from ehrxdiff.schemas import cxr_image_relpath
+    from ehrxdiff.data.schemas import cxr_image_relpath
     cxr = world / "mimic-cxr-jpg" / "2.0.0"
     hosp = world / "mimiciv" / "2.2" / "hosp"
     meta = pd.read_csv(cxr / "mimic-cxr-2.0.0-metadata.csv.gz", dtype={"StudyDate": str})

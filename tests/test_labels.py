@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from ehrxdiff import labels as L
+from ehrxdiff.data import labels as L
 
 HEADER = "study_id\timage_id\trow_id\tsent_loc\tbbox\trelation\tlabel_name\tcategoryID\tcontext\n"
 ROWS = [

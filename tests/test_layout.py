@@ -1,4 +1,4 @@
-"""One owner of the run folder (issue 17): every path under ``run_dir`` is named in :mod:`ehrxdiff.layout`, and no
+"""One owner of the run folder (issue 17): every path under ``run_dir`` is named in :mod:`ehrxdiff.study.layout`, and no
 stage writes into an earlier stage's folder."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ehrxdiff.config import load_config
-from ehrxdiff.layout import RunLayout, layout
+from ehrxdiff.study.layout import RunLayout, layout
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ehrxdiff"
 
@@ -44,3 +44,56 @@ def test_layout_follows_the_config(tmp_path):
     lay = layout(cfg)
     assert lay.root == tmp_path / "r" and lay.ground_truth("course").name == "course.parquet"
     assert lay.ground_truth("images").parent.parent == cfg.synthetic_root
+
+
+# --------------------------------------------------------------------------------------------- package layout
+STAGES = ("data", "models", "training", "evaluation", "simulation", "reporting", "study", "bench")
+"""The subpackages in the order data flows (raw → cohort → events → CLIP → LDM → samples → metrics → tables);
+a stage may import only from the stages before it (plus ``config``, ``constants`` and the synthetic world)."""
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, absolute module, names) of every ``from ehrxdiff… import`` in ``path``, local imports included."""
+    import ast
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ehrxdiff"):
+            out.append((node.lineno, node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            out.append((node.lineno, "." * node.level + (node.module or ""), [a.name for a in node.names]))
+    return out
+
+
+def test_top_level_holds_config_constants_and_the_stage_subpackages():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    assert modules == ["__init__.py", "config.py", "constants.py"]
+    assert packages == sorted(STAGES + ("synthetic",))
+
+
+def test_stages_import_only_from_earlier_stages():
+    offenders = []
+    for stage in STAGES:
+        allowed = {"config", "constants", "synthetic", stage, *STAGES[:STAGES.index(stage)]}
+        for f in sorted((PACKAGE / stage).rglob("*.py")):
+            for line, module, names in _imports(f):
+                parts = module.split(".")
+                target = parts[1] if len(parts) > 1 else None
+                targets = [target] if target else names        # ``from ehrxdiff import x``
+                if module.startswith("."):
+                    offenders.append(f"{f.relative_to(PACKAGE)}:{line}: relative import {module}")
+                offenders += [f"{f.relative_to(PACKAGE)}:{line}: {stage} imports {t}" for t in targets
+                              if t not in allowed]
+    assert not offenders, "imports against the data flow:\n" + "\n".join(offenders)
+
+
+def test_no_private_name_is_imported_across_modules():
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    offenders = [f"{f.relative_to(PACKAGE.parent)}:{line}: {module}.{n}"
+                 for f in sorted(PACKAGE.rglob("*.py")) for line, module, names in _imports(f)
+                 for n in names if n.startswith("_") and not n.startswith("__")]
+    for nb in sorted(notebooks.glob("*.ipynb")):
+        code = "\n".join("".join(c["source"]) for c in __import__("json").loads(nb.read_text())["cells"]
+                         if c["cell_type"] == "code")
+        offenders += [f"{nb.name}: {m}" for m in re.findall(r"\b\w+\._\w+\(|import _\w+", code)]
+    assert not offenders, "\n".join(offenders)

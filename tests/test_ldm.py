@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ehrxdiff.adaptor import TABLE_IV_VARIANTS, FusionAdaptor
-from ehrxdiff.data import collate_pairs
-from ehrxdiff.ldm import PAPER_UNET_CHANNELS, ClipConditioner, build_ehrxdiff, build_noise_scheduler, build_unet, widen_conv_in
-from ehrxdiff.vae import build_vae, load_cheff_checkpoint, measure_latent_scale, psnr, train_vae
-from ehrxdiff.wnull import NULL_SUFFIX, NullTargetAugmentation, WithNullSamples
+from ehrxdiff.models.adaptor import TABLE_IV_VARIANTS, FusionAdaptor
+from ehrxdiff.data.datasets import collate_pairs
+from ehrxdiff.models.ldm import (PAPER_UNET_CHANNELS, ClipConditioner, build_ehrxdiff, build_noise_scheduler,
+                                 build_unet, widen_conv_in)
+from ehrxdiff.models.vae import build_vae, load_cheff_checkpoint, measure_latent_scale, psnr
+from ehrxdiff.training.train_vae import train_vae
+from ehrxdiff.data.wnull import NULL_SUFFIX, NullTargetAugmentation, WithNullSamples
 from weight_files import to_ldm_layout
 
 torch.set_num_threads(1)
@@ -222,7 +224,7 @@ def test_wnull_augment_all_changes_real_targets():
 
 # ---------------------------------------------------------------------------------------------- kill and resume
 def _train(tmp_path, max_steps, resume=True):
-    from ehrxdiff.train_ldm import train_ldm
+    from ehrxdiff.training.train_ldm import train_ldm
 
     model = tiny_model()
     data = ToyPairs([f"t{i}" for i in range(6)])
@@ -255,7 +257,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 def test_clip_x0_switch_is_off_by_default_and_clips_when_set():
     """Decision D6 keeps the paper's unclipped DDIM; the CPU-demo switch clips predicted x0 (ldm docstring)."""
-    from ehrxdiff.ldm import build_noise_scheduler, make_inference_scheduler
+    from ehrxdiff.models.ldm import build_noise_scheduler, make_inference_scheduler
     cfg = build_noise_scheduler().config
     assert make_inference_scheduler("ddim", cfg).config.clip_sample is False
     clipped = make_inference_scheduler("ddim", cfg, clip_x0=2.0)
@@ -282,7 +284,7 @@ def test_measured_latent_scale_gives_unit_variance_targets():
 def test_conditioning_sensitivity_sees_only_the_conditions_a_model_uses():
     """concat-VAE starts with zero weights on the I_prev channels: swapping I_prev changes nothing until they are
     non-zero; it has no table tower, so swapping S_event never changes its loss; repeated calls agree exactly."""
-    from ehrxdiff.train_ldm import conditioning_sensitivity, validation_loss
+    from ehrxdiff.training.train_ldm import conditioning_sensitivity, validation_loss
     model = tiny_model("concat-VAE").eval()
     loader = [fixed_batch(), fixed_batch(seed=2)]
     before = conditioning_sensitivity(model, loader)

@@ -13,11 +13,12 @@ import torch
 import torchxrayvision as xrv
 from PIL import Image
 
-from ehrxdiff import evaluation, study
-from ehrxdiff.clip import EHRCLIP, ImageTower
+from ehrxdiff.study import evaluation
+from ehrxdiff.study import models
+from ehrxdiff.models.clip import EHRCLIP, ImageTower
 from ehrxdiff.config import ConfigError, load_config
-from ehrxdiff.evaluators import DEMO_DENSENET, EvaluatorImages, RikenAgeModel
-from ehrxdiff.vae import build_vae
+from ehrxdiff.evaluation.evaluators import DEMO_DENSENET, EvaluatorImages, RikenAgeModel
+from ehrxdiff.models.vae import build_vae
 from weight_files import write_cheff_checkpoint, write_open_clip_visual, write_riken_torchscript, write_xrv_densenet
 
 torch.set_num_threads(1)
@@ -30,7 +31,7 @@ def test_clip_image_weights_through_the_config(tmp_path):
                         layers=base.clip_layers, heads=base.clip_heads)
     path = write_open_clip_visual(source.vit, tmp_path / "open_clip_vit.pt")
     cfg = load_config("smoke", {"clip_image_weights": str(path)})
-    model = EHRCLIP.from_config(study.clip_model_config(cfg, event_dim=cfg.embedding_dim))
+    model = EHRCLIP.from_config(models.clip_model_config(cfg, event_dim=cfg.embedding_dim))
     for name, want in source.vit.state_dict().items():
         torch.testing.assert_close(model.image_tower.vit.state_dict()[name], want, msg=name)
     # the trained model is self-contained: it reloads with the weights file gone (the study's later notebooks
@@ -48,7 +49,7 @@ def test_vae_weights_through_the_config(tmp_path):
                        image_size=base.image_size, norm_num_groups=8, layers_per_block=base.vae_layers_per_block)
     path = write_cheff_checkpoint(source, tmp_path / "cheff_ldm.ckpt")
     cfg = load_config("smoke", {"vae_weights": str(path), "latent_scale": 0.18215})
-    vae = study.train_vae(cfg, ds=None).eval()        # loaded, not trained: no data is touched
+    vae = models.train_vae(cfg, ds=None).eval()        # loaded, not trained: no data is touched
     x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(vae.encode(x).latent_dist.mean, source.eval().encode(x).latent_dist.mean)
@@ -58,7 +59,7 @@ def test_vae_weights_through_the_config(tmp_path):
                      image_size=base.image_size, norm_num_groups=8, layers_per_block=base.vae_layers_per_block)
     bad = load_config("smoke", {"vae_weights": str(write_cheff_checkpoint(wide, tmp_path / "wide.ckpt"))})
     with pytest.raises(ValueError, match=r"wide\.ckpt.*does not match"):
-        study.train_vae(bad, ds=None)
+        models.train_vae(bad, ds=None)
 
 
 def _images(tmp_path, n=3):

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ehrxdiff import metrics
+from ehrxdiff.evaluation import metrics
 
 
 def _rows(label, relation, prev, score):

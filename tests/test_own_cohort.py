@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ehrxdiff.data import PairDataset, collate_pairs
-from ehrxdiff.embedding import make_embedder
-from ehrxdiff.event_store import build_event_store
-from ehrxdiff.events import serialize_event
-from ehrxdiff.labels import pair_label_rows
-from ehrxdiff.own_cohort import build_own_cohort, extract_own_events, import_own_cohort
-from ehrxdiff.sources import MissingTableError, SchemaError
+from ehrxdiff.data.datasets import PairDataset, collate_pairs
+from ehrxdiff.data.embedding import make_embedder
+from ehrxdiff.data.event_store import build_event_store
+from ehrxdiff.data.events import serialize_event
+from ehrxdiff.data.labels import pair_label_rows
+from ehrxdiff.data.own_cohort import build_own_cohort, extract_own_events, import_own_cohort
+from ehrxdiff.data.sources import MissingTableError, SchemaError
 
 T0 = pd.Timestamp("2021-03-01 08:00:00")
 
@@ -195,7 +195,8 @@ def test_overlapping_episodes_are_an_error(tmp_path):
 
 def test_study_glue_runs_the_own_cohort(cohort_files, cohort, tmp_path):
     """Config keys own_images/own_events route notebooks 01-05's glue to the own cohort (same files downstream)."""
-    from ehrxdiff import evaluation, study
+    from ehrxdiff.study import evaluation
+    from ehrxdiff.study import prepare
     from ehrxdiff.config import load_config
     keys = sorted(cohort.pairs["pair_key"])          # 6 pairs of 3 patients: a split file fills every split
     (tmp_path / "split.json").write_text(json.dumps({"train": keys[:4], "valid": keys[4:5], "test": keys[5:]}))
@@ -207,13 +208,13 @@ def test_study_glue_runs_the_own_cohort(cohort_files, cohort, tmp_path):
     assert cfg.own_cohort and not cfg.synthetic
     assert cfg.source_dirs() == {"mimic_cxr": cohort_files}
     with pytest.warns(UserWarning, match=r"the valid split holds 1 patient\(s\) \(1 pairs\): model selection"):
-        res = study.build_cohort(cfg)          # the split file puts one pair of one patient in valid
+        res = prepare.build_cohort(cfg)          # the split file puts one pair of one patient in valid
     assert _pairs(res) == _pairs(cohort)
     with pytest.warns(UserWarning, match=r"study's samples .*the valid split holds 1 patient"):
-        step = study.build_events(cfg, res.pairs)          # said again for the samples notebook 02 keeps
-    samples, store = study.load_pairs_with_events(cfg)
+        step = prepare.build_events(cfg, res.pairs)          # said again for the samples notebook 02 keeps
+    samples, store = prepare.load_pairs_with_events(cfg)
     assert set(samples["pair_key"]) == set(step.events.pair_keys) == set(store.pair_keys)
-    ds = study.datasets(cfg, ("train", "valid", "test"))
+    ds = prepare.datasets(cfg, ("train", "valid", "test"))
     assert sum(len(d) for d in ds.values()) == len(samples)
     item = next(d for d in ds.values() if len(d))[0]
     assert item["prev_image"].shape[-1] == cfg.image_size
@@ -232,23 +233,23 @@ def test_own_cohort_config_needs_both_tables():
 
 def test_a_cohort_with_an_empty_split_or_no_pairs_stops_in_notebook_01(cohort_files, tmp_path):
     """Issue 15 item 4: 0 pairs, or a split without pairs, is an error where the cohort is built, naming why."""
-    from ehrxdiff import study
+    from ehrxdiff.study import prepare
     from ehrxdiff.config import load_config
     base = {"own_images": str(cohort_files / "images.csv"), "own_events": str(cohort_files / "events.parquet"),
             "data_dir": str(tmp_path / "data"), "figures_dir": str(tmp_path / "fig")}
     cfg = load_config("smoke", base | {"run_dir": str(tmp_path / "a")})
-    with pytest.raises(study.EmptyCohortError, match=r"6 pairs, but none in the valid, test split\(s\)"):
-        study.build_cohort(cfg)                      # 3 patients, split by patient: all 6 pairs land in train
-    with pytest.raises(study.EmptyCohortError, match=r"6 pairs, but none in the valid, test"):
-        study.build_cohort(cfg)                      # the cached cohort is checked too
+    with pytest.raises(prepare.EmptyCohortError, match=r"6 pairs, but none in the valid, test split\(s\)"):
+        prepare.build_cohort(cfg)                      # 3 patients, split by patient: all 6 pairs land in train
+    with pytest.raises(prepare.EmptyCohortError, match=r"6 pairs, but none in the valid, test"):
+        prepare.build_cohort(cfg)                      # the cached cohort is checked too
     cfg = load_config("smoke", base | {"run_dir": str(tmp_path / "b"), "max_interval_hours": 0.5})
-    with pytest.raises(study.EmptyCohortError, match=r"0 pairs\. The funnel \(cohort_report.csv\): .*interval"):
-        study.build_cohort(cfg)
+    with pytest.raises(prepare.EmptyCohortError, match=r"0 pairs\. The funnel \(cohort_report.csv\): .*interval"):
+        prepare.build_cohort(cfg)
 
 
 def test_frontal_rule_reads_the_first_word_of_the_view():
     """Issue 16: real tables say "AP Supine", "PA erect"; laterals and other words stay non-frontal."""
-    from ehrxdiff.own_cohort import frontal_view
+    from ehrxdiff.data.own_cohort import frontal_view
     views = pd.Series(["AP Supine", "ap portable", "PA erect", "pa_erect", " Frontal ", "PA", "LATERAL", "LL", "APEX",
                        "PAX", None, "LAO"])
     assert frontal_view(views).tolist() == ["AP", "AP", "PA", "PA", "AP", "PA", pd.NA, pd.NA, pd.NA, pd.NA, pd.NA, pd.NA]

@@ -4,11 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ehrxdiff.adaptor import TABLE_IV_VARIANTS
-from ehrxdiff.ldm import ClipConditioner, build_ehrxdiff
-from ehrxdiff.pipeline import EHRXDiffPipeline
-from ehrxdiff.sampling import generate_split
-from ehrxdiff.vae import build_vae
+from ehrxdiff.models.adaptor import TABLE_IV_VARIANTS
+from ehrxdiff.models.ldm import ClipConditioner, build_ehrxdiff
+from ehrxdiff.models.pipeline import EHRXDiffPipeline
+from ehrxdiff.models.sampling import generate_split
+from ehrxdiff.models.vae import build_vae
 
 torch.set_num_threads(1)
 PX, EVENT_DIM, WIDTH, MAX_EVENTS = 16, 8, 16, 6

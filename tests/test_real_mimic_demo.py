@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ehrxdiff.cohort import build_cohort
-from ehrxdiff.events import extract_events
-from ehrxdiff.schemas import COLUMNS
+from ehrxdiff.data.cohort import build_cohort
+from ehrxdiff.data.events import extract_events
+from ehrxdiff.data.schemas import COLUMNS
 from mimic_fixture import cxr_side_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def cohort(release):
 
 
 def _independent_pairs(iv: Path, cxr: Path) -> set[tuple[str, str]]:
-    """The pairing rules written again in pandas, from the files (module docstring of ehrxdiff.cohort)."""
+    """The pairing rules written again in pandas, from the files (module docstring of ehrxdiff.data.cohort)."""
     pat = pd.read_csv(iv / "hosp/patients.csv.gz")
     adm = pd.read_csv(iv / "hosp/admissions.csv.gz", parse_dates=["admittime", "dischtime"]).merge(pat, on="subject_id")
     adm = adm[adm["admittime"].dt.year - adm["anchor_year"] + adm["anchor_age"] >= 18]
@@ -97,7 +97,7 @@ def test_events_on_the_real_tables(release, cohort):
 
 
 def test_filter_values_that_select_nothing_are_listed(release, cohort, tmp_path):
-    from ehrxdiff.events import extract_events_to_dir
+    from ehrxdiff.data.events import extract_events_to_dir
     iv, _ = release
     out = extract_events_to_dir(iv, cohort.pairs, tmp_path / "ev", threads=1, tables=("microbiologyevents", "procedureevents"))
     listed = pd.read_csv(out / "event_filter_unmatched.csv")

@@ -10,8 +10,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ehrxdiff import reporting  # noqa: E402
-from ehrxdiff.reporting import write_table  # noqa: E402
+from ehrxdiff.reporting import figures, tables  # noqa: E402
+from ehrxdiff.reporting.tables import write_table  # noqa: E402
 
 
 @pytest.fixture
@@ -27,19 +27,19 @@ def table2_results():
 
 
 def test_format_mean_std():
-    assert reporting.format_mean_std(0.7221, 0.0031) == "0.722 ± 0.003"
-    assert reporting.format_mean_std(0.5, float("nan")) == "0.500"
-    assert reporting.format_mean_std(float("nan")) == "–"
+    assert tables.format_mean_std(0.7221, 0.0031) == "0.722 ± 0.003"
+    assert tables.format_mean_std(0.5, float("nan")) == "0.500"
+    assert tables.format_mean_std(float("nan")) == "–"
 
 
 def test_table2_written_three_ways(tmp_path, table2_results):
-    table = reporting.auroc_table(table2_results, index_order=["previous label", "EHRXDiff_w_null"],
+    table = tables.auroc_table(table2_results, index_order=["previous label", "EHRXDiff_w_null"],
                                   ceiling={"all": 0.9, "diff": 0.8, "same": 0.95})
     assert list(table.columns) == ["all", "all ceiling", "diff", "diff ceiling", "same", "same ceiling",
                                    "evaluator"]
     assert table.loc["EHRXDiff_w_null", "all"] == "0.720 ± 0.020"
     assert table.loc["previous label", "diff"] == "0.000" and table.loc["previous label", "diff ceiling"] == "0.800"
-    paths = reporting.write_table(table, "table2_imagenome_auroc", tmp_path, caption="Table II")
+    paths = tables.write_table(table, "table2_imagenome_auroc", tmp_path, caption="Table II")
     assert {p.name for p in paths.values()} == {f"table2_imagenome_auroc.{e}" for e in ("csv", "md", "tex")}
     md, tex = paths["md"].read_text(), paths["tex"].read_text()
     assert "| EHRXDiff_w_null | 0.720 ± 0.020 |" in md
@@ -50,16 +50,16 @@ def test_table2_written_three_ways(tmp_path, table2_results):
 
 def test_seed_table_missing_column_is_named(table2_results):
     with pytest.raises(ValueError, match="'metric'"):
-        reporting.seed_table(table2_results, index="method", columns="metric", value="auroc")
+        tables.seed_table(table2_results, index="method", columns="metric", value="auroc")
 
 
 def test_table3_generic_layout(tmp_path):
     res = pd.DataFrame({"method": ["GT", "GT", "m", "m", "m", "m"], "seed": [0, 0, 0, 1, 0, 1],
                         "metric": ["age r", "sex AUROC", "FID", "FID", "age r", "age r"],
                         "value": [0.7, 0.99, 5.0, 6.0, 0.4, 0.5]})
-    t = reporting.seed_table(res, index="method", columns="metric", column_order=["FID", "age r", "sex AUROC"])
+    t = tables.seed_table(res, index="method", columns="metric", column_order=["FID", "age r", "sex AUROC"])
     assert t.loc["GT", "FID"] == "–" and t.loc["m", "FID"] == "5.500 ± 0.707"
-    reporting.write_table(t, "table3_fid_demographics", tmp_path)
+    tables.write_table(t, "table3_fid_demographics", tmp_path)
     assert "5.500 ± 0.707" in (tmp_path / "table3_fid_demographics.md").read_text()
 
 
@@ -68,12 +68,12 @@ def _exists(stem):
 
 
 def test_bar_chart_and_heatmap(tmp_path, table2_results):
-    fig = reporting.plot_auroc_bars(table2_results, tmp_path / "fig_table2", ceiling={"all": 0.9})
+    fig = figures.plot_auroc_bars(table2_results, tmp_path / "fig_table2", ceiling={"all": 0.9})
     plt.close(fig)
     assert _exists(tmp_path / "fig_table2")
     per = pd.DataFrame({"method": ["a", "a", "b", "b"], "seed": 0, "subset": "all",
                         "label": ["pneumonia", "pneumothorax"] * 2, "auroc": [0.6, 0.7, 0.8, np.nan]})
-    fig = reporting.plot_label_heatmap(per, tmp_path / "fig_heat", subsets=("all",))
+    fig = figures.plot_label_heatmap(per, tmp_path / "fig_heat", subsets=("all",))
     plt.close(fig)
     assert _exists(tmp_path / "fig_heat")
 
@@ -84,10 +84,10 @@ def test_qualitative_and_difference_figures(tmp_path):
            "events": [f"labevents itemid pO2 value {i}" for i in range(9)], "finding": "pleural effusion resolved",
            "title": "t_p (12 h)"},
           {"prev": img, "target": img, "pred": img, "events": [], "finding": ""}]
-    plt.close(reporting.plot_qualitative(ex, tmp_path / "fig_qual"))
-    plt.close(reporting.plot_difference_maps(ex, tmp_path / "fig_diff"))
+    plt.close(figures.plot_qualitative(ex, tmp_path / "fig_qual"))
+    plt.close(figures.plot_difference_maps(ex, tmp_path / "fig_diff"))
     assert _exists(tmp_path / "fig_qual") and _exists(tmp_path / "fig_diff")
-    assert reporting._event_text(ex[0]["events"], 6, 40).startswith("(+3 earlier events)")
+    assert figures._event_text(ex[0]["events"], 6, 40).startswith("(+3 earlier events)")
 
 
 def test_own_cohort_tables_are_ranked_by_event_salience_not_by_mimic_names():
@@ -95,13 +95,13 @@ def test_own_cohort_tables_are_ranked_by_event_salience_not_by_mimic_names():
     the caption says the rule that chose (never "treatments, labs, then vitals" for tables it did not rank)."""
     ev = [(f"vitals item spo2 value {90 + i}", float(i), "vitals") for i in range(6)]
     ev.insert(1, ("drugs item furosemide value 40", 0.5, "drugs"))
-    no_order = reporting.salient_events(ev, 2, ())
+    no_order = figures.salient_events(ev, 2, ())
     assert no_order == ["+0 h drugs item furosemide value 40", "+5 h vitals item spo2 value 95"]   # distinct items
-    assert reporting.salient_events(ev, 1, ("drugs",)) == ["+0 h drugs item furosemide value 40"]
-    assert reporting.salient_events(ev, 1, ("vitals",)) == ["+5 h vitals item spo2 value 95"]
-    assert reporting.salience_rule(()) == "distinct items, most recent first"
-    assert reporting.salience_rule(["drugs"]) == "drugs first, distinct items, most recent first"
-    head = reporting._event_text(no_order, 6, 60, total=len(ev), rule=reporting.salience_rule(())).splitlines()[0]
+    assert figures.salient_events(ev, 1, ("drugs",)) == ["+0 h drugs item furosemide value 40"]
+    assert figures.salient_events(ev, 1, ("vitals",)) == ["+5 h vitals item spo2 value 95"]
+    assert figures.salience_rule(()) == "distinct items, most recent first"
+    assert figures.salience_rule(["drugs"]) == "drugs first, distinct items, most recent first"
+    head = figures._event_text(no_order, 6, 60, total=len(ev), rule=figures.salience_rule(())).splitlines()[0]
     assert head == "(2 of 7 events: distinct items, most recent first)"
 
 
@@ -109,23 +109,23 @@ def test_salient_events_show_treatments_before_vitals_in_time_order():
     ev = [(f"chartevents itemid Heart Rate value {i}", float(i), "chartevents") for i in range(10)]
     ev.insert(3, ("prescriptions drug Furosemide dose 40", 2.5, "prescriptions"))
     ev.insert(7, ("labevents itemid CRP value 80", 5.5, "labevents"))
-    lines = reporting.salient_events(ev, 4)
-    head = reporting._event_text(lines, 6, 60, total=len(ev)).splitlines()[0]
+    lines = figures.salient_events(ev, 4)
+    head = figures._event_text(lines, 6, 60, total=len(ev)).splitlines()[0]
     assert head == "(4 of 12 events: treatments, labs, then vitals)"
     assert lines == ["+2 h prescriptions drug Furosemide dose 40", "+6 h labevents itemid CRP value 80",
                          "+8 h chartevents itemid Heart Rate value 8", "+9 h chartevents itemid Heart Rate value 9"]
     ev.insert(5, ("chartevents itemid SpO2 value 97", 3.0, "chartevents"))    # a second item beats a repeat
-    assert reporting.salient_events(ev, 4) == ["+2 h prescriptions drug Furosemide dose 40",
+    assert figures.salient_events(ev, 4) == ["+2 h prescriptions drug Furosemide dose 40",
                                                "+3 h chartevents itemid SpO2 value 97",
                                                "+6 h labevents itemid CRP value 80",
                                                "+9 h chartevents itemid Heart Rate value 9"]
-    assert reporting.salient_events(ev[:2], 4) == ["+0 h chartevents itemid Heart Rate value 0",
+    assert figures.salient_events(ev[:2], 4) == ["+0 h chartevents itemid Heart Rate value 0",
                                                    "+1 h chartevents itemid Heart Rate value 1"]
 
 
 def test_compare_tables_finds_identical_and_differing_tables(tmp_path):
     """Issue 15's check of two runs: byte-identical tables pass, a moved number is found and measured."""
-    from ehrxdiff.provenance import compare_tables, main, write_environment
+    from ehrxdiff.reporting.provenance import compare_tables, main, write_environment
     a, b = tmp_path / "a", tmp_path / "b"
     t = pd.DataFrame({"all": ["0.687 ± 0.050", "0.700"], "FID": [100.875, 16.5]}, index=["EHRXDiff", "previous image"])
     for d in (a, b):

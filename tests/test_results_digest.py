@@ -1,8 +1,8 @@
-"""The README's results block is assembled from a run's files (ehrxdiff.results_digest)."""
+"""The README's results block is assembled from a run's files (ehrxdiff.study.results_digest)."""
 import pandas as pd
 import pytest
 
-from ehrxdiff.results_digest import BEGIN, END, digest, update_readme
+from ehrxdiff.study.results_digest import BEGIN, END, digest, update_readme
 
 
 def test_digest_reads_the_run_files_and_names_what_is_missing(tmp_path):

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from ehrxdiff.constants import IMAGENOME_LABELS
-from ehrxdiff.rollout import admission_chains, rollout, step_metrics
-from ehrxdiff.sampler_study import sampler_study
+from ehrxdiff.simulation.rollout import admission_chains, rollout, step_metrics
+from ehrxdiff.simulation.sampler_study import sampler_study
 from ehrxdiff.synthetic.counterfactual import true_effect
-from ehrxdiff.uncertainty import calibration_table, pixel_std, probability_spread, sample_many
+from ehrxdiff.simulation.uncertainty import calibration_table, pixel_std, probability_spread, sample_many
 from ehrxdiff.constants import WHATIF_INTERVENTIONS
-from ehrxdiff.whatif import EventList, agreement, predict, what_if
+from ehrxdiff.simulation.whatif import EventList, agreement, predict, what_if
 from test_pipeline import EVENT_DIM, PX, tiny_pipe
 
 torch.set_num_threads(1)
@@ -192,7 +192,7 @@ def test_an_own_cohort_intervention_reaches_the_model_as_its_extracted_row_would
     """Issue 16: a what-if defined in an own cohort's terms is written exactly as extract_own_events writes the
     same row (column order as given, free text last), and agreement scores the findings it was defined to lower."""
     from ehrxdiff.config import load_config
-    from ehrxdiff.own_cohort import extract_own_events
+    from ehrxdiff.data.own_cohort import extract_own_events
     definition = {"drugs": {"events": [{"table": "drugs", "item": "Furosemide", "value": 40, "unit": "mg",
                                         "text": "route IV"}], "lowers": ["pleural effusion"]}}
     cfg = load_config("smoke", {"own_images": "i.csv", "own_events": "e.csv", "whatif_definitions": definition})

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from ehrxdiff.constants import IMAGENOME_LABELS
-from ehrxdiff.schemas import COLUMNS, CXR_FILES, IMAGENOME_RELATIONS, IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
+from ehrxdiff.data.schemas import (COLUMNS, CXR_FILES, IMAGENOME_RELATIONS, IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR,
+                                   MIMIC_IV_SUBDIR)
 from ehrxdiff.synthetic import WorldConfigError, generate_world
 from ehrxdiff.synthetic.dynamics import Traits, initial_state, severities, simulate
 from ehrxdiff.synthetic.render import patient_anatomy, random_pose, render_frontal

@@ -1,4 +1,4 @@
-"""Generic accelerate checkpoint / resume / history / schedule utilities (ehrxdiff.training)."""
+"""Generic accelerate checkpoint / resume / history / schedule utilities (ehrxdiff.training.loop)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ehrxdiff.training import (append_history, cosine_with_warmup, latest_checkpoint, load_checkpoint,
-                               save_checkpoint, trim_history)
+from ehrxdiff.training.loop import (append_history, cosine_with_warmup, latest_checkpoint, load_checkpoint,
+                                    save_checkpoint, trim_history)
 
 torch.set_num_threads(1)
 

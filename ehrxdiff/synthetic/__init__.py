@@ -1,7 +1,7 @@
 """The synthetic MIMIC world: MIMIC-IV v2.2, MIMIC-CXR-JPG v2.0.0 and Chest ImaGenome v1.0.0 look-alikes.
 
 Same files, layouts, column names, column order and value formats as the credentialed releases
-(shared/docs/mimic-schemas.md, :mod:`ehrxdiff.schemas`), generated with known patient dynamics
+(shared/docs/mimic-schemas.md, :mod:`ehrxdiff.data.schemas`), generated with known patient dynamics
 (:mod:`.dynamics`) and rendered radiographs (:mod:`.render`), so that the study runs out of the box and its
 numbers can be checked against ground truth. ``ground_truth/`` is the sidecar real data never has; nothing in
 the extraction path reads it.
@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..constants import IMAGENOME_LABELS
-from ..schemas import (COLUMNS, CXR_FILES, IMAGENOME_RELATIONS, IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR,
-                       MIMIC_IV_SUBDIR, cxr_image_relpath)
+from ehrxdiff.constants import IMAGENOME_LABELS
+from ehrxdiff.data.schemas import (COLUMNS, CXR_FILES, IMAGENOME_RELATIONS, IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR,
+                                   MIMIC_IV_SUBDIR, cxr_image_relpath)
 from .dynamics import DEVICES
 from .items import D_ITEMS, D_LABITEMS
 from .render import patient_anatomy, random_pose, render_frontal, render_lateral

@@ -6,7 +6,7 @@ the state after that hour's actions (severities, fluid balance, diuretic compart
 taken. From it this module rebuilds the state at I_prev's hour, replays the recorded actions up to I_trg's hour
 with one noise stream, and replays them again with the added action under the **same** noise: the difference of
 the findings' severities at I_trg is the true counterfactual effect that a what-if prediction
-(:mod:`ehrxdiff.whatif`) should match in sign.
+(:mod:`ehrxdiff.simulation.whatif`) should match in sign.
 
 Approximations (stated, small): severities are stored clipped to [0, 1] and stand in for the unclipped state;
 the patient's fluid set point is not stored and is taken from its age trend (``world.fluid_set_point_mean``) (it enters
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..constants import IMAGENOME_LABELS
+from ehrxdiff.constants import IMAGENOME_LABELS
 from .dynamics import ACTIONS, DEVICES, State, Traits, apply_actions, evolve, severities
 from .world import FLUID_SET_POINT_RANGE, fluid_set_point_mean
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..constants import IMAGENOME_LABELS
+from ehrxdiff.constants import IMAGENOME_LABELS
 
 DEVICES = ("endotracheal_tube", "central_line", "ng_tube", "chest_tube")
 

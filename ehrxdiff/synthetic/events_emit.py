@@ -1,6 +1,6 @@
 """Turning the hourly course into MIMIC rows: events that reflect the state and records of what was done.
 
-Split from :mod:`world` so each reads in one sitting. Row tuples follow :data:`ehrxdiff.schemas.COLUMNS`;
+Split from :mod:`world` so each reads in one sitting. Row tuples follow :data:`ehrxdiff.data.schemas.COLUMNS`;
 ids that must be unique across the world (labevent_id, orderid, ...) are assigned when the tables are written.
 """
 from __future__ import annotations

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ..constants import IMAGENOME_LABELS
+from ehrxdiff.constants import IMAGENOME_LABELS
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:

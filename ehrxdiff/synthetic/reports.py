@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import IMAGENOME_LABELS
+from ehrxdiff.constants import IMAGENOME_LABELS
 
 CATEGORY = {k: "anatomicalfinding" for k in IMAGENOME_LABELS} | {"pneumonia": "disease"}
 BBOXES = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..schemas import MIMIC_IV_SUBDIR
+from ehrxdiff.data.schemas import MIMIC_IV_SUBDIR
 
 
 def true_pairs(world: str | Path, *, max_interval_hours: float = 48.0, min_age: int = 18,

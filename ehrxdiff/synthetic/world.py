@@ -2,7 +2,7 @@
 
 Everything a patient produces comes from ``np.random.default_rng([seed, index, ...])``, so the world is
 byte-identical per seed whatever the number of worker processes. Rows are emitted in each table's real column
-order (:mod:`ehrxdiff.schemas`); :mod:`ehrxdiff.synthetic.tables` assigns row ids and writes the files.
+order (:mod:`ehrxdiff.data.schemas`); :mod:`ehrxdiff.synthetic.tables` assigns row ids and writes the files.
 
 Linkage traps that real MIMIC has and the cohort rules must survive: studies taken in the ED before the
 admission time, outpatient studies outside any admission, lateral-only studies, studies with two frontal
