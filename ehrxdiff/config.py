@@ -23,6 +23,8 @@ import yaml
 
 from ehrxdiff import constants as C
 from ehrxdiff.constants import EVENT_TABLES, IMAGENOME_LABELS, TABLE_IV_VARIANTS, WHATIF_DEFAULT, WHATIF_INTERVENTIONS
+from ehrxdiff.data.events import event_columns, unknown_columns
+from ehrxdiff.data.schemas import IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES_DIR = ROOT / "configs"
@@ -209,7 +211,6 @@ class StudyConfig:
 
     def source_dirs(self) -> dict[str, Path]:
         """Release roots: the real downloads when given, otherwise the synthetic world's tree."""
-        from ehrxdiff.data.schemas import IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR, MIMIC_IV_SUBDIR
         if self.own_cohort:
             root = self.path("own_image_root") if self.own_image_root else self.path("own_images").parent
             return {"mimic_cxr": root}
@@ -329,7 +330,6 @@ def _definition(name: str, d) -> dict:
         if ev["table"] in EVENT_TABLES:
             # a MIMIC table: its columns are the extraction's; the check reads the reference's item filters
             # from disk, so it runs only for definitions that name a MIMIC table
-            from ehrxdiff.data.events import event_columns, unknown_columns
             unknown = unknown_columns(ev["table"], values)
             if unknown:
                 raise ConfigError(f"{where}.events[{i}]: {ev['table']} has no serialized column(s) {unknown} "

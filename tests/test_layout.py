@@ -97,3 +97,28 @@ def test_no_private_name_is_imported_across_modules():
                          if c["cell_type"] == "code")
         offenders += [f"{nb.name}: {m}" for m in re.findall(r"\b\w+\._\w+\(|import _\w+", code)]
     assert not offenders, "\n".join(offenders)
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level imports form no cycle (a cycle only works by the order modules happen to be imported in)."""
+    import ast
+    mods = {".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): f
+            for f in PACKAGE.rglob("*.py")}
+    graph = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ehrxdiff"):
+                graph[m] |= {t for t in [node.module, *(f"{node.module}.{a.name}" for a in node.names)] if t in mods}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for t in sorted(graph[m]):
+            assert state.get(t) != 1, "import cycle: " + " -> ".join(path + [m, t])
+            if t not in state:
+                visit(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

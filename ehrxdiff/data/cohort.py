@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ehrxdiff.constants import FRONTAL_VIEWS, MAX_INTERVAL_HOURS, MIN_AGE, SPLIT_SEED, TEST_FRACTION, VALID_FRACTION
 from ehrxdiff.data.schemas import cxr_image_relpath
@@ -119,8 +120,6 @@ def check_image_files(paths: list[Path], *, workers: int = 8, decode: bool = Tru
     download fails here and not in training (issue 15); ``decode=False`` parses the header only (exists, non-empty,
     PIL reads the header), for very large downloads: docs/real-data.md has the cost of each.
     """
-    from PIL import Image, ImageFile, UnidentifiedImageError
-
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, never decode grey
 
     def one(p: Path) -> str | None:

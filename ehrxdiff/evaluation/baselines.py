@@ -23,10 +23,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ehrxdiff.constants import IMAGENOME_LABELS
+from ehrxdiff.data.datasets import pad_events
 from ehrxdiff.evaluation.metrics import macro_auroc
+from ehrxdiff.training.loop import append_history, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def pair_image_table(pairs: pd.DataFrame, which: str) -> pd.DataFrame:
@@ -113,7 +118,6 @@ class PairEvents(torch.utils.data.Dataset):
 
 def collate_events(items: list[dict]) -> dict:
     """Zero-pad events to the longest row and build the mask (True = real event), as data.collate_pairs."""
-    from ehrxdiff.data.datasets import pad_events
     events, mask = pad_events([it["events"] for it in items])
     return {"pair_key": [it["pair_key"] for it in items], "events": events, "event_mask": mask,
             "labels": torch.stack([it["labels"] for it in items]),
@@ -153,10 +157,6 @@ def train_table_classifier(model: TableClassifier, train_set: PairEvents, valid_
     One checkpoint per epoch under ``output_dir/checkpoints`` (resumed automatically), history in
     ``output_dir/history.csv``; the best weights are returned (and saved as ``best.safetensors``).
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from safetensors.torch import load_file, save_file
-    from ehrxdiff.training.loop import append_history, latest_checkpoint, load_checkpoint, save_checkpoint
     out = Path(output_dir)
     set_seed(seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, collate_fn=collate_events)

@@ -34,12 +34,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchxrayvision as xrv
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ehrxdiff.constants import IMAGENOME_LABELS
 from ehrxdiff.data.images import load_image
 from ehrxdiff.evaluation.metrics import age_pearson, macro_auroc, sex_auroc
+from ehrxdiff.training.loop import (append_history, cosine_with_warmup, latest_checkpoint, load_checkpoint,
+                                    save_checkpoint)
 
 XRV_RANGE = 1024.0          # torchxrayvision input range [-1024, 1024] [X utils.normalize]
 DENSENET121 = dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
@@ -293,7 +297,7 @@ class EvaluatorImages(torch.utils.data.Dataset):
         self._cache: dict[int, torch.Tensor] = {}
         self.augment = None
         if augment:
-            from torchvision.transforms import v2
+            from torchvision.transforms import v2  # heavy (torchvision), only for the evaluator's augmentations
             self.augment = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), fill=-1.0)
 
     def __len__(self) -> int:
@@ -366,10 +370,6 @@ def train_evaluator(model: CXREvaluator, train_set: EvaluatorImages, valid_set: 
     ``select_on`` names the validation metric that picks the best epoch: a cohort without finding labels has no
     macro AUROC, so its evaluator (trained on sex/age only) is selected on ``val_age_r`` or ``val_sex_auroc``.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from ehrxdiff.training.loop import (append_history, cosine_with_warmup, latest_checkpoint, load_checkpoint,
-                                        save_checkpoint)
     out = Path(output_dir)
     set_seed(seed)
     ages = train_set.age[~np.isnan(train_set.age)]

@@ -205,7 +205,7 @@ def image_similarity(pred, target) -> pd.DataFrame:
     window σ = 1.5 as in the paper, 7 px when the image is smaller than the 11 px window). Identical images
     give PSNR = inf, as they should; a summary over pairs should then be read with that in mind.
     """
-    from skimage.metrics import structural_similarity
+    from skimage.metrics import structural_similarity  # heavy (scikit-image), only for SSIM
     p, t = (np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64) for x in (pred, target))
     p, t = (x[:, 0] if x.ndim == 4 else x for x in (p, t))
     if p.shape != t.shape or p.ndim != 3:

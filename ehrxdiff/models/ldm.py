@@ -24,9 +24,10 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from ehrxdiff.constants import (BETA_END, BETA_START, D_CLIP, LATENT_CHANNELS, LATENT_SCALE, NUM_TRAIN_TIMESTEPS,
@@ -188,7 +189,6 @@ def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gam
     """Min-SNR-gamma loss weights for epsilon prediction, min(SNR(t), gamma) / SNR(t) (Hang et al. 2023, who report
     3.4x faster convergence at gamma = 5; not in the paper): the low-noise steps, whose epsilon targets are easy and
     whose gradients dominate Eq. 2, are down-weighted. SNR from ``diffusers.training_utils.compute_snr``."""
-    from diffusers.training_utils import compute_snr
     snr = compute_snr(noise_scheduler, timesteps)
     return torch.clamp(snr, max=gamma) / snr
 
@@ -323,8 +323,6 @@ def make_inference_scheduler(kind: str, train_scheduler_config, clip_x0: float |
     its unclipped trajectories leave the latent range (measured on the demo: x0 std 45 vs 0.6). Set it to the
     latent range (max |z| of encoded training images) for under-trained models.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
     kind = SAMPLER_ALIASES.get(kind, kind)
     clip = {} if clip_x0 is None else {"clip_sample": True, "clip_sample_range": float(clip_x0)}
     if kind == "ddim":

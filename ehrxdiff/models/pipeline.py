@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -31,7 +31,7 @@ from PIL import Image
 from ehrxdiff.constants import LATENT_SCALE, MAX_EVENTS
 from ehrxdiff.data.images import to_model_tensor, to_uint8
 from ehrxdiff.models.adaptor import FusionAdaptor
-from ehrxdiff.models.ldm import ClipConditioner, encode_condition, make_inference_scheduler, unet_input
+from ehrxdiff.models.ldm import ClipConditioner, EHRXDiff, encode_condition, make_inference_scheduler, unet_input
 
 
 class EHRXDiffPipeline(DiffusionPipeline):
@@ -65,9 +65,6 @@ class EHRXDiffPipeline(DiffusionPipeline):
     def to_model(self):
         """The trainable :class:`ehrxdiff.models.ldm.EHRXDiff` around this pipeline's modules (shared, not copied), with the
         training noise schedule rebuilt from the sampler's config - e.g. to compute Eq. 2 losses of saved weights."""
-        from diffusers import DDPMScheduler
-
-        from ehrxdiff.models.ldm import EHRXDiff
         return EHRXDiff(vae=self.vae, unet=self.unet, adaptor=self.adaptor, clip=self.clip,
                         noise_scheduler=DDPMScheduler.from_config(self.scheduler.config),
                         latent_scale=self.config.latent_scale).eval()

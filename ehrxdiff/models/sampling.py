@@ -21,7 +21,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ehrxdiff.data.datasets import collate_pairs
 from ehrxdiff.data.images import to_uint8
+from ehrxdiff.models.ldm import SAMPLER_ALIASES
 
 
 def pair_seed(seed: int, pair_key: str) -> int:
@@ -78,9 +80,6 @@ def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sample
     images written/skipped and seconds per generated image. ``event_guidance_scale``: see
     :class:`ehrxdiff.models.pipeline.EHRXDiffPipeline` (1 = the paper's sampler).
     """
-    from ehrxdiff.data.datasets import collate_pairs
-    from ehrxdiff.models.ldm import SAMPLER_ALIASES
-
     sampler = SAMPLER_ALIASES.get(sampler, sampler)   # the summary names the pipeline's sampler ("dpm++")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

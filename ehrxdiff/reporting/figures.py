@@ -19,7 +19,7 @@ import seaborn as sns
 import torch
 
 from ehrxdiff.constants import IMAGENOME_LABELS
-from ehrxdiff.data.images import read_gray
+from ehrxdiff.data.images import read_gray, to_uint8
 from ehrxdiff.data.schemas import cxr_image_relpath
 from ehrxdiff.evaluation.metrics import SUBSETS
 from ehrxdiff.simulation.uncertainty import pixel_std
@@ -116,7 +116,7 @@ def loss_curves(history: pd.DataFrame, *, title: str = "", path_stem=None, y: st
 
 def embedding_projection(embeddings: np.ndarray, values, *, label: str, path_stem=None):
     """2-D PCA of unit-norm embeddings coloured by a ground-truth value (does the tower see clinical state?)."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # heavy (scikit-learn), only where it is used
     xy = PCA(n_components=2, random_state=0).fit_transform(embeddings)
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=8, cmap="viridis")
@@ -128,7 +128,6 @@ def embedding_projection(embeddings: np.ndarray, values, *, label: str, path_ste
 
 def image_grid(columns: dict[str, list], *, row_titles=None, path_stem=None):
     """Columns of images (arrays or tensors in [-1, 1], or uint8) side by side: e.g. I_prev | I_trg | predictions."""
-    from ehrxdiff.data.images import to_uint8
     names = list(columns)
     n = len(columns[names[0]])
     fig, axes = plt.subplots(n, len(names), figsize=(1.7 * len(names), 1.8 * n), squeeze=False)

@@ -9,6 +9,7 @@ environment does.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +17,8 @@ import subprocess
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+
+import pandas as pd
 
 __all__ = ["environment", "write_environment", "compare_tables", "PACKAGES"]
 
@@ -47,7 +50,7 @@ def _git(*args: str) -> str | None:
 @lru_cache(maxsize=1)
 def environment() -> dict:
     """The run's environment as a JSON-ready dict (computed once per process)."""
-    import torch
+    import torch  # imported only to report its build: the CLI's compare needs no torch
 
     build = torch.__config__.show()
     settings = {}
@@ -94,8 +97,6 @@ def write_environment(folder: str | Path) -> Path:
 def compare_tables(a: str | Path, b: str | Path, pattern: str = "table*.csv") -> "pd.DataFrame":
     """Two runs' tables side by side (issue 15's check): per file, byte-identical or not, and where not, how many
     cells differ and the largest difference of their leading numbers (``0.687 ± 0.050`` → 0.687)."""
-    import pandas as pd
-
     def lead(s: pd.Series) -> pd.Series:
         return pd.to_numeric(s.astype(str).str.replace(",", "").str.extract(r"^\s*(-?[0-9.]+)")[0], errors="coerce")
 
@@ -122,7 +123,6 @@ def compare_tables(a: str | Path, b: str | Path, pattern: str = "table*.csv") ->
 def main(argv: list[str] | None = None) -> int:
     """``python -m ehrxdiff.reporting.provenance compare A B``: the tables of two runs (figures folders), exit 1 if any
     differs; ``python -m ehrxdiff.reporting.provenance show``: this environment."""
-    import argparse
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.reporting.provenance")
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compare")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ehrxdiff.evaluation.metrics import SUBSETS, mean_std
+from ehrxdiff.reporting.provenance import write_environment
 
 TABLE_NAMES = ("table1_cohort", "table2_imagenome_auroc", "table3_fid_demographics", "table4_ablation")
 
@@ -105,7 +106,6 @@ def write_table(df: pd.DataFrame, name: str, figures_dir: str | Path, *, caption
                 index: bool = True) -> dict[str, Path]:
     """Write ``<figures_dir>/<name>.{csv,md,tex}``; returns the three paths. The run's environment goes next to
     its tables (``environment.json``, :mod:`ehrxdiff.reporting.provenance`): across machines the numbers move with it."""
-    from ehrxdiff.reporting.provenance import write_environment
     d = Path(figures_dir)
     d.mkdir(parents=True, exist_ok=True)
     write_environment(d)

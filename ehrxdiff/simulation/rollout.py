@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from ehrxdiff.evaluation.metrics import image_similarity
 from ehrxdiff.simulation.whatif import EventList, finding_probabilities, predict
 
 
@@ -80,7 +81,6 @@ def step_metrics(evaluator, dataset, chains: pd.DataFrame, preds: dict[str, dict
     """Tidy (method, seed, step, metric, value, n): Brier score and pooled AUROC against I_trg's labels, pixel MAE
     against I_trg, for "rollout", "one-step (true I_prev)", "first image carried forward" and "GT" (I_trg).
     ``evaluator`` None (no finding labels): pixel MAE, PSNR and SSIM only, and no "GT" row (it is the reference)."""
-    from ehrxdiff.evaluation.metrics import image_similarity
     index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
     first = {c: dataset[index[g.sort_values("step")["pair_key"].iloc[0]]]["prev_image"]
              for c, g in chains.groupby("chain")}

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from ehrxdiff.constants import EVENT_TABLES, WHATIF_INTERVENTIONS
+from ehrxdiff.data.datasets import pad_events
 from ehrxdiff.data.events import event_columns, serialize_event, unknown_columns
 from ehrxdiff.data.own_cohort import serialize_own_row
 from ehrxdiff.models.sampling import pair_seed
@@ -130,7 +131,6 @@ class EventList:
 
 def stack_events(lists: Sequence[EventList], *, max_events: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded events [B, N, D] and mask [B, N] (True = real) for ``generate``, as ``collate_pairs`` builds."""
-    from ehrxdiff.data.datasets import pad_events
     return pad_events([lst.embeddings(dim) for lst in lists], max_events=max_events)
 
 

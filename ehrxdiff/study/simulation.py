@@ -343,7 +343,7 @@ def widgets_available() -> bool:
 def what_if_panel(ctx: Context):
     """JupyterLab panel: pick a scored test pair, untick events to drop them, add an intervention at an hour,
     press *predict*. Under papermill the widgets are built but no callback runs (nothing is predicted)."""
-    import ipywidgets as w
+    import ipywidgets as w  # optional: JupyterLab's widgets
     cfg, pairs = ctx.cfg, ctx.scored.pairs
     defined = cfg.interventions()
     pick = w.Dropdown(options=pairs["pair_key"].tolist(), description="pair")

@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm.auto import tqdm
 
-from ehrxdiff.constants import IMAGENOME_LABELS
-from ehrxdiff.data.schemas import (COLUMNS, CXR_FILES, IMAGENOME_RELATIONS, IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR,
-                                   MIMIC_IV_SUBDIR, cxr_image_relpath)
 from .dynamics import DEVICES
 from .items import D_ITEMS, D_LABITEMS
 from .render import patient_anatomy, random_pose, render_frontal, render_lateral
 from .reports import chexpert_row, read_study, relation_rows
 from .world import patient
+from ehrxdiff.constants import IMAGENOME_LABELS
+from ehrxdiff.data.schemas import (COLUMNS, CXR_FILES, IMAGENOME_RELATIONS, IMAGENOME_SUBDIR, MIMIC_CXR_SUBDIR,
+                                   MIMIC_IV_SUBDIR, cxr_image_relpath)
 
 GENERATOR_VERSION = 1
 GZ = {"method": "gzip", "compresslevel": 1, "mtime": 0}   # mtime 0: same seed ⇒ byte-identical files
@@ -195,7 +196,6 @@ def generate_world(out_dir: str | Path = "data/synthetic", n_patients: int = 100
     subjects = np.sort(rng.choice(np.arange(10000000, 20000000), n_patients, replace=False))
     jobs = [(seed, i, int(s), image_size, str(cxr), chart_sets_per_hour, render) for i, s in enumerate(subjects)]
     workers = workers or min(os.cpu_count() or 1, 4)
-    from tqdm.auto import tqdm
     for d in (iv / "hosp", iv / "icu", cxr):
         d.mkdir(parents=True, exist_ok=True)
     streamed = {t: _ChunkedCsv(iv / f"{t}.csv.gz", t) for t in STREAMED_TABLES}

@@ -34,6 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ehrxdiff.data.datasets import pad_events
+from ehrxdiff.data.images import load_image
+from ehrxdiff.data.wnull import NULL_SUFFIX, NullTargetAugmentation, null_source_indices
+
 FORMAT_VERSION = 1
 
 # Batch keys that carry the previous image and those that carry the events, in either form (images and raw events,
@@ -123,8 +127,6 @@ class FirstStageCache:
         """Encode every image of ``paths`` (relative to ``image_root``) and ``n_augment`` augmented copies of each
         of ``augment_paths`` - or load them from ``cache_root/first_stage-<fingerprint>`` when computed before.
         ``augmentation`` defaults to the w_null target jitter (:class:`ehrxdiff.data.wnull.NullTargetAugmentation`)."""
-        from ehrxdiff.data.images import load_image
-        from ehrxdiff.data.wnull import NullTargetAugmentation
         root = Path(image_root)
         paths, aug_paths = sorted(set(map(str, paths))), sorted(set(map(str, augment_paths)))
         augmentation = augmentation or NullTargetAugmentation()
@@ -197,8 +199,6 @@ class ConditionCache:
               batch_size: int = 64) -> "ConditionCache":
         """Tokens of :class:`ehrxdiff.models.ldm.ClipConditioner` ``clip`` (eval mode, no dropout) for every pair of
         ``pairs`` (columns pair_key, prev_path), or loaded from ``cache_root/conditions-<fingerprint>``."""
-        from ehrxdiff.data.datasets import pad_events
-        from ehrxdiff.data.images import load_image
         root = Path(image_root)
         prev_paths = sorted(set(pairs["prev_path"].astype(str))) if use_image else []
         keys = sorted(set(pairs["pair_key"].astype(str))) if use_table else []
@@ -281,7 +281,6 @@ class CachedPairs(Dataset):
 
     def __init__(self, base, first_stage: FirstStageCache, conditions: ConditionCache | None = None, *,
                  with_null: bool = False, seed: int = 0, event_dropout: float = 0.0):
-        from ehrxdiff.data.wnull import null_source_indices
         if not 0.0 <= event_dropout < 1.0:
             raise ValueError(f"event_dropout must be in [0, 1), got {event_dropout}")
         self.base, self.fs, self.cc = base, first_stage, conditions
@@ -297,7 +296,6 @@ class CachedPairs(Dataset):
     @staticmethod
     def null_augment_paths(pairs: pd.DataFrame) -> list[str]:
         """The images whose augmented copies the null samples of ``pairs`` need (I_prev of each null source)."""
-        from ehrxdiff.data.wnull import null_source_indices
         idx = null_source_indices(pairs["target_dicom_id"].tolist())
         return sorted(set(pairs["prev_path"].astype(str).iloc[idx]))
 
@@ -308,7 +306,6 @@ class CachedPairs(Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, i: int) -> dict:
-        from ehrxdiff.data.wnull import NULL_SUFFIX
         null = i >= len(self.pairs)
         j = self.null_sources[i - len(self.pairs)] if null else i
         prev = self.prev_paths[j]
@@ -336,7 +333,6 @@ class CachedPairs(Dataset):
 
 def collate_cached(items: list[dict], max_events: int | None = None) -> dict:
     """Stack the cached tensors; raw events (CLIP fine-tuned) are padded as :func:`ehrxdiff.data.datasets.collate_pairs`."""
-    from ehrxdiff.data.datasets import pad_events
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]
              if k not in ("events", "pair_key", "is_null")}
     batch["pair_key"] = [it["pair_key"] for it in items]

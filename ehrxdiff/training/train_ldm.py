@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from ehrxdiff.constants import EFFECTIVE_BATCH, EMA_DECAY, LDM_LR
 from ehrxdiff.models.ldm import EHRXDiff
+from ehrxdiff.models.pipeline import EHRXDiffPipeline
+from ehrxdiff.training.cache import EVENT_KEYS, PREV_KEYS
 from ehrxdiff.training.loop import append_history, latest_checkpoint, load_checkpoint, save_checkpoint, trim_history
 
 
@@ -104,7 +106,6 @@ def conditioning_sensitivity(model: EHRXDiff, loader, *, max_batches: int | None
     fixed generator). A model that uses a condition predicts the noise worse when it is swapped; equal losses mean
     it ignores it, whatever its samples look like. Works on raw and cached batches (``cache.PREV_KEYS`` /
     ``cache.EVENT_KEYS``: the image or its encodings, the events or their tokens)."""
-    from ehrxdiff.training.cache import EVENT_KEYS, PREV_KEYS
     out = {"own condition": validation_loss(model, loader, max_batches=max_batches),
            "I_prev swapped": validation_loss(model, _Swapped(loader, PREV_KEYS), max_batches=max_batches),
            "S_event swapped": validation_loss(model, _Swapped(loader, EVENT_KEYS), max_batches=max_batches)}
@@ -214,8 +215,6 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     accelerator.wait_for_everyone()
     paths = {}
     if accelerator.is_main_process:
-        from ehrxdiff.models.pipeline import EHRXDiffPipeline
-
         if export_raw:
             paths["pipeline_raw"] = _export(EHRXDiffPipeline, unwrapped, out / "pipeline_raw", image_size, max_events)
         with ema_weights(ema, unwrapped, ema_scope):
