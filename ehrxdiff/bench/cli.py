@@ -9,7 +9,9 @@ pair windows; texts, write, store: kept events; the real in-window share per tab
 world's, printed with the figures). Events go through the streaming path
 (``extract_events_to_dir`` → parquet → ``build_event_store`` in chunks).
 
-Add a subcommand by writing ``_bench_<name>(args)`` and registering its parser in :func:`main`.
+Add a subcommand by writing ``_bench_<name>(args)`` and registering its parser in :func:`main`. Each subcommand
+imports what it measures inside its function, on purpose: ``cohort`` must time DuckDB without torch's import in
+the same process (its peak RSS is a target), and ``--help`` answers without loading torch.
 """
 from __future__ import annotations
 
