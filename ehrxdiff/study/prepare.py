@@ -56,23 +56,19 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
         check_pairs(res.pairs, where=f"the cohort in {out}", report=res.report)
         return res
     src = prepare_sources(cfg)
+    # the pairing and split keys both sources take (cohort.pair_images is the one pairing step)
+    pairing = dict(pairing=cfg.pairing, max_interval_hours=cfg.max_interval_hours, split_seed=cfg.split_seed,
+                   test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction, split_file=cfg.split_file,
+                   check_images=cfg.check_images, threads=cfg.duckdb_threads)
     if cfg.own_cohort:
-        res = build_own_cohort(cfg.path("own_images"), image_root=src["mimic_cxr"], pairing=cfg.pairing,
-                               max_interval_hours=cfg.max_interval_hours, split_seed=cfg.split_seed,
-                               test_fraction=cfg.test_fraction, valid_fraction=cfg.valid_fraction,
-                               split_file=cfg.split_file, check_images=cfg.check_images,
-                               threads=cfg.duckdb_threads)
-        res.write(out)
-        check_pairs(res.pairs, where=f"the own cohort ({cfg.path('own_images')})", report=res.report)
-        return res
-    res = cohort.build_cohort(src["mimic_iv"], src["mimic_cxr"], pairing=cfg.pairing,
-                              max_interval_hours=cfg.max_interval_hours, min_age=cfg.min_age,
-                              split_seed=cfg.split_seed, test_fraction=cfg.test_fraction,
-                              valid_fraction=cfg.valid_fraction, split_file=cfg.split_file,
-                              check_images=cfg.check_images, memory_limit=cfg.duckdb_memory_limit,
-                              threads=cfg.duckdb_threads)
+        res = build_own_cohort(cfg.path("own_images"), image_root=src["mimic_cxr"], **pairing)
+        where = f"the own cohort ({cfg.path('own_images')})"
+    else:
+        res = cohort.build_cohort(src["mimic_iv"], src["mimic_cxr"], min_age=cfg.min_age,
+                                  memory_limit=cfg.duckdb_memory_limit, **pairing)
+        where = f"the cohort of {src['mimic_iv']} and {src['mimic_cxr']}"
     res.write(out)
-    check_pairs(res.pairs, where=f"the cohort of {src['mimic_iv']} and {src['mimic_cxr']}", report=res.report)
+    check_pairs(res.pairs, where=where, report=res.report)
     return res
 
 
