@@ -48,6 +48,8 @@ TABLE_IV_VARIANTS = {
     "concat-VAE+CLIPimg+CLIPtab": ("concat", True, True),
     "xattn-VAE+CLIPimg+CLIPtab": ("xattn", True, True),  # row 7: the final EHRXDiff
 }
+FINAL_VARIANT = "xattn-VAE+CLIPimg+CLIPtab"                   # Table IV row 7 = EHRXDiff
+MAIN_MODELS = {"EHRXDiff": False, "EHRXDiff_w_null": True}   # the paper's two models: name → with the §II-D null samples
 
 # --- Diffusion (§II-C, Eq. 2) ------------------------------------------------------------------
 NUM_TRAIN_TIMESTEPS = 1000

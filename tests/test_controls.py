@@ -7,7 +7,7 @@ import torch
 from ehrxdiff.study import models
 from ehrxdiff.config import ConfigError, load_config
 from ehrxdiff.data.datasets import PairDataset, collate_pairs
-from ehrxdiff.study.evaluation import FAILS, HOLDS, UNDECIDED, claims, verdict
+from ehrxdiff.evaluation.claims import FAILS, HOLDS, UNDECIDED, claims, verdict
 from ehrxdiff.models.sampling import WithEvents
 from ehrxdiff.simulation.whatif import agreement
 from test_cache import tiny_world

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ehrxdiff.config import load_config
-from ehrxdiff.study.evaluation import has_labels, label_free_plan, missing_labels_reason, vs_previous_image
+from ehrxdiff.evaluation.label_free import label_free_plan, vs_previous_image
+from ehrxdiff.study.evaluation import has_labels, missing_labels_reason
 from ehrxdiff.evaluation.metrics import image_similarity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The evaluation step (notebooks 05–06): labels → evaluator → every method scored → Tables II–IV.
 
-Each function maps the config onto :mod:`labels`, :mod:`evaluators`, :mod:`baselines` and :mod:`metrics`, and
-writes tidy CSVs under ``run_dir/eval`` that the tables and figures are drawn from:
+Each function maps the config onto :mod:`ehrxdiff.data.labels` and the :mod:`ehrxdiff.evaluation` modules (the
+evaluator, metrics, baselines, the claims and the label-free plan hold the logic), and writes tidy CSVs under ``run_dir/eval`` that the tables and figures are drawn from:
 
 - ``auroc_summary.csv``   method, seed, subset, auroc, evaluator      (Tables II and IV, Fig. bars)
 - ``auroc_per_label.csv`` method, seed, subset, label, auroc, n, …    (per-label heatmap)
@@ -26,7 +26,6 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
@@ -40,10 +39,12 @@ from ehrxdiff.data.schemas import IMAGENOME_RELATIONS
 from ehrxdiff.evaluation.baselines import (PairEvents, TableClassifier, collate_events, generated_image_table,
                                            pair_image_table, predict_table_classifier, previous_label_scores,
                                            train_table_classifier)
+from ehrxdiff.evaluation.claims import claims as check_claims
 from ehrxdiff.evaluation.evaluators import (DEMO_DENSENET, DENSENET121, CXREvaluator, EvaluatorImages, RikenAgeModel,
                                             score_images as score_batches, train_evaluator as fit_evaluator)
-from ehrxdiff.evaluation.metrics import (HIGHER_IS_BETTER, IMAGE_METRICS, age_pearson, ceiling_auroc, fid,
-                                         image_similarity, score_method, sex_auroc, weighted_macro_auroc)
+from ehrxdiff.evaluation.label_free import label_free_plan, similarity_rows, vs_previous_image
+from ehrxdiff.evaluation.metrics import (IMAGE_METRICS, age_pearson, ceiling_auroc, fid, score_method, sex_auroc,
+                                         weighted_macro_auroc)
 from ehrxdiff.reporting.figures import (SALIENCE, plot_auroc_bars, plot_guidance_sweep, plot_label_heatmap,
                                         salience_rule, salient_events)
 from ehrxdiff.reporting.tables import auroc_table, reidentification_summary, seed_table, write_table
@@ -227,54 +228,14 @@ def evaluate(cfg: StudyConfig, *, progress: bool = True) -> dict[str, pd.DataFra
 
 
 # ------------------------------------------------------------------------------------------ without labels
-def label_free_plan(pairs: pd.DataFrame, *, xrv_weights: str | None) -> tuple[dict, list[dict]]:
-    """What a label-free evaluation can report on these test pairs, and a (what, why) record for the rest.
-
-    Returns ({"age": bool, "sex": bool, "evaluator": "train" | "xrv" | None}, skipped). Age r needs ≥ 3 known
-    ages, sex AUROC both sexes among the test pairs. The evaluator is trained when the cohort carries sex or age
-    (its backbone then learns from those targets, so FID has trained features), is the XRV backbone as loaded
-    when only ``xrv_weights`` is given, and is absent otherwise (no FID)."""
-    age = "age" in pairs and int(pairs["age"].notna().sum()) >= 3
-    sex = "gender" in pairs and set(pairs["gender"].dropna()) >= {"F", "M"}
-    evaluator = "train" if (age or sex) else ("xrv" if xrv_weights else None)
-    why = "no finding labels"
-    skipped = [
-        {"what": "Table II (weighted-macro AUROC all/diff/same)", "why": f"{why}: AUROC needs the findings of I_trg"},
-        {"what": "Table IV (ablation AUROC)", "why": f"{why}; the ablation rows are in table_image_similarity instead"},
-        {"what": "baselines: previous label, table classifiers", "why": f"{why}: they predict or train on labels"},
-        {"what": "claims on AUROC", "why": f"{why}; checked on image similarity to I_trg instead"},
-    ]
-    if not age:
-        skipped.append({"what": "age r", "why": "the images table has no age (fewer than 3 test pairs with one)"})
-    if not sex:
-        skipped.append({"what": "sex AUROC", "why": "the images table has no sex, or the test pairs hold one sex only"})
-    if evaluator is None:
-        skipped.append({"what": "FID", "why": "no labels, age or sex to train the evaluator's backbone on and no "
-                        "xrv_weights: an untrained network's features would not measure anything"})
-    return {"age": age, "sex": sex, "evaluator": evaluator}, skipped
 
 
-def _similarity_rows(method: str, seed: int, keys, pred, target) -> pd.DataFrame:
-    sim = image_similarity(pred, target).assign(pair_key=list(keys))
-    return sim.melt(id_vars="pair_key", var_name="metric", value_name="value").assign(method=method, seed=seed)
-
-
-def vs_previous_image(per_pair: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, seed, metric): the method's mean over pairs next to the previous image's on the same pairs,
-    their difference, and the share of pairs where the method is closer to I_trg (ties count half)."""
-    prev = per_pair[per_pair["method"] == "previous image"].set_index(["pair_key", "metric"])["value"]
-    out = []
-    for (method, seed, metric), g in per_pair[per_pair["method"] != "previous image"].groupby(
-            ["method", "seed", "metric"], sort=False):
-        ref = prev.reindex(list(zip(g["pair_key"], [metric] * len(g)))).to_numpy()
-        v = g["value"].to_numpy()
-        sign = 1 if HIGHER_IS_BETTER[metric] else -1
-        better = np.where(np.isclose(v, ref), 0.5, (sign * (v - ref) > 0).astype(float))
-        finite = np.isfinite(v) & np.isfinite(ref)
-        out.append({"method": method, "seed": seed, "metric": metric, "model": float(v[finite].mean()),
-                    "previous image": float(ref[finite].mean()), "difference": float((v - ref)[finite].mean()),
-                    "share_pairs_better": float(better.mean()), "n_pairs": len(g)})
-    return pd.DataFrame(out)
+def write_claims(results: dict[str, pd.DataFrame], cfg: StudyConfig) -> pd.DataFrame:
+    """The paper's claims checked on this run's numbers (:func:`ehrxdiff.evaluation.claims.claims`), written to
+    ``eval/claims.csv``."""
+    table = check_claims(results)
+    table.to_csv(eval_dir(cfg) / "claims.csv", index=False)
+    return table
 
 
 def print_skipped(results: dict[str, pd.DataFrame]) -> None:
@@ -302,11 +263,11 @@ def evaluate_without_labels(cfg: StudyConfig) -> dict[str, pd.DataFrame]:
     items = [test[i] for i in range(len(test))]
     target = torch.stack([it["target_image"] for it in items])
     prev = torch.stack([it["prev_image"] for it in items])
-    sims = [_similarity_rows("previous image", 0, keys, prev, target)]
+    sims = [similarity_rows("previous image", 0, keys, prev, target)]
     generated = []                         # (name, seed, sample dir): every model's predictions of notebook 04
     runs = {r.method: r for r in models.sample_runs(cfg)}
     for (name, seed), pred in models.load_predictions(cfg, keys).items():
-        sims.append(_similarity_rows(name, seed, keys, pred, target))
+        sims.append(similarity_rows(name, seed, keys, pred, target))
         generated.append((name, seed, models.sample_dir(cfg, runs[name], seed)))
     per_pair = pd.concat(sims, ignore_index=True)[["method", "seed", "pair_key", "metric", "value"]]
     summary = (per_pair.groupby(["method", "seed", "metric"], sort=False)["value"]
@@ -473,106 +434,6 @@ def write_label_free_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) 
     out["skipped"] = skipped.set_index("what")[["why"]]
     write_table(out["skipped"], "evaluation_skipped", fig, caption="Not computed without finding labels, and why")
     return out
-
-
-HOLDS, FAILS, UNDECIDED = "holds", "fails", "undecided (within noise)"
-
-
-def verdict(difference: float, spread: float, k: float) -> str:
-    """A claim "ours > compared with" tested with a margin: ``holds`` when the difference exceeds k spreads,
-    ``fails`` when it is below -k spreads, otherwise ``undecided (within noise)`` (also when a number is missing)."""
-    if not (np.isfinite(difference) and np.isfinite(spread)):
-        return UNDECIDED
-    if difference > k * spread:
-        return HOLDS
-    return FAILS if difference < -k * spread else UNDECIDED
-
-
-def _claim(claim: str, a: pd.Series, b: pd.Series, k: float, *, gate: str | None = None) -> dict:
-    """One row of claims.csv from both sides' values per sampling seed (``a``, ``b``: seed → value).
-
-    When both sides were sampled with the same (>= 2) seeds - a model and its own controls, or two models sampled
-    with the same noise - the spread is the seed SD of the per-seed differences (a paired comparison: the noise both
-    share cancels); otherwise sqrt(sd_a^2 + sd_b^2), a single-seed side counting 0. ``gate``: a reason the claim
-    cannot be counted."""
-    a, b = a.dropna(), b.dropna()
-    paired = len(a) >= 2 and set(a.index) == set(b.index)
-    if paired:
-        spread = float((a - b.reindex(a.index)).std(ddof=1))
-    else:
-        spread = float(np.hypot(np.nan_to_num(a.std(ddof=1)), np.nan_to_num(b.std(ddof=1))))
-    ma, mb = (float(x.mean()) if len(x) else np.nan for x in (a, b))
-    return {"claim": claim, "ours": ma, "ours sd": float(a.std(ddof=1)) if len(a) > 1 else np.nan,
-            "compared with": mb, "compared sd": float(b.std(ddof=1)) if len(b) > 1 else np.nan,
-            "difference": ma - mb, "spread": spread, "paired": paired, "margin": k * spread,
-            "verdict": f"undecided ({gate})" if gate else verdict(ma - mb, spread, k)}
-
-
-def claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The paper's three claims and the events control (issue 14), as tests that can fail: each compares two
-    means over sampling seeds with a margin of k x the seed spread (:func:`_claim`: paired over seeds where both
-    sides share them; 2 spreads on *diff* and *all*, 1 for w_null vs EHRXDiff on *same*) and says ``holds``,
-    ``fails`` or ``undecided (within noise)``. The spread is the sampling seeds' only: the models are trained once,
-    so training noise is not in it.
-
-    * own S_event beats the shuffled-events control on *diff*, per main model: what the events contribute to the
-      findings that changed (and, as a second row, on *all*: wrong events also spoil the findings that stay);
-    * EHRXDiff_w_null beats the previous image on *diff* - counted only when w_null also beats its shuffled
-      control: otherwise any image that differs from I_prev beats it there (the previous image scores low on *diff*
-      by construction) and the check could not fail;
-    * EHRXDiff_w_null beats EHRXDiff on *same*;
-    * the full model beats the best Table IV variant without the CLIP table on *diff* (Table IV's claim; rows
-      trained less than the final model are compared as they are: the table's caption says so).
-
-    Without labels: whether each main model is closer to I_trg than the previous image, per image metric."""
-    if "auroc_summary" not in results:
-        return _similarity_claims(results)
-    summ = results["auroc_summary"]
-    m = summ.groupby(["method", "subset"])["auroc"].mean()
-
-    def get(method, subset) -> pd.Series:
-        """seed → AUROC of one method on one subset (empty when the method was not scored)."""
-        g = summ[(summ["method"] == method) & (summ["subset"] == subset)]
-        return g.groupby("seed")["auroc"].mean()
-
-    rows, uses_events = [], {}
-    for model in models.MAIN_MODELS:
-        if (f"{model} (shuffled S_event)", "diff") in m.index:
-            row = _claim(f"{model}'s own S_event beat shuffled S_event on diff (events matter)", get(model, "diff"),
-                         get(f"{model} (shuffled S_event)", "diff"), 2.0)
-            rows.append(row)
-            uses_events[model] = row["verdict"] == HOLDS
-            rows.append(_claim(f"{model}'s own S_event beat shuffled S_event on all", get(model, "all"),
-                               get(f"{model} (shuffled S_event)", "all"), 2.0))
-    w = "EHRXDiff_w_null"
-    gate = None if uses_events.get(w, True) else "w_null does not beat its shuffled-events control on diff"
-    rows.append(_claim("EHRXDiff_w_null beats the previous image on diff", get(w, "diff"),
-                       get("previous image", "diff"), 2.0, gate=gate))
-    rows.append(_claim("EHRXDiff_w_null beats EHRXDiff on same", get(w, "same"), get("EHRXDiff", "same"), 1.0))
-    without = [v for v in ("concat-VAE", "xattn-VAE", "xattn-CLIPimg") if (v, "diff") in m.index]
-    best = max(without, key=lambda v: m[(v, "diff")], default=None)
-    rows.append(_claim(f"dropping the table events lowers diff (EHRXDiff vs the best variant without CLIP-table"
-                       f"{': ' + best if best else ''})", get("EHRXDiff", "diff"),
-                       get(best, "diff") if best else pd.Series(dtype=float), 2.0))
-    return pd.DataFrame(rows)
-
-
-def _similarity_claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Without labels: each main model closer to I_trg than the previous image, per image metric (2 seed spreads;
-    for MSE, lower is better, so the rows compare -MSE and report MSE)."""
-    vs = results["vs_previous_image"]
-    out = []
-    for model in models.MAIN_MODELS:
-        for metric in IMAGE_METRICS:
-            g = vs[(vs["method"] == model) & (vs["metric"] == metric)]
-            if not len(g):
-                continue
-            sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0   # "better" as a positive difference
-            row = _claim(f"{model} is closer to I_trg than the previous image ({metric})",
-                         sign * g.groupby("seed")["model"].mean(), sign * g.groupby("seed")["previous image"].mean(), 2.0)
-            row["ours"], row["compared with"] = sign * row["ours"], sign * row["compared with"]
-            out.append(row)
-    return pd.DataFrame(out)
 
 
 def qualitative_examples(cfg: StudyConfig, *, model: str = "EHRXDiff_w_null", n_diff: int = 3, n_same: int = 1,

@@ -26,7 +26,7 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader
 
 from ehrxdiff.config import StudyConfig
-from ehrxdiff.constants import TABLE_IV_VARIANTS
+from ehrxdiff.constants import FINAL_VARIANT, MAIN_MODELS, TABLE_IV_VARIANTS
 from ehrxdiff.data.datasets import collate_pairs
 from ehrxdiff.data.images import load_image, to_uint8
 from ehrxdiff.data.wnull import WithNullSamples
@@ -88,8 +88,6 @@ def ground_truth_images(cfg: StudyConfig) -> pd.DataFrame | None:
 
 
 # ---------------------------------------------------------------------------------------------------- 04
-MAIN_MODELS = {"EHRXDiff": False, "EHRXDiff_w_null": True}   # name → with the §II-D null samples
-FINAL_VARIANT = "xattn-VAE+CLIPimg+CLIPtab"                   # Table IV row 7 = EHRXDiff
 
 
 def norm_groups(channels) -> int:
