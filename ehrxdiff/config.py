@@ -123,6 +123,7 @@ class StudyConfig:
     snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
     event_dropout: float = 0.0               # share of real pairs trained with the null event set (not in the paper)
     adaptor_fusion: str = "linear"           # linear (paper: token-axis Linear) | tokens (side by side; not in the paper)
+    event_global: bool = False               # pooled S_event added to the UNet's time embedding (not in the paper; issue 14)
     ldm_parallel_models: int = 1             # models trained at once, one worker process each (CPU: cores split)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)

@@ -1,11 +1,14 @@
 """EHRXDiffPipeline and split sampling (issue 5 items 6-7): offline save/load, seeds, samplers, resumable PNGs."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ehrxdiff.models.adaptor import TABLE_IV_VARIANTS
-from ehrxdiff.models.ldm import ClipConditioner, build_ehrxdiff
+from ehrxdiff.models.ldm import (ClipConditioner, build_ehrxdiff, encode_condition, pool_events, unet_conditioning,
+                                 unet_input)
 from ehrxdiff.models.pipeline import EHRXDiffPipeline
 from ehrxdiff.models.sampling import generate_split
 from ehrxdiff.models.vae import build_vae
@@ -16,14 +19,15 @@ TINY_CLIP = {"image": dict(image_size=PX, patch_size=8, width=WIDTH, layers=1, h
              "table": dict(event_dim=EVENT_DIM, width=WIDTH, layers=1, heads=2, out_dim=WIDTH)}
 
 
-def tiny_pipe(variant="xattn-VAE+CLIPimg+CLIPtab", sampler="ddim"):
+def tiny_pipe(variant="xattn-VAE+CLIPimg+CLIPtab", sampler="ddim", event_global=False):
     torch.manual_seed(0)
     vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
     vae = build_vae(block_out_channels=(8, 16, 32), norm_num_groups=8, image_size=PX, layers_per_block=1)
     clip = ClipConditioner(TINY_CLIP) if (use_img or use_tab) else None
     model = build_ehrxdiff(vae=vae, image_size=PX, clip=clip, vae_mode=vae_mode, use_clip_image=use_img,
                            use_clip_table=use_tab, max_events=MAX_EVENTS, c_fusion=5, d_clip=WIDTH,
-                           unet_channels=(16, 32), num_heads=2, norm_num_groups=8, layers_per_block=1)
+                           unet_channels=(16, 32), num_heads=2, norm_num_groups=8, layers_per_block=1,
+                           event_global=event_global)
     pipe = EHRXDiffPipeline.from_model(model, sampler=sampler, image_size=PX, max_events=MAX_EVENTS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -139,3 +143,40 @@ def test_event_guidance_at_one_is_the_plain_sampler_and_at_zero_the_null_event_p
     with pytest.raises(ValueError, match="event_guidance_scale"):
         tiny_pipe("concat-VAE").generate(prev, None, None, num_inference_steps=2, event_guidance_scale=2.0,
                                          progress=False)
+
+
+def test_pooled_events_are_mean_and_max_of_the_real_events_and_zero_for_none():
+    tokens = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [100.0, 100.0]], [[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    pooled = pool_events(tokens, mask)
+    assert torch.equal(pooled[0], torch.tensor([2.0, -1.0, 3.0, 0.0]))     # padding (100) is neither mean nor max
+    assert torch.equal(pooled[1], torch.zeros(4))                            # the null event set
+
+
+def test_event_global_feeds_the_pooled_events_to_the_time_embedding_and_round_trips(tmp_path):
+    """``event_global`` (issue 14, not in the paper): the UNet gets diffusers' projection class embedding of width
+    2 D, the pooled S_event changes the prediction through it alone, and the saved pipeline reloads it."""
+    pipe = tiny_pipe(event_global=True)
+    assert pipe.unet.config.class_embed_type == "projection"
+    assert pipe.unet.config.projection_class_embeddings_input_dim == 2 * WIDTH
+    prev, events, mask = inputs()
+    cond = encode_condition(adaptor=pipe.adaptor, vae=pipe.vae, clip=pipe.clip, prev_image=prev, events=events,
+                            event_mask=mask)
+    z, t = torch.randn(2, 3, PX // 4, PX // 4), torch.tensor([500, 500])
+    with torch.no_grad():
+        for p in pipe.unet.class_embedding.parameters():   # a fresh MLP is too small to move the output measurably
+            p.mul_(30)
+        base = pipe.unet(unet_input(z, cond), t, **unet_conditioning(pipe.unet, cond)).sample
+        other = dataclasses.replace(cond, pooled_events=torch.randn_like(cond.pooled_events))
+        moved = pipe.unet(unet_input(z, other), t, **unet_conditioning(pipe.unet, other)).sample
+    assert not torch.allclose(base, moved, atol=1e-4)         # same context, other pooled events: another eps
+    a = pipe.generate(prev, events, mask, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+                      progress=False, event_guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path)
+    loaded = EHRXDiffPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    b = loaded.generate(prev, events, mask, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+                        progress=False, event_guidance_scale=2.0)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs use_clip_table"):
+        tiny_pipe("concat-VAE", event_global=True)

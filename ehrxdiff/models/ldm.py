@@ -41,14 +41,17 @@ def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
                block_out_channels: Iterable[int] = PAPER_UNET_CHANNELS, layers_per_block: int = 2,
                attention_levels: Iterable[bool] | None = None, num_heads: int = UNET_HEADS,
                cross_attention_dim: int = D_CLIP, norm_num_groups: int = 32,
-               concat_latent: bool = False) -> UNet2DConditionModel:
+               concat_latent: bool = False, event_global_dim: int | None = None) -> UNet2DConditionModel:
     """A randomly initialised UNet2DConditionModel shaped like the reference's LDM UNet (paper-reference §7.2).
 
     ``attention_levels`` marks the levels with a (self + cross) attention transformer; the default, every level
     but the first, is the paper's ``attention_resolutions [8, 4, 2]`` for four levels (latent 32^2, 16^2, 8^2),
     plus the middle block. ``num_heads`` heads per attention (diffusers' ``attention_head_dim`` argument is, for
     historical reasons, the number of heads). ``concat_latent=True`` builds the Table IV "concat" UNet: built with
-    C_z inputs, then widened by :func:`widen_conv_in` so the extra channels start at zero.
+    C_z inputs, then widened by :func:`widen_conv_in` so the extra channels start at zero. ``event_global_dim``
+    (not in the paper; issue 14) adds diffusers' projection class embedding: a pooled S_event vector of that width
+    (:func:`pool_events`) is mapped by an MLP and added to the timestep embedding, so it modulates every ResNet block
+    (as SDXL adds its pooled text embedding) instead of reaching the UNet only through cross-attention.
     """
     chans = tuple(int(c) for c in block_out_channels)
     levels = tuple(attention_levels) if attention_levels is not None else (False,) + (True,) * (len(chans) - 1)
@@ -61,6 +64,8 @@ def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
         mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=chans, layers_per_block=layers_per_block,
         attention_head_dim=num_heads, cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups,
         transformer_layers_per_block=1, use_linear_projection=False,  # SpatialTransformer depth 1, 1x1 conv in
+        **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": int(event_global_dim)}
+           if event_global_dim else {}),
     )
     if concat_latent:
         widen_conv_in(unet, extra_channels=latent_channels)
@@ -133,6 +138,30 @@ class Condition:
     context: torch.Tensor
     context_mask: torch.Tensor | None
     concat_latent: torch.Tensor | None
+    pooled_events: torch.Tensor | None = None    # [B, 2 D]: masked mean and max of the event tokens (pool_events)
+
+
+def pool_events(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] event tokens with their mask (True = a real event) -> [B, 2 D]: the masked mean beside the masked
+    max. The mean says what the history is mostly made of; the max keeps a single rare event (one furosemide dose
+    among 60 hourly vitals) from being averaged away. A pair without events (the null set) pools to zeros."""
+    m = mask.unsqueeze(-1).to(tokens.dtype)
+    n = m.sum(dim=1).clamp(min=1)
+    mean = (tokens * m).sum(dim=1) / n
+    peak = tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
+    peak = torch.where(mask.any(dim=1, keepdim=True), peak, torch.zeros_like(peak))
+    return torch.cat([mean, peak], dim=-1)
+
+
+def unet_conditioning(unet: UNet2DConditionModel, condition: Condition) -> dict:
+    """The UNet's keyword arguments for ``condition``: the cross-attention context, and the pooled events for a
+    UNet built with ``event_global_dim``."""
+    kwargs = {"encoder_hidden_states": condition.context, "encoder_attention_mask": condition.context_mask}
+    if unet.config.class_embed_type == "projection":
+        if condition.pooled_events is None:
+            raise ValueError("this UNet takes the pooled S_event (event_global) but the condition has no event tokens")
+        kwargs["class_labels"] = condition.pooled_events.to(condition.context.dtype)
+    return kwargs
 
 
 def encode_condition(*, adaptor: FusionAdaptor, prev_image: torch.Tensor | None = None,
@@ -175,7 +204,8 @@ def encode_condition(*, adaptor: FusionAdaptor, prev_image: torch.Tensor | None 
         raise ValueError("encode_condition got no input to take the batch size from")
     context, context_mask = adaptor(vae_latent=mean if cfg.vae_mode == "xattn" else None, image_tokens=image_tokens,
                                     table_tokens=table_tokens, table_mask=table_mask, batch_size=sized[0].shape[0])
-    return Condition(context, context_mask, mean if cfg.vae_mode == "concat" else None)
+    pooled = pool_events(table_tokens, table_mask) if table_tokens is not None else None
+    return Condition(context, context_mask, mean if cfg.vae_mode == "concat" else None, pooled)
 
 
 def unet_input(latents: torch.Tensor, condition: Condition) -> torch.Tensor:
@@ -296,8 +326,7 @@ class EHRXDiff(nn.Module):
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), device=z0.device)
         zt = self.noise_scheduler.add_noise(z0, noise, timesteps)
         cond = self.condition(batch, prev_latent_mean=prev_mean)
-        pred = self.unet(unet_input(zt, cond), timesteps, encoder_hidden_states=cond.context,
-                         encoder_attention_mask=cond.context_mask).sample
+        pred = self.unet(unet_input(zt, cond), timesteps, **unet_conditioning(self.unet, cond)).sample
         if not weighted or self.snr_gamma is None:
             return F.mse_loss(pred.float(), noise.float())
         per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -342,11 +371,12 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
                    num_heads: int = UNET_HEADS, layers_per_block: int = 2, norm_num_groups: int = 32,
                    latent_scale: float = LATENT_SCALE, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                    beta_start: float = BETA_START, beta_end: float = BETA_END, clip_trainable: bool = True,
-                   snr_gamma: float | None = None, fusion: str = "linear") -> EHRXDiff:
+                   snr_gamma: float | None = None, fusion: str = "linear", event_global: bool = False) -> EHRXDiff:
     """Assemble a fresh EHRXDiff for one Table IV variant around a (trained) VAE and (pre-trained) CLIP.
 
     Shapes follow from the parts: latent size = ``image_size / f``, D_CLIP = the CLIP token width (image tower
     width, which must equal the table tower's ``out_dim``), image tokens = the image tower's token count.
+    ``event_global`` also feeds the pooled S_event to the UNet's time embedding (:func:`build_unet`; not in the paper).
     """
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     if image_size % f:
@@ -366,6 +396,8 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
                              f"the model for {image_size} px")
     if d_clip is None:
         raise ValueError("d_clip is needed when no CLIP tower is used")
+    if event_global and not use_clip_table:
+        raise ValueError("event_global pools the CLIP table tokens: it needs use_clip_table=True")
     adaptor = FusionAdaptor(latent_channels=vae.config.latent_channels, latent_size=latent_size, d_clip=d_clip,
                             n_image_tokens=max(n_image_tokens, 1), max_events=max_events, c_fusion=c_fusion,
                             vae_mode=vae_mode, use_clip_image=use_clip_image, use_clip_table=use_clip_table,
@@ -373,7 +405,8 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
     unet = build_unet(latent_channels=vae.config.latent_channels, sample_size=latent_size,
                       block_out_channels=unet_channels, layers_per_block=layers_per_block,
                       attention_levels=attention_levels, num_heads=num_heads, cross_attention_dim=d_clip,
-                      norm_num_groups=norm_num_groups, concat_latent=vae_mode == "concat")
+                      norm_num_groups=norm_num_groups, concat_latent=vae_mode == "concat",
+                      event_global_dim=2 * d_clip if event_global else None)
     return EHRXDiff(vae=vae, unet=unet, adaptor=adaptor, clip=clip if (use_clip_image or use_clip_table) else None,
                     noise_scheduler=build_noise_scheduler(num_train_timesteps=num_train_timesteps,
                                                           beta_start=beta_start, beta_end=beta_end),

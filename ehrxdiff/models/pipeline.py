@@ -31,7 +31,8 @@ from PIL import Image
 from ehrxdiff.constants import LATENT_SCALE, MAX_EVENTS
 from ehrxdiff.data.images import to_model_tensor, to_uint8
 from ehrxdiff.models.adaptor import FusionAdaptor
-from ehrxdiff.models.ldm import ClipConditioner, EHRXDiff, encode_condition, make_inference_scheduler, unet_input
+from ehrxdiff.models.ldm import (ClipConditioner, EHRXDiff, encode_condition, make_inference_scheduler,
+                                 unet_conditioning, unet_input)
 
 
 class EHRXDiffPipeline(DiffusionPipeline):
@@ -111,11 +112,9 @@ class EHRXDiffPipeline(DiffusionPipeline):
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             scaled = self.scheduler.scale_model_input(latents, t)
-            eps = self.unet(unet_input(scaled, cond), t, encoder_hidden_states=cond.context,
-                            encoder_attention_mask=cond.context_mask).sample
+            eps = self.unet(unet_input(scaled, cond), t, **unet_conditioning(self.unet, cond)).sample
             if null_cond is not None:
-                eps_null = self.unet(unet_input(scaled, null_cond), t, encoder_hidden_states=null_cond.context,
-                                     encoder_attention_mask=null_cond.context_mask).sample
+                eps_null = self.unet(unet_input(scaled, null_cond), t, **unet_conditioning(self.unet, null_cond)).sample
                 eps = eps_null + s * (eps - eps_null)
             latents = self.scheduler.step(eps, t, latents, **extra).prev_sample
         images = self.vae.decode((latents / self.config.latent_scale).to(self.vae.dtype)).sample

@@ -308,7 +308,8 @@ def build_variant(cfg: StudyConfig, name: str, vae, clip):
                           unet_channels=cfg.unet_channels, num_heads=cfg.unet_heads,
                           layers_per_block=cfg.unet_layers_per_block, norm_num_groups=norm_groups(cfg.unet_channels),
                           latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                          clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion)
+                          clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion,
+                          event_global=cfg.event_global and use_tab)
 
 
 def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_dir: Path | None = None,
