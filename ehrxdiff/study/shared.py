@@ -1,14 +1,11 @@
 """What every step of the study shares: seeding right before a model is built, and the figures folder."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from accelerate.utils import set_seed
 
 from ehrxdiff.config import StudyConfig
-
-log = logging.getLogger(__name__)
 
 
 def seed_everything(cfg: StudyConfig) -> None:
@@ -19,6 +16,7 @@ def seed_everything(cfg: StudyConfig) -> None:
 
 
 def figures_dir(cfg: StudyConfig) -> Path:
+    """Where tables and figures go (``figures/`` for the demo, under the run folder for smoke and gpu), created."""
     p = cfg.path("figures_dir")
     p.mkdir(parents=True, exist_ok=True)
     return p
