@@ -117,15 +117,14 @@ def write_table(df: pd.DataFrame, name: str, figures_dir: str | Path, *, caption
     return paths
 
 
-# --- figures ---------------------------------------------------------------------------------------
-
-
+# --- re-identification (Table IV's re-id rank column) ------------------------------------------------
 REIDENTIFICATION_COLUMNS = {"top1": "top-1", "rank_percentile": "rank percentile"}
 
 
 def reidentification_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per method, "mean ± std" over seeds of top-1 and rank percentile (:func:`seed_table`; the rows come from :func:`ehrxdiff.evaluation.identity.reidentification_table`), in the order of
-    ``table``; Table IV's "re-id rank" column is its "rank percentile"."""
+    """Per method, "mean ± std" over seeds of top-1 and rank percentile (:func:`seed_table`), in the order of
+    ``table``, whose rows come from :func:`ehrxdiff.evaluation.identity.reidentification_table`; Table IV's "re-id
+    rank" column is its "rank percentile"."""
     long = table.melt(id_vars=["method", "seed"], value_vars=list(REIDENTIFICATION_COLUMNS), var_name="metric")
     return seed_table(long.replace({"metric": REIDENTIFICATION_COLUMNS}), index="method", columns="metric",
                       column_order=list(REIDENTIFICATION_COLUMNS.values()))
