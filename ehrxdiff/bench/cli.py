@@ -171,8 +171,8 @@ def _bench_ldm(a) -> int:
 
     Training is timed twice at the same batch size, each step including its collate: the per-step-encoding path
     (the reference's: the frozen VAE encodes I_prev and I_trg and the CLIP towers run forward and backward every
-    step) and the cached path of the profile's recipe (:mod:`ehrxdiff.training.cache`: VAE posteriors read, and CLIP tokens too
-    when ``ldm_clip_trainable`` is false). The last line is the speed-up of the cached path (issue 13)."""
+    step) and the cached path of the profile's recipe (:mod:`ehrxdiff.training.cache`: VAE posteriors read, and CLIP
+    tokens too when ``ldm_clip_trainable`` is false). The last line is the speed-up of the cached path (issue 13)."""
     import torch
     from diffusers.training_utils import EMAModel
 
@@ -314,10 +314,10 @@ def _bench_curve(a) -> int:
     Trains ``--model`` with the profile's recipe and any ``-p KEY VALUE`` overrides, in stages of ``--every`` optimizer
     steps (each stage resumes the last one's checkpoint, so the curve is one training run), and after each stage
     scores the EMA weights: the validation Eq. 2 loss with the own condition and with I_prev or S_event swapped
-    (:func:`ehrxdiff.training.train_ldm.conditioning_sensitivity`, the whole validation split) and the patient re-identification
-    of ``--pairs`` test predictions (:mod:`ehrxdiff.evaluation.identity`; sampler and steps of the profile, seed 0). Needs
-    notebooks 01-03 of the profile's run; the VAE is notebook 04's (trained here if missing). One tidy row per stage
-    goes to ``<out>/curve.csv``; ``train_seconds`` counts training only."""
+    (:func:`ehrxdiff.training.train_ldm.conditioning_sensitivity`, the whole validation split) and the patient
+    re-identification of ``--pairs`` test predictions (:mod:`ehrxdiff.evaluation.identity`; sampler and steps of the
+    profile, seed 0). Needs notebooks 01-03 of the profile's run; the VAE is notebook 04's (trained here if missing).
+    One tidy row per stage goes to ``<out>/curve.csv``; ``train_seconds`` counts training only."""
     import numpy as np
     import pandas as pd
     import torch

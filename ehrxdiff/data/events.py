@@ -32,7 +32,8 @@ itemid list) and a semi-join on the cohort's admissions pushed into the scan, an
 a window written to parquet; the window join, the most-recent-``max_events`` selection and the ordering run in
 DuckDB on integers (within ``memory_limit``, spilling to disk); the text is built in SQL once per distinct value
 tuple of the kept rows (texts repeat heavily), not per row. Events reach Python only as Arrow batches for the
-final write; :func:`ehrxdiff.data.event_store.build_event_store` reads the files in chunks. :func:`extract_events` is the same, read back into frames (small cohorts, tests, notebooks).
+final write; :func:`ehrxdiff.data.event_store.build_event_store` reads the files in chunks. :func:`extract_events` is
+the same, read back into frames (small cohorts, tests, notebooks).
 """
 from __future__ import annotations
 
@@ -704,11 +705,11 @@ PAIR_INPUT_COLUMNS = ("pair_key", "subject_id", "hadm_id", "prev_time", "target_
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ehrxdiff.data.events``: S_event of a cohort from the shell, as notebook 02 extracts it - the companion of
-    ``python -m ehrxdiff.data.cohort`` (its ``pairs.parquet`` is the input), with the same error handling: a problem with
-    an input file is one line naming it, exit status 2."""
+    """``python -m ehrxdiff.data.events``: S_event of a cohort from the shell, as notebook 02 extracts it - the
+    companion of ``python -m ehrxdiff.data.cohort`` (its ``pairs.parquet`` is the input), with the same error
+    handling: a problem with an input file is one line naming it, exit status 2."""
 
-    ap = argparse.ArgumentParser(prog="python -m ehrxdiff.data.events", description=main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m ehrxdiff.data.events", description=" ".join(main.__doc__.split()))
     ap.add_argument("--mimic-iv", required=True, help="MIMIC-IV v2.2 root (holds hosp/ and icu/)")
     ap.add_argument("--cohort", required=True, help="pairs.parquet of python -m ehrxdiff.data.cohort (or its --out folder)")
     ap.add_argument("--out", required=True, help="output folder: events.parquet, event_texts.parquet, event_report.csv")

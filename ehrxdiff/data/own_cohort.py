@@ -32,9 +32,9 @@ sex            no        ``F``/``M`` (or female/male); a pair gets the subject's
 
 **events** — one row per event: ``subject_id``, ``time``, ``table`` (the source, e.g. ``labs``) and the
 content, as free ``text`` and/or column/value pairs: every other column (but ``episode_id``, ignored: events join
-a pair by subject and time) is written ``<column> <value>`` in file order when its cell is not blank. A row serializes exactly like a MIMIC event
-(:func:`ehrxdiff.data.events.serialize_event`): ``labs item creatinine value 1.2 unit mg/dL``; the text comes
-last (``note patient short of breath``).
+a pair by subject and time) is written ``<column> <value>`` in file order when its cell is not blank. A row serializes
+exactly like a MIMIC event (:func:`ehrxdiff.data.events.serialize_event`): ``labs item creatinine value 1.2 unit
+mg/dL``; the text comes last (``note patient short of breath``).
 
 What is reused, not rewritten: the pairs and the patient-level split are made by
 :func:`ehrxdiff.data.cohort.pair_images`, the MIMIC path's own pairing step, called on the table's frontal images
@@ -232,7 +232,8 @@ class _Funnel:
         self.rows.append({"kind": kind, "what": what, "unit": unit, "n": int(n)})
 
     def list_only(self, df: pd.DataFrame, hit: pd.Series, reason: str, detail) -> None:
-        """List rows in ``rejected_images.csv`` that another step counts (non-frontal views: the funnel row of build_own_cohort)."""
+        """List rows in ``rejected_images.csv`` that another step counts (non-frontal views: the funnel row of
+        build_own_cohort)."""
         if hit.any():
             self.rejected.append(pd.DataFrame({"row": df.index[hit], "path": df.loc[hit, "path"], "reason": reason,
                                                "detail": detail[hit]}))

@@ -52,7 +52,8 @@ def null_source_indices(target_ids: Sequence[str]) -> list[int]:
 
 
 class WithNullSamples(Dataset):
-    """Wrap a pair dataset (items as :class:`ehrxdiff.data.datasets.PairDataset`) with one null sample per unique target.
+    """Wrap a pair dataset (items as :class:`ehrxdiff.data.datasets.PairDataset`) with one null sample per unique
+    target.
 
     Indices ``[0, len(base))`` are the base pairs; the following ``n_null`` are null samples. ``target_ids`` gives
     each base item's target dicom (``base.pairs["target_dicom_id"]`` for a PairDataset, the default).

@@ -1,7 +1,8 @@
 """EHRXDiff: the conditional latent diffusion model (§II-C, Eq. 2, Fig. 1; paper-reference §7).
 
 Given I_prev and the event set S_event, the model denoises the target latent z = 0.18215 * E(I_trg).sample() with a
-diffusers ``UNet2DConditionModel`` that cross-attends to the adaptor's context c_fusion (:mod:`ehrxdiff.models.adaptor`):
+diffusers ``UNet2DConditionModel`` that cross-attends to the adaptor's context c_fusion
+(:mod:`ehrxdiff.models.adaptor`):
 
     L = E_{z, eps ~ N(0, I), t} || eps - eps_theta(z_t, t, c_fusion) ||^2                               (Eq. 2)
 
@@ -228,8 +229,8 @@ class EHRXDiff(nn.Module):
 
     Trainable: UNet, adaptor and - with ``clip_trainable`` (the reference fine-tunes both towers) - the CLIP towers
     the variant uses; the VAE is frozen and kept in eval mode. Frozen towers are kept in eval mode too (no dropout),
-    so their tokens are a function of the input and can be cached (:mod:`ehrxdiff.training.cache`). The CLIP logit scale and
-    unused towers are frozen so no parameter is left without a gradient (DDP would otherwise need
+    so their tokens are a function of the input and can be cached (:mod:`ehrxdiff.training.cache`). The CLIP logit
+    scale and unused towers are frozen so no parameter is left without a gradient (DDP would otherwise need
     ``find_unused_parameters``). ``snr_gamma`` turns on Min-SNR-gamma weighting of the training loss
     (:func:`min_snr_weights`; the paper trains unweighted, None).
     """
@@ -293,8 +294,8 @@ class EHRXDiff(nn.Module):
 
     def first_stage(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(posterior mean of I_prev or None when the variant does not use it, posterior mean and std of I_trg):
-        read from a cached batch (``prev_mean``, ``target_mean``, ``target_std``; :mod:`ehrxdiff.training.cache`) or computed
-        by the frozen encoder, I_prev and I_trg in one pass."""
+        read from a cached batch (``prev_mean``, ``target_mean``, ``target_std``; :mod:`ehrxdiff.training.cache`) or
+        computed by the frozen encoder, I_prev and I_trg in one pass."""
         if "target_mean" in batch:
             return batch.get("prev_mean"), batch["target_mean"], batch["target_std"]
         prev, target = batch["prev_image"], batch["target_image"]

@@ -1,8 +1,8 @@
 """``EHRXDiffPipeline``: predict the next CXR from a previous CXR and a list of events (§II, Fig. 1).
 
 A ``diffusers.DiffusionPipeline`` holding the frozen VAE, the UNet, the inference scheduler, the CLIP towers
-(:class:`ehrxdiff.models.ldm.ClipConditioner`, optional for variants without CLIP) and the adaptor, so a trained model is
-one folder: ``save_pretrained(dir)`` / ``EHRXDiffPipeline.from_pretrained(dir)`` work offline, the custom
+(:class:`ehrxdiff.models.ldm.ClipConditioner`, optional for variants without CLIP) and the adaptor, so a trained model
+is one folder: ``save_pretrained(dir)`` / ``EHRXDiffPipeline.from_pretrained(dir)`` work offline, the custom
 components being ModelMixin/ConfigMixin classes that diffusers imports from ``ehrxdiff`` by module path.
 
     pipe = EHRXDiffPipeline.from_pretrained("runs/demo/ldm/pipeline")
@@ -64,8 +64,9 @@ class EHRXDiffPipeline(DiffusionPipeline):
                    latent_scale=model.latent_scale, image_size=image_size, max_events=max_events)
 
     def to_model(self):
-        """The trainable :class:`ehrxdiff.models.ldm.EHRXDiff` around this pipeline's modules (shared, not copied), with the
-        training noise schedule rebuilt from the sampler's config - e.g. to compute Eq. 2 losses of saved weights."""
+        """The trainable :class:`ehrxdiff.models.ldm.EHRXDiff` around this pipeline's modules (shared, not copied),
+        with the training noise schedule rebuilt from the sampler's config - e.g. to compute Eq. 2 losses of saved
+        weights."""
         return EHRXDiff(vae=self.vae, unet=self.unet, adaptor=self.adaptor, clip=self.clip,
                         noise_scheduler=DDPMScheduler.from_config(self.scheduler.config),
                         latent_scale=self.config.latent_scale).eval()

@@ -44,10 +44,10 @@ def save_png(out_dir: str | Path, pair_key: str, gray) -> None:
 
 
 class WithEvents(Dataset):
-    """The items of a :class:`ehrxdiff.data.datasets.PairDataset` with another S_event: ``events_of[pair_key]``'s events (the
-    shuffled-events control, ``study.shuffled_events``) or, with ``events_of=None``, the null event set (no events:
-    the collate gives an all-False mask row, as the w_null null samples and the guidance's null branch see it).
-    Everything else of the item - I_prev, I_trg, the pair key and so the sampling noise - stays the pair's own."""
+    """The items of a :class:`ehrxdiff.data.datasets.PairDataset` with another S_event: ``events_of[pair_key]``'s
+    events (the shuffled-events control, ``study.shuffled_events``) or, with ``events_of=None``, the null event set
+    (no events: the collate gives an all-False mask row, as the w_null null samples and the guidance's null branch see
+    it). Everything else of the item - I_prev, I_trg, the pair key and so the sampling noise - stays the pair's own."""
 
     def __init__(self, dataset, events_of: dict[str, str] | None):
         self.dataset, self.events_of = dataset, events_of

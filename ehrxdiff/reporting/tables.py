@@ -105,7 +105,8 @@ def to_latex(df: pd.DataFrame, index: bool = True, caption: str | None = None, l
 def write_table(df: pd.DataFrame, name: str, figures_dir: str | Path, *, caption: str | None = None,
                 index: bool = True) -> dict[str, Path]:
     """Write ``<figures_dir>/<name>.{csv,md,tex}``; returns the three paths. The run's environment goes next to
-    its tables (``environment.json``, :mod:`ehrxdiff.reporting.provenance`): across machines the numbers move with it."""
+    its tables (``environment.json``, :mod:`ehrxdiff.reporting.provenance`): across machines the numbers move with
+    it."""
     d = Path(figures_dir)
     d.mkdir(parents=True, exist_ok=True)
     write_environment(d)

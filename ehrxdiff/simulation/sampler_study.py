@@ -7,7 +7,8 @@ same test pairs, seed and evaluator as Table II: for each (sampler, steps) the i
 scored by the evaluator, and reported as weighted-macro AUROC on all / diff / same (§10.3), FID against the true
 targets' features, and seconds per image (generation only, after an untimed one-image warm-up; on a shared
 machine the times carry the load of whatever else runs). Without finding labels (``evaluator`` None) the
-images are scored against the true targets instead: MSE, PSNR and SSIM (:func:`ehrxdiff.evaluation.metrics.image_similarity`).
+images are scored against the true targets instead: MSE, PSNR and SSIM
+(:func:`ehrxdiff.evaluation.metrics.image_similarity`).
 """
 from __future__ import annotations
 

@@ -141,7 +141,8 @@ def predict(pipe, prev_images: torch.Tensor, event_lists: Sequence[EventList], p
 
     One ``generate`` call of B x S rows: a row's result depends on its inputs and generator only, so two calls
     with the same keys and seeds see the same noise (what makes factual and counterfactual comparable).
-    ``event_guidance_scale``: the study's s (:class:`ehrxdiff.models.pipeline.EHRXDiffPipeline`); 1 for models without S_event.
+    ``event_guidance_scale``: the study's s (:class:`ehrxdiff.models.pipeline.EHRXDiffPipeline`); 1 for models without
+    S_event.
     """
     b, s = len(event_lists), len(seeds)
     dim = pipe.clip.event_dim if pipe.clip is not None else 1

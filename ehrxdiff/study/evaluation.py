@@ -1,7 +1,8 @@
 """The evaluation step (notebooks 05–06): labels → evaluator → every method scored → Tables II–IV.
 
 Each function maps the config onto :mod:`ehrxdiff.data.labels` and the :mod:`ehrxdiff.evaluation` modules (the
-evaluator, metrics, baselines, the claims and the label-free plan hold the logic), and writes tidy CSVs under ``run_dir/eval`` that the tables and figures are drawn from:
+evaluator, metrics, baselines, the claims and the label-free plan hold the logic), and writes tidy CSVs under
+``run_dir/eval`` that the tables and figures are drawn from:
 
 - ``auroc_summary.csv``   method, seed, subset, auroc, evaluator      (Tables II and IV, Fig. bars)
 - ``auroc_per_label.csv`` method, seed, subset, label, auroc, n, …    (per-label heatmap)
@@ -108,7 +109,8 @@ def _image_table(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
 def build_evaluator(cfg: StudyConfig):
     """The evaluator network as the config sets it up, before any training: ``evaluator_arch`` (the paper's
     DenseNet-121 or the demo's small DenseNet), its backbone from the local ``xrv_weights`` file when given
-    (torchxrayvision's pickled model or its state dict, :func:`ehrxdiff.evaluation.evaluators.load_xrv_backbone`; §10.6)."""
+    (torchxrayvision's pickled model or its state dict, :func:`ehrxdiff.evaluation.evaluators.load_xrv_backbone`;
+    §10.6)."""
     arch = DEMO_DENSENET if cfg.evaluator_arch == "demo" else DENSENET121
     shared.seed_everything(cfg)       # the head's initial weights (and the backbone's without xrv_weights)
     return CXREvaluator(labels=IMAGENOME_LABELS, input_size=cfg.eval_image_size, name=cfg.evaluator_arch,

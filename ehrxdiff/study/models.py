@@ -237,8 +237,8 @@ def load_predictions(cfg: StudyConfig, pair_keys) -> dict[tuple[str, int], "torc
 
 
 def score_reidentification(cfg: StudyConfig, test_pairs: pd.DataFrame) -> pd.DataFrame:
-    """Patient re-identification (:mod:`ehrxdiff.evaluation.identity`) of the scored test pairs for the real target ("GT", the
-    reference) and every sampling run x seed: notebook 04 shows it beside its samples and writes it there
+    """Patient re-identification (:mod:`ehrxdiff.evaluation.identity`) of the scored test pairs for the real target
+    ("GT", the reference) and every sampling run x seed: notebook 04 shows it beside its samples and writes it there
     (``samples/reidentification.csv``; notebook 05's Table IV reads it). Needs no labels. The previous image itself
     would score 1 by construction and is left out."""
     root, size = cfg.source_dirs()["mimic_cxr"], cfg.image_size
@@ -263,9 +263,9 @@ def ldm_steps(cfg: StudyConfig, name: str) -> int:
 
 
 def ldm_caches(cfg: StudyConfig, ds: dict, vae, clip=None):
-    """The frozen encoders' outputs for the train and valid pairs (:mod:`ehrxdiff.training.cache`), built once per VAE / CLIP
-    and reused by every variant: the VAE posteriors (with ``null_augmentations`` jittered copies of the w_null null
-    targets) and, when ``clip`` (a :class:`~ehrxdiff.models.ldm.ClipConditioner`) is given, its frozen tokens."""
+    """The frozen encoders' outputs for the train and valid pairs (:mod:`ehrxdiff.training.cache`), built once per VAE
+    / CLIP and reused by every variant: the VAE posteriors (with ``null_augmentations`` jittered copies of the w_null
+    null targets) and, when ``clip`` (a :class:`~ehrxdiff.models.ldm.ClipConditioner`) is given, its frozen tokens."""
     pairs = pd.concat([ds[s].pairs for s in ("train", "valid")], ignore_index=True)
     root, cache_root = ds["train"].image_root, layout(cfg).latent_cache
     images = set(pairs["prev_path"].astype(str)) | set(pairs["target_path"].astype(str))
@@ -365,9 +365,9 @@ def train_variants(cfg: StudyConfig, ds: dict, vae, clip) -> dict[str, dict]:
 
 def conditioning_sensitivity(cfg: StudyConfig, ds: dict, max_batches: int | None = None) -> pd.DataFrame:
     """Validation Eq. 2 loss of every trained model (EMA weights) with its own condition and with I_prev or S_event
-    swapped between pairs (:func:`ehrxdiff.training.train_ldm.conditioning_sensitivity`), over the whole validation split
-    (cached inputs make that cheap; ``max_batches`` caps it). Written to ``ldm/conditioning_sensitivity.csv`` and, as
-    a table with the relative increases, ``figures/table_conditioning_sensitivity.{csv,md,tex}``."""
+    swapped between pairs (:func:`ehrxdiff.training.train_ldm.conditioning_sensitivity`), over the whole validation
+    split (cached inputs make that cheap; ``max_batches`` caps it). Written to ``ldm/conditioning_sensitivity.csv``
+    and, as a table with the relative increases, ``figures/table_conditioning_sensitivity.{csv,md,tex}``."""
     rows = {}
     for name in variants(cfg):
         model = load_pipeline(cfg, name).to_model()

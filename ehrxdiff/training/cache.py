@@ -332,7 +332,8 @@ class CachedPairs(Dataset):
 
 
 def collate_cached(items: list[dict], max_events: int | None = None) -> dict:
-    """Stack the cached tensors; raw events (CLIP fine-tuned) are padded as :func:`ehrxdiff.data.datasets.collate_pairs`."""
+    """Stack the cached tensors; raw events (CLIP fine-tuned) are padded as
+    :func:`ehrxdiff.data.datasets.collate_pairs`."""
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]
              if k not in ("events", "pair_key", "is_null")}
     batch["pair_key"] = [it["pair_key"] for it in items]

@@ -245,9 +245,9 @@ def retrieval_from_similarity(sim: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -
 
     Columns: direction ("image→events", "events→image"), k, recall, chance, n, z. ``z`` is the margin over chance
     in standard deviations of the hit count under random ranking (a Poisson-binomial over the queries' own chance
-    probabilities, normal approximation): z > 3 is a margin that random rankings give less than once in 700. The rank of the true partner
-    counts only candidates scoring *strictly* higher, so exact ties (the same previous image appears in
-    several pairs of one admission, reference §2.3) count as found; chance accounts for it: with m
+    probabilities, normal approximation): z > 3 is a margin that random rankings give less than once in 700. The rank
+    of the true partner counts only candidates scoring *strictly* higher, so exact ties (the same previous image
+    appears in several pairs of one admission, reference §2.3) count as found; chance accounts for it: with m
     tied-correct candidates among N, a random ranking puts one in the top k with probability
     1 - C(N-m, k) / C(N, k) (= k/N when m = 1), averaged over queries.
     """

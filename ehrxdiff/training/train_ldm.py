@@ -61,7 +61,8 @@ def validation_loss(model: EHRXDiff, loader, *, seed: int = 0, max_batches: int 
 
 
 def batch_size_of(batch: dict) -> int:
-    """Rows of a batch of :func:`ehrxdiff.data.datasets.collate_pairs` or :func:`ehrxdiff.training.cache.collate_cached`."""
+    """Rows of a batch of :func:`ehrxdiff.data.datasets.collate_pairs` or
+    :func:`ehrxdiff.training.cache.collate_cached`."""
     return len(batch["pair_key"])
 
 
@@ -123,8 +124,8 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     ``steps_this_run``, ``seconds`` and ``samples_per_second`` count this call only (a resumed run's earlier
     steps are not timed; a reloaded finished run reports NaN).
 
-    ``train_loader`` yields batches of :func:`ehrxdiff.data.datasets.collate_pairs`. ``effective_batch`` = loader batch x
-    processes x accumulation; the accumulation is derived (at least 1). ``ema_scope="all"`` averages every
+    ``train_loader`` yields batches of :func:`ehrxdiff.data.datasets.collate_pairs`. ``effective_batch`` = loader
+    batch x processes x accumulation; the accumulation is derived (at least 1). ``ema_scope="all"`` averages every
     trainable weight (UNet, adaptor, CLIP towers), so the exported EMA pipeline is one consistent model;
     ``"unet"`` is the reference's LitEma over the UNet only. ``seed`` 23 is the reference's ``seed_everything``.
     """
