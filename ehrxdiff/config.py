@@ -123,7 +123,9 @@ class StudyConfig:
     snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
     event_dropout: float = 0.0               # share of real pairs trained with the null event set (not in the paper)
     adaptor_fusion: str = "linear"           # linear (paper: token-axis Linear) | tokens (side by side; not in the paper)
-    event_global: bool = False               # pooled S_event added to the UNet's time embedding (not in the paper; issue 14)
+    event_global: str = "none"               # S_event in the UNet's time embedding too (not in the paper; issue 14):
+    #                                          none (paper) | pooled (mean+max of the table tokens) | findings (P(finding)
+    #                                          of a head fitted on the train pairs' labels; training.findings)
     ldm_parallel_models: int = 1             # models trained at once, one worker process each (CPU: cores split)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
@@ -375,6 +377,7 @@ def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
                "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"), "adaptor_fusion": ("linear", "tokens"),
+               "event_global": ("none", "pooled", "findings"),
                "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
                "evaluator_arch": ("demo", "densenet121"), "check_images": ("decode", "header", "none"),
                "openai_provider": ("openai", "azure"), "drug_matching": ("casefold", "exact"),

@@ -55,7 +55,7 @@ def test_unknown_key_is_an_error_that_suggests_the_right_one():
                                  {"image_size": -64}, {"image_size": 30}, {"ldm_mixed_precision": False},
                                  {"ldm_mixed_precision": "fp8"}, {"snr_gamma": 0}, {"ablation_ldm_steps": 0},
                                  {"null_augmentations": 0}, {"ldm_clip_trainable": 1}, {"event_dropout": 1.0},
-                                 {"ldm_parallel_models": 0}])
+                                 {"ldm_parallel_models": 0}, {"event_global": True}, {"event_global": "mean"}])
 def test_bad_values_are_rejected(bad):
     with pytest.raises(ConfigError):
         load_config("smoke", bad)

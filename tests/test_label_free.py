@@ -12,7 +12,7 @@ import torch
 
 from ehrxdiff.config import load_config
 from ehrxdiff.evaluation.label_free import label_free_plan, vs_previous_image
-from ehrxdiff.study.evaluation import has_labels, missing_labels_reason
+from ehrxdiff.study.prepare import has_labels, missing_labels_reason
 from ehrxdiff.evaluation.metrics import image_similarity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -71,6 +72,9 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     claims = pd.read_csv(tmp_path / "run" / "eval" / "claims.csv")
     assert claims["verdict"].str.match(r"holds|fails|undecided \(").all() and len(claims) == 7
     assert {"margin", "ours sd", "compared sd"} <= set(claims.columns)
+    for model in ("EHRXDiff", "EHRXDiff_w_null"):     # event_global findings: the head fitted before training
+        head = json.loads((tmp_path / "run" / "ldm" / model / "findings_head.json").read_text())
+        assert head["labelled"] > 0 and 0 <= head["valid_macro_auroc"] <= 1
     sens = pd.read_csv(tmp_path / "run" / "ldm" / "conditioning_sensitivity.csv", index_col=0)   # 04
     assert {"own condition", "I_prev swapped", "S_event swapped"} <= set(sens.columns) and len(sens) >= 2
     reid = pd.read_csv(tmp_path / "run" / "samples" / "reidentification.csv")   # 04: does I_pred follow I_prev?

@@ -19,7 +19,7 @@ TINY_CLIP = {"image": dict(image_size=PX, patch_size=8, width=WIDTH, layers=1, h
              "table": dict(event_dim=EVENT_DIM, width=WIDTH, layers=1, heads=2, out_dim=WIDTH)}
 
 
-def tiny_pipe(variant="xattn-VAE+CLIPimg+CLIPtab", sampler="ddim", event_global=False):
+def tiny_pipe(variant="xattn-VAE+CLIPimg+CLIPtab", sampler="ddim", event_global=None, n_findings=4):
     torch.manual_seed(0)
     vae_mode, use_img, use_tab = TABLE_IV_VARIANTS[variant]
     vae = build_vae(block_out_channels=(8, 16, 32), norm_num_groups=8, image_size=PX, layers_per_block=1)
@@ -27,7 +27,7 @@ def tiny_pipe(variant="xattn-VAE+CLIPimg+CLIPtab", sampler="ddim", event_global=
     model = build_ehrxdiff(vae=vae, image_size=PX, clip=clip, vae_mode=vae_mode, use_clip_image=use_img,
                            use_clip_table=use_tab, max_events=MAX_EVENTS, c_fusion=5, d_clip=WIDTH,
                            unet_channels=(16, 32), num_heads=2, norm_num_groups=8, layers_per_block=1,
-                           event_global=event_global)
+                           event_global=event_global, n_findings=n_findings)
     pipe = EHRXDiffPipeline.from_model(model, sampler=sampler, image_size=PX, max_events=MAX_EVENTS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -156,7 +156,8 @@ def test_pooled_events_are_mean_and_max_of_the_real_events_and_zero_for_none():
 def test_event_global_feeds_the_pooled_events_to_the_time_embedding_and_round_trips(tmp_path):
     """``event_global`` (issue 14, not in the paper): the UNet gets diffusers' projection class embedding of width
     2 D, the pooled S_event changes the prediction through it alone, and the saved pipeline reloads it."""
-    pipe = tiny_pipe(event_global=True)
+    pipe = tiny_pipe(event_global="pooled")
+    assert pipe.adaptor.findings_head is None
     assert pipe.unet.config.class_embed_type == "projection"
     assert pipe.unet.config.projection_class_embeddings_input_dim == 2 * WIDTH
     prev, events, mask = inputs()
@@ -179,4 +180,32 @@ def test_event_global_feeds_the_pooled_events_to_the_time_embedding_and_round_tr
                         progress=False, event_guidance_scale=2.0)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="needs use_clip_table"):
-        tiny_pipe("concat-VAE", event_global=True)
+        tiny_pipe("concat-VAE", event_global="pooled")
+    with pytest.raises(ValueError, match="event_global must be one of"):
+        tiny_pipe(event_global=True)
+
+
+def test_event_global_findings_feeds_the_heads_probabilities_frozen_and_round_trips(tmp_path):
+    """``event_global: findings`` (issue 14, not in the paper): the adaptor's findings head maps the pooled table
+    tokens to n_findings probabilities, which are what the UNet's class embedding gets; the head is not trained by
+    the LDM (no gradient, not in the EMA) and is saved and reloaded with the pipeline."""
+    pipe = tiny_pipe(event_global="findings", n_findings=4)
+    head = pipe.adaptor.findings_head
+    assert (head.in_features, head.out_features) == (2 * WIDTH, 4)
+    assert pipe.unet.config.projection_class_embeddings_input_dim == 4
+    prev, events, mask = inputs()
+    cond = encode_condition(adaptor=pipe.adaptor, vae=pipe.vae, clip=pipe.clip, prev_image=prev, events=events,
+                            event_mask=mask)
+    tokens, tmask = pipe.clip.table_tokens(events, mask)
+    assert torch.allclose(cond.pooled_events, torch.sigmoid(head(pool_events(tokens, tmask))))
+    model = pipe.to_model()
+    trainable = {id(p) for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad}
+    assert not any(id(p) in trainable for p in model.adaptor.findings_head.parameters())
+    assert not any(p is q for p in model.ema_parameters() for q in model.adaptor.findings_head.parameters())
+    with torch.no_grad():
+        head.weight.normal_()
+    pipe.save_pretrained(tmp_path)
+    loaded = EHRXDiffPipeline.from_pretrained(tmp_path)
+    assert torch.equal(loaded.adaptor.findings_head.weight, head.weight)
+    with pytest.raises(ValueError, match="no findings head"):
+        tiny_pipe(event_global="pooled").adaptor.findings(torch.zeros(1, 2 * WIDTH))

@@ -23,6 +23,13 @@ cross-attention can pick an event by its content wherever it sits in the history
 fused token fixed weights per *position* of the padded table, and a drug given at hour 3 or hour 30 lands on
 different positions. ``fusion="linear"`` is the paper's adaptor.
 
+``n_findings`` (not in the paper; issue 14, ``event_global: findings``) gives the adaptor a **findings head**: one
+Linear from the pooled table tokens (:func:`ehrxdiff.models.ldm.pool_events`, masked mean and max) to the logits of
+the next film's findings, fitted on the train pairs' report labels *before* the LDM trains
+(:mod:`ehrxdiff.training.findings`) and frozen while it does. Its probabilities go to the UNet's time embedding: a
+14-number summary of what the events say about the next film, where the cross-attention context leaves the UNet to
+find that in 64 event tokens. At test time it reads only S_event, as every other part of the condition.
+
 Mask semantics (a deliberate cleanup of the reference, which mixes the transformer's outputs at padded positions
 into the context): padded event tokens are **zeroed** before the token-axis Linear, so the fused context does not
 depend on how a row was padded, and rows with a different number of events stay comparable. Positions are fixed by
@@ -55,13 +62,14 @@ class FusionAdaptor(ModelMixin, ConfigMixin):
         vae_mode, use_clip_image, use_clip_table: the Table IV variant.
         fusion: ``linear`` (the paper: a Linear over the token axis to ``c_fusion`` tokens) or ``tokens`` (the
             sources' tokens side by side, masked; module docstring).
+        n_findings: outputs of the findings head (0 = none, the paper; module docstring).
     """
 
     @register_to_config
     def __init__(self, *, latent_channels: int = LATENT_CHANNELS, latent_size: int = 64, d_clip: int = D_CLIP,
                  n_image_tokens: int = N_IMAGE_TOKENS, max_events: int = MAX_EVENTS, c_fusion: int = C_FUSION,
                  vae_mode: str | None = "xattn", use_clip_image: bool = True, use_clip_table: bool = True,
-                 fusion: str = "linear"):
+                 fusion: str = "linear", n_findings: int = 0):
         super().__init__()
         # A single-source variant has no weights of its own (Table IV rows 2-4 skip the mixing Linear); this
         # buffer gives save_pretrained something to write so from_pretrained can load every variant alike.
@@ -80,6 +88,9 @@ class FusionAdaptor(ModelMixin, ConfigMixin):
             self.null_context = nn.Parameter(torch.randn(1, 1, d_clip) * d_clip ** -0.5)
         else:
             self.token_mixer = self.null_context = None
+        if n_findings and not use_clip_table:
+            raise ValueError("the findings head reads the CLIP table tokens: n_findings needs use_clip_table=True")
+        self.findings_head = nn.Linear(2 * d_clip, n_findings) if n_findings else None
 
     # -- what the config implies -------------------------------------------------------------------
     @property
@@ -103,6 +114,12 @@ class FusionAdaptor(ModelMixin, ConfigMixin):
     @property
     def needs_vae_latent(self) -> bool:
         return self.config.vae_mode is not None
+
+    def findings(self, pooled_events: torch.Tensor) -> torch.Tensor:
+        """P(finding) of the next film from the pooled table tokens [B, 2 D] -> [B, n_findings] (the findings head)."""
+        if self.findings_head is None:
+            raise ValueError("this adaptor has no findings head (n_findings=0)")
+        return torch.sigmoid(self.findings_head(pooled_events))
 
     # -- forward ---------------------------------------------------------------------------------
     def _pad_table(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

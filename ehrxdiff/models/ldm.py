@@ -31,11 +31,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import compute_snr
 from torch import nn
 
-from ehrxdiff.constants import (BETA_END, BETA_START, D_CLIP, LATENT_CHANNELS, LATENT_SCALE, NUM_TRAIN_TIMESTEPS,
-                                UNET_BASE_CHANNELS, UNET_CHANNEL_MULT, UNET_HEADS)
+from ehrxdiff.constants import (BETA_END, BETA_START, D_CLIP, IMAGENOME_LABELS, LATENT_CHANNELS, LATENT_SCALE,
+                                NUM_TRAIN_TIMESTEPS, UNET_BASE_CHANNELS, UNET_CHANNEL_MULT, UNET_HEADS)
 from ehrxdiff.models.adaptor import FusionAdaptor
 
 PAPER_UNET_CHANNELS = tuple(UNET_BASE_CHANNELS * m for m in UNET_CHANNEL_MULT)  # 224/448/896/896 [R configs]
+EVENT_GLOBAL = (None, "pooled", "findings")   # what of S_event reaches the time embedding (build_ehrxdiff)
 
 
 def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
@@ -139,7 +140,8 @@ class Condition:
     context: torch.Tensor
     context_mask: torch.Tensor | None
     concat_latent: torch.Tensor | None
-    pooled_events: torch.Tensor | None = None    # [B, 2 D]: masked mean and max of the event tokens (pool_events)
+    pooled_events: torch.Tensor | None = None    # [B, 2 D]: masked mean and max of the event tokens (pool_events),
+    #                                              or [B, n_findings] P(finding) of the adaptor's findings head
 
 
 def pool_events(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -206,6 +208,8 @@ def encode_condition(*, adaptor: FusionAdaptor, prev_image: torch.Tensor | None 
     context, context_mask = adaptor(vae_latent=mean if cfg.vae_mode == "xattn" else None, image_tokens=image_tokens,
                                     table_tokens=table_tokens, table_mask=table_mask, batch_size=sized[0].shape[0])
     pooled = pool_events(table_tokens, table_mask) if table_tokens is not None else None
+    if pooled is not None and adaptor.findings_head is not None:   # event_global "findings": P(finding) instead
+        pooled = adaptor.findings(pooled)
     return Condition(context, context_mask, mean if cfg.vae_mode == "concat" else None, pooled)
 
 
@@ -254,6 +258,8 @@ class EHRXDiff(nn.Module):
         self.latent_scale = latent_scale
         self.clip_trainable, self.snr_gamma = clip_trainable, snr_gamma
         self.vae.requires_grad_(False).eval()
+        if adaptor.findings_head is not None:   # fitted on report labels before training (training.findings)
+            adaptor.findings_head.requires_grad_(False)
         if clip is not None:
             clip.requires_grad_(False)
             if clip_trainable and cfg.use_clip_image:
@@ -372,13 +378,19 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
                    num_heads: int = UNET_HEADS, layers_per_block: int = 2, norm_num_groups: int = 32,
                    latent_scale: float = LATENT_SCALE, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                    beta_start: float = BETA_START, beta_end: float = BETA_END, clip_trainable: bool = True,
-                   snr_gamma: float | None = None, fusion: str = "linear", event_global: bool = False) -> EHRXDiff:
+                   snr_gamma: float | None = None, fusion: str = "linear", event_global: str | None = None,
+                   n_findings: int = len(IMAGENOME_LABELS)) -> EHRXDiff:
     """Assemble a fresh EHRXDiff for one Table IV variant around a (trained) VAE and (pre-trained) CLIP.
 
     Shapes follow from the parts: latent size = ``image_size / f``, D_CLIP = the CLIP token width (image tower
     width, which must equal the table tower's ``out_dim``), image tokens = the image tower's token count.
-    ``event_global`` also feeds the pooled S_event to the UNet's time embedding (:func:`build_unet`; not in the paper).
+    ``event_global`` (not in the paper) also feeds S_event to the UNet's time embedding (:func:`build_unet`):
+    ``"pooled"`` the pooled table tokens (:func:`pool_events`), ``"findings"`` the ``n_findings`` probabilities of the
+    adaptor's findings head over them (fit it with :func:`ehrxdiff.training.findings.fit_findings_head` before
+    training; it stays frozen). None: cross-attention only, the paper.
     """
+    if event_global not in EVENT_GLOBAL:
+        raise ValueError(f"event_global must be one of {EVENT_GLOBAL}, got {event_global!r}")
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     if image_size % f:
         raise ValueError(f"image_size {image_size} is not a multiple of the VAE factor {f}")
@@ -402,12 +414,13 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
     adaptor = FusionAdaptor(latent_channels=vae.config.latent_channels, latent_size=latent_size, d_clip=d_clip,
                             n_image_tokens=max(n_image_tokens, 1), max_events=max_events, c_fusion=c_fusion,
                             vae_mode=vae_mode, use_clip_image=use_clip_image, use_clip_table=use_clip_table,
-                            fusion=fusion)
+                            fusion=fusion, n_findings=n_findings if event_global == "findings" else 0)
+    global_dim = {"pooled": 2 * d_clip, "findings": n_findings}.get(event_global)
     unet = build_unet(latent_channels=vae.config.latent_channels, sample_size=latent_size,
                       block_out_channels=unet_channels, layers_per_block=layers_per_block,
                       attention_levels=attention_levels, num_heads=num_heads, cross_attention_dim=d_clip,
                       norm_num_groups=norm_num_groups, concat_latent=vae_mode == "concat",
-                      event_global_dim=2 * d_clip if event_global else None)
+                      event_global_dim=global_dim)
     return EHRXDiff(vae=vae, unet=unet, adaptor=adaptor, clip=clip if (use_clip_image or use_clip_table) else None,
                     noise_scheduler=build_noise_scheduler(num_train_timesteps=num_train_timesteps,
                                                           beta_start=beta_start, beta_end=beta_end),

@@ -34,9 +34,7 @@ from torch.utils.data import DataLoader
 from ehrxdiff.config import StudyConfig
 from ehrxdiff.constants import IMAGENOME_LABELS
 from ehrxdiff.data.images import load_image
-from ehrxdiff.data.labels import (image_labels, label_matrix, pair_label_rows, prev_label_matrix, read_relations,
-                                  target_label_matrix)
-from ehrxdiff.data.schemas import IMAGENOME_RELATIONS
+from ehrxdiff.data.labels import label_matrix, prev_label_matrix, target_label_matrix
 from ehrxdiff.evaluation.baselines import (PairEvents, TableClassifier, collate_events, generated_image_table,
                                            pair_image_table, predict_table_classifier, previous_label_scores,
                                            train_table_classifier)
@@ -50,6 +48,7 @@ from ehrxdiff.reporting.figures import (SALIENCE, plot_auroc_bars, plot_guidance
                                         salience_rule, salient_events)
 from ehrxdiff.reporting.tables import auroc_table, reidentification_summary, seed_table, write_table
 from ehrxdiff.study import models, prepare, shared
+from ehrxdiff.study.prepare import has_labels, label_rows, missing_labels_reason
 from ehrxdiff.study.layout import layout
 
 BASELINES = ("GT", "previous image", "previous label", "table classifier", "table classifier w/ prev label")
@@ -57,42 +56,6 @@ BASELINES = ("GT", "previous image", "previous label", "table classifier", "tabl
 
 def eval_dir(cfg: StudyConfig) -> Path:
     return layout(cfg).eval
-
-
-def missing_labels_reason(cfg: StudyConfig) -> str | None:
-    """Why this study has no finding labels (None when it has them): the one sentence every skip record and
-    message repeats, so a user reads the same cause in notebooks 05, 06 and 07."""
-    if cfg.own_cohort:
-        path = layout(cfg).image_labels
-        if not path.exists():
-            return (f"no finding labels: the images table {cfg.own_images} has no finding columns "
-                    f"({path.name} was not written; docs/own-cohort.md)")
-        return None
-    if not cfg.synthetic and "imagenome" not in cfg.source_dirs():
-        return "no finding labels: imagenome_dir (Chest ImaGenome) is not set"
-    return None
-
-
-def has_labels(cfg: StudyConfig) -> bool:
-    """Whether the finding labels exist, i.e. whether Tables II/IV, calibration and the what-if probabilities
-    can be computed (:func:`missing_labels_reason` says why not)."""
-    return missing_labels_reason(cfg) is None
-
-
-def label_rows(cfg: StudyConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(image-level labels, Table II rows) from the Chest ImaGenome relations file (§10.1)."""
-    if cfg.own_cohort:  # labels come with the images table (own_cohort writes them in labels.image_labels' layout)
-        path = layout(cfg).image_labels
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: the evaluation needs finding columns in {cfg.own_images} "
-                                    "(docs/own-cohort.md)")
-        labels = pd.read_parquet(path)
-        return labels, pair_label_rows(pairs, labels)
-    src = cfg.source_dirs()
-    if "imagenome" not in src:
-        raise FileNotFoundError("the evaluation needs Chest ImaGenome: set imagenome_dir")
-    labels = image_labels(read_relations(src["imagenome"] / IMAGENOME_RELATIONS))
-    return labels, pair_label_rows(pairs, labels)
 
 
 def _image_table(pairs: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -26,12 +27,14 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader
 
 from ehrxdiff.config import StudyConfig
-from ehrxdiff.constants import FINAL_VARIANT, MAIN_MODELS, TABLE_IV_VARIANTS
+from ehrxdiff.constants import FINAL_VARIANT, IMAGENOME_LABELS, MAIN_MODELS, TABLE_IV_VARIANTS
 from ehrxdiff.data.datasets import collate_pairs
+from ehrxdiff.data.labels import target_label_matrix
 from ehrxdiff.data.images import load_image, to_uint8
 from ehrxdiff.data.wnull import WithNullSamples
 from ehrxdiff.evaluation.baselines import generated_image_table, pair_image_table
 from ehrxdiff.evaluation.identity import reidentification_table
+from ehrxdiff.evaluation.metrics import macro_auroc
 from ehrxdiff.models.clip import EHRCLIP
 from ehrxdiff.models.ldm import ClipConditioner, build_ehrxdiff
 from ehrxdiff.models.pipeline import EHRXDiffPipeline
@@ -39,9 +42,10 @@ from ehrxdiff.models.sampling import WithEvents, generate_split, png_path, save_
 from ehrxdiff.models.vae import build_vae, load_cheff_checkpoint, measure_latent_scale
 from ehrxdiff.reporting.tables import write_table
 from ehrxdiff.study.layout import layout
-from ehrxdiff.study.prepare import datasets
+from ehrxdiff.study.prepare import datasets, label_rows, missing_labels_reason
 from ehrxdiff.study.shared import figures_dir, seed_everything
 from ehrxdiff.training.cache import CachedPairs, ConditionCache, FirstStageCache, collate_cached
+from ehrxdiff.training.findings import fit_findings_head, pooled_table_tokens
 from ehrxdiff.training.train_clip import train_clip as fit_clip
 from ehrxdiff.training.train_ldm import conditioning_sensitivity as loss_sensitivity, train_ldm
 from ehrxdiff.training.train_vae import train_vae as fit_vae
@@ -309,7 +313,37 @@ def build_variant(cfg: StudyConfig, name: str, vae, clip):
                           layers_per_block=cfg.unet_layers_per_block, norm_num_groups=norm_groups(cfg.unet_channels),
                           latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                           clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion,
-                          event_global=cfg.event_global and use_tab)
+                          event_global=cfg.event_global if use_tab and cfg.event_global != "none" else None,
+                          n_findings=len(IMAGENOME_LABELS))
+
+
+def fit_findings(cfg: StudyConfig, model, ds: dict, out_dir: Path) -> dict | None:
+    """``event_global: findings``: fit the adaptor's findings head (:mod:`ehrxdiff.training.findings`) on the train
+    pairs' target labels before the LDM trains, and write what it reaches on the validation pairs (macro AUROC over
+    the findings, events only) to ``<out_dir>/findings_head.json``. None for a model without the head."""
+    head = model.adaptor.findings_head
+    if head is None:
+        return None
+    reason = missing_labels_reason(cfg)
+    if reason:
+        raise ValueError(f"event_global: findings fits its head on the finding labels, and there are none ({reason}); "
+                         "use event_global none or pooled")
+    record = {}
+    for split in ("train", "valid"):
+        pairs = ds[split].pairs
+        _, rows = label_rows(cfg, pairs)
+        targets = target_label_matrix(rows).reindex(pairs["pair_key"])
+        feats = pooled_table_tokens(model.clip, ds[split].store, list(pairs["pair_key"]), max_events=cfg.max_events)
+        y = torch.tensor(targets.to_numpy(), dtype=torch.float32)
+        if split == "train":
+            record |= fit_findings_head(head, feats, y)
+        else:
+            with torch.no_grad():
+                record["valid_macro_auroc"] = macro_auroc(model.adaptor.findings(feats).numpy(), y.numpy())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "findings_head.json").write_text(json.dumps(record, indent=1))
+    log.info("findings head: %s", record)
+    return record
 
 
 def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_dir: Path | None = None,
@@ -318,9 +352,11 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
     ``max_steps`` (default ``ldm/<name>`` and :func:`ldm_steps`) let a learning curve train the same recipe in
     stages elsewhere (``python -m ehrxdiff.bench curve``)."""
     model = build_variant(cfg, name, vae, clip)
+    out = output_dir or layout(cfg).ldm(name)
+    fit_findings(cfg, model, ds, out)
     train, valid = ldm_loaders(cfg, ds, wnull=variants(cfg)[name][1], vae=vae, clip=model.clip)
     seed_everything(cfg)   # building the caches may or may not draw from the RNG (first build vs reload)
-    return train_ldm(model, train, output_dir=output_dir or layout(cfg).ldm(name),
+    return train_ldm(model, train, output_dir=out,
                      max_steps=max_steps or ldm_steps(cfg, name), valid_loader=valid,
                      learning_rate=cfg.ldm_lr, effective_batch=cfg.ldm_batch_size * cfg.ldm_grad_accum,
                      ema_decay=cfg.ema_decay, mixed_precision=cfg.ldm_mixed_precision,

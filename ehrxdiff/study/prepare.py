@@ -1,4 +1,5 @@
-"""Notebooks 01–02: the cohort of (I_prev, I_trg) pairs (§II-B, Table I) and each pair's S_event.
+"""Notebooks 01–02: the cohort of (I_prev, I_trg) pairs (§II-B, Table I) and each pair's S_event; the finding labels
+of the pairs (Chest ImaGenome or the own cohort's columns), which notebooks 04 (event_global: findings) to 07 read.
 
 Each step is idempotent (it reuses what an earlier run wrote, so a notebook can be re-run or resumed cheaply) and maps
 the :class:`~ehrxdiff.config.StudyConfig` onto the explicit keyword arguments of the modules that do the work. Every
@@ -20,7 +21,9 @@ from ehrxdiff.data.cohort import assign_splits, format_table1, table1
 from ehrxdiff.data.datasets import PairDataset
 from ehrxdiff.data.event_store import EventStore, build_event_store
 from ehrxdiff.data.events import EventResult, extract_events_to_dir
+from ehrxdiff.data.labels import image_labels, pair_label_rows, read_relations
 from ehrxdiff.data.own_cohort import build_own_cohort, extract_own_events
+from ehrxdiff.data.schemas import IMAGENOME_RELATIONS
 from ehrxdiff.reporting.tables import write_table
 from ehrxdiff.study.layout import layout
 from ehrxdiff.study.shared import figures_dir
@@ -210,3 +213,42 @@ def datasets(cfg: StudyConfig, splits=("train", "valid", "test")) -> dict:
     root = cfg.source_dirs()["mimic_cxr"]
     return {s: PairDataset(pairs, root, store, image_size=cfg.image_size, max_events=cfg.max_events, split=s)
             for s in splits}
+
+
+# ------------------------------------------------------------------------------------------ finding labels
+
+
+def missing_labels_reason(cfg: StudyConfig) -> str | None:
+    """Why this study has no finding labels (None when it has them): the one sentence every skip record and
+    message repeats, so a user reads the same cause in notebooks 05, 06 and 07."""
+    if cfg.own_cohort:
+        path = layout(cfg).image_labels
+        if not path.exists():
+            return (f"no finding labels: the images table {cfg.own_images} has no finding columns "
+                    f"({path.name} was not written; docs/own-cohort.md)")
+        return None
+    if not cfg.synthetic and "imagenome" not in cfg.source_dirs():
+        return "no finding labels: imagenome_dir (Chest ImaGenome) is not set"
+    return None
+
+
+def has_labels(cfg: StudyConfig) -> bool:
+    """Whether the finding labels exist, i.e. whether Tables II/IV, calibration and the what-if probabilities
+    can be computed (:func:`missing_labels_reason` says why not)."""
+    return missing_labels_reason(cfg) is None
+
+
+def label_rows(cfg: StudyConfig, pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(image-level labels, Table II rows) from the Chest ImaGenome relations file (§10.1)."""
+    if cfg.own_cohort:  # labels come with the images table (own_cohort writes them in labels.image_labels' layout)
+        path = layout(cfg).image_labels
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: the evaluation needs finding columns in {cfg.own_images} "
+                                    "(docs/own-cohort.md)")
+        labels = pd.read_parquet(path)
+        return labels, pair_label_rows(pairs, labels)
+    src = cfg.source_dirs()
+    if "imagenome" not in src:
+        raise FileNotFoundError("the evaluation needs Chest ImaGenome: set imagenome_dir")
+    labels = image_labels(read_relations(src["imagenome"] / IMAGENOME_RELATIONS))
+    return labels, pair_label_rows(pairs, labels)

@@ -13,7 +13,7 @@ under ``run_dir/simulation`` and its figure (PNG + PDF) under ``figures_dir``:
 Sizes come from the config block "beyond the paper" (``whatif_pairs``, ``uncertainty_samples``, …); sampling
 uses the study's ``sampler``, ``sample_steps``, ``sample_eta`` and ``sample_clip_x0``, as notebook 04 does.
 
-Without finding labels (:func:`ehrxdiff.study.evaluation.has_labels`) there is no evaluator whose P(finding) means
+Without finding labels (:func:`ehrxdiff.study.prepare.has_labels`) there is no evaluator whose P(finding) means
 anything, so every part that reads probabilities is skipped, printed and recorded in ``skipped.csv`` (what,
 why), and the rest runs on the images: the what-if example shows the predictions and their difference map
 only (the population what-if is skipped); uncertainty reports the per-pixel std (``uncertainty_spread.csv``:
@@ -44,7 +44,8 @@ from ehrxdiff.simulation.sampler_study import sampler_study
 from ehrxdiff.simulation.uncertainty import calibration_table, pixel_spread, probability_spread, sample_many
 from ehrxdiff.simulation.whatif import EventList, agreement, intervention_effects, what_if
 from ehrxdiff.study import models, prepare, shared
-from ehrxdiff.study.evaluation import label_rows, missing_labels_reason, score_images
+from ehrxdiff.study.evaluation import score_images
+from ehrxdiff.study.prepare import label_rows, missing_labels_reason
 from ehrxdiff.study.layout import layout
 from ehrxdiff.synthetic.counterfactual import pair_true_effects
 
@@ -73,7 +74,7 @@ class Context:
     scored: object               # PairDataset: the test pairs notebooks 04-05 generated and scored
     label_rows: pd.DataFrame | None  # Table II rows (pair_key, label, relation, prev_relation); None without labels
     timings: dict
-    labels_missing: str | None = None   # why there are no finding labels (evaluation.missing_labels_reason)
+    labels_missing: str | None = None   # why there are no finding labels (prepare.missing_labels_reason)
 
     @property
     def has_labels(self) -> bool:
