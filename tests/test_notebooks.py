@@ -5,6 +5,7 @@ import ast
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -100,3 +101,11 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert (sim / "whatif_shuffled_events.csv").exists()
     effects = pd.read_csv(sim / "whatif_effects.csv")
     assert effects["delta_true"].notna().all()       # the synthetic world's truth next to every model effect
+    # the events' linear probes (python -m ehrxdiff.bench probe) on this run's notebooks 01-03
+    r = subprocess.run([sys.executable, "-m", "ehrxdiff.bench", "probe", "--profile", "smoke", "-p", "data_dir",
+                        str(tmp_path / "data"), "-p", "run_dir", str(tmp_path / "run"), "--out", str(tmp_path / "probe")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    probe = pd.read_csv(tmp_path / "probe" / "probe.csv")
+    assert len(probe) == 5 and probe[["all", "same"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert set(probe["features"]) == {"previous labels", "raw event embeddings", "frozen CLIP table tokens"}

@@ -371,6 +371,69 @@ def _bench_curve(a) -> int:
     return 0
 
 
+def _bench_probe(a) -> int:
+    """Linear probes of S_event (issue 14: where is the events' information about the next film lost?).
+
+    For each representation of a pair's S_event - the raw event embeddings and the frozen CLIP table tokens, each
+    pooled by :func:`ehrxdiff.models.ldm.pool_events` over the ``max_events`` the LDM sees - with and without the
+    previous film's labels, a logistic regression per finding (:func:`ehrxdiff.training.findings.fit_findings_head`,
+    the findings head's own fit) is trained on the train pairs' target labels and scored on the test pairs with Table
+    II's weighted-macro AUROC (all / diff / same). Needs notebooks 01-03 of the profile's run. One tidy row per probe
+    goes to ``<out>/probe.csv``."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from ehrxdiff.config import load_config
+    from ehrxdiff.constants import IMAGENOME_LABELS
+    from ehrxdiff.data.datasets import pad_events
+    from ehrxdiff.data.labels import prev_label_matrix, target_label_matrix
+    from ehrxdiff.evaluation.metrics import score_method
+    from ehrxdiff.models.ldm import ClipConditioner, pool_events
+    from ehrxdiff.study import models, prepare
+    from ehrxdiff.training.findings import fit_findings_head, pooled_table_tokens
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(a.profile, {k: v for k, v in a.param})
+    pairs, store = prepare.load_pairs_with_events(cfg)
+    _, rows = prepare.label_rows(cfg, pairs)
+    keys = list(pairs["pair_key"])
+    raw = torch.cat([pool_events(*pad_events([torch.as_tensor(store.embeddings(k, max_events=cfg.max_events),
+                                                              dtype=torch.float32) for k in keys[i:i + 256]],
+                                             max_events=cfg.max_events))
+                     for i in range(0, len(keys), 256)])
+    clip = pooled_table_tokens(ClipConditioner.from_ehrclip(models.load_clip(cfg)), store, keys,
+                               max_events=cfg.max_events)
+    feats = {"raw event embeddings": pd.DataFrame(raw.numpy(), index=keys),
+             "frozen CLIP table tokens": pd.DataFrame(clip.numpy(), index=keys)}
+    split = {s: rows[rows["split"] == s] for s in ("train", "test")}
+    prev = {s: prev_label_matrix(r) for s, r in split.items()}
+    target = target_label_matrix(split["train"]).reindex(prev["train"].index)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, with_prev in [("previous labels", True)] + [(f, w) for f in feats for w in (False, True)]:
+        def x(s):
+            parts = ([prev[s].to_numpy()] if with_prev else []) + (
+                [feats[name].loc[prev[s].index].to_numpy()] if name in feats else [])
+            return torch.tensor(np.hstack(parts), dtype=torch.float32)
+        torch.manual_seed(cfg.seed)
+        xtr = x("train")
+        head = nn.Linear(xtr.shape[1], len(IMAGENOME_LABELS))
+        fit_findings_head(head, xtr, torch.tensor(target.to_numpy(), dtype=torch.float32))
+        with torch.no_grad():
+            probs = pd.DataFrame(torch.sigmoid(head(x("test"))).numpy(), index=prev["test"].index,
+                                 columns=list(IMAGENOME_LABELS))
+        summary, _ = score_method(split["test"], probs, method=name)
+        row = {"features": name, "with previous labels": with_prev,
+               **{r["subset"]: round(r["auroc"], 3) for _, r in summary.iterrows()}}
+        results.append(row)
+        print(row, flush=True)
+    pd.DataFrame(results).to_csv(out / "probe.csv", index=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -411,6 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     lc.add_argument("--threads", type=int, default=None)
     lc.add_argument("--out", required=True, help="folder of the run (checkpoints, pipeline, curve.csv)")
     lc.set_defaults(func=_bench_curve)
+    pr = sub.add_parser("probe", help="linear probes of S_event: do the frozen CLIP table tokens predict the next film?")
+    pr.add_argument("--profile", default="demo")
+    pr.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="config override, as ./run_all.sh -p")
+    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--out", required=True, help="folder for probe.csv")
+    pr.set_defaults(func=_bench_probe)
     a = ap.parse_args(argv)
     return a.func(a)
 
