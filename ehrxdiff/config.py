@@ -125,7 +125,8 @@ class StudyConfig:
     adaptor_fusion: str = "linear"           # linear (paper: token-axis Linear) | tokens (side by side; not in the paper)
     event_global: str = "none"               # S_event in the UNet's time embedding too (not in the paper; issue 14):
     #                                          none (paper) | pooled (mean+max of the table tokens) | findings (P(finding)
-    #                                          of a head fitted on the train pairs' labels; training.findings)
+    #                                          of a head fitted on the train pairs' labels; training.findings;
+    #                                          a study without finding labels builds its models without the head)
     ldm_parallel_models: int = 1             # models trained at once, one worker process each (CPU: cores split)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)

@@ -2,6 +2,7 @@
 it says it skipped, and one own cohort without finding columns through notebooks 01-07 on the smoke profile."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from ehrxdiff.config import load_config
 from ehrxdiff.evaluation.label_free import label_free_plan, vs_previous_image
+from ehrxdiff.study import models
 from ehrxdiff.study.prepare import has_labels, missing_labels_reason
 from ehrxdiff.evaluation.metrics import image_similarity
 
@@ -71,6 +73,16 @@ def test_has_labels_by_source(tmp_path):
     (tmp_path / "cohort").mkdir()
     (tmp_path / "cohort" / "image_labels.parquet").write_bytes(b"")
     assert has_labels(own)
+
+
+def test_the_findings_head_needs_labels(tmp_path):
+    """``event_global: findings`` (the smoke and demo profiles) fits its head on finding labels: without them the
+    models are built without it (the e2e test below checks what notebook 04 records); ``pooled`` needs none."""
+    assert models.event_global(load_config("smoke", {"run_dir": str(tmp_path)})) == "findings"
+    mimic = {"mimic_iv_dir": str(tmp_path), "mimic_cxr_dir": str(tmp_path)}
+    assert models.event_global(load_config("smoke", mimic)) is None
+    assert models.event_global(load_config("smoke", mimic | {"event_global": "pooled"})) == "pooled"
+    assert models.event_global(load_config("smoke", {"event_global": "none"})) is None
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -151,6 +163,11 @@ def test_label_free_own_cohort_runs_every_notebook(tmp_path, monkeypatch):
     s_event = pd.read_parquet(run / "events" / "events.parquet")
     assert len(s_event) and (s_event["hours"].to_numpy() < interval.reindex(s_event["pair_key"]).to_numpy()).all()
     ev, sim = run / "eval", run / "simulation"
+    # 04: the smoke profile's event_global findings cannot fit its head without labels: built without it, said why
+    for model in ("EHRXDiff", "EHRXDiff_w_null"):
+        head = json.loads((run / "ldm" / model / "findings_head.json").read_text())
+        assert "no finding columns" in head["skipped"]
+        assert json.loads((run / "ldm" / model / "pipeline" / "adaptor" / "config.json").read_text())["n_findings"] == 0
     # 05: image similarity per method and seed (the previous image once, each model per sampling seed)
     per_pair = pd.read_csv(ev / "image_similarity.csv")
     n_pairs = per_pair["pair_key"].nunique()

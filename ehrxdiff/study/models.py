@@ -313,21 +313,33 @@ def build_variant(cfg: StudyConfig, name: str, vae, clip):
                           layers_per_block=cfg.unet_layers_per_block, norm_num_groups=norm_groups(cfg.unet_channels),
                           latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                           clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion,
-                          event_global=cfg.event_global if use_tab and cfg.event_global != "none" else None,
+                          event_global=event_global(cfg) if use_tab else None,
                           n_findings=len(IMAGENOME_LABELS))
+
+
+def event_global(cfg: StudyConfig) -> str | None:
+    """What of S_event the models feed to the UNet's time embedding (:func:`ehrxdiff.models.ldm.build_ehrxdiff`).
+    ``findings`` needs finding labels to fit its head; a study without them (an own cohort without finding columns,
+    MIMIC without Chest ImaGenome) builds its models without the head, as it skips Tables II and IV, and
+    :func:`fit_findings` records why in ``findings_head.json``."""
+    if cfg.event_global == "none" or (cfg.event_global == "findings" and missing_labels_reason(cfg)):
+        return None
+    return cfg.event_global
 
 
 def fit_findings(cfg: StudyConfig, model, ds: dict, out_dir: Path) -> dict | None:
     """``event_global: findings``: fit the adaptor's findings head (:mod:`ehrxdiff.training.findings`) on the train
     pairs' target labels before the LDM trains, and write what it reaches on the validation pairs (macro AUROC over
-    the findings, events only) to ``<out_dir>/findings_head.json``. None for a model without the head."""
+    the findings, events only) to ``<out_dir>/findings_head.json`` - or, without finding labels, why there is no head.
+    None for a model without the head."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reason = missing_labels_reason(cfg)
+    if cfg.event_global == "findings" and reason and model.adaptor.config.use_clip_table:
+        log.warning("event_global findings: no findings head (%s); the model is built with event_global none", reason)
+        (out_dir / "findings_head.json").write_text(json.dumps({"skipped": reason}, indent=1))
     head = model.adaptor.findings_head
     if head is None:
         return None
-    reason = missing_labels_reason(cfg)
-    if reason:
-        raise ValueError(f"event_global: findings fits its head on the finding labels, and there are none ({reason}); "
-                         "use event_global none or pooled")
     record = {}
     for split in ("train", "valid"):
         pairs = ds[split].pairs
@@ -340,7 +352,6 @@ def fit_findings(cfg: StudyConfig, model, ds: dict, out_dir: Path) -> dict | Non
         else:
             with torch.no_grad():
                 record["valid_macro_auroc"] = macro_auroc(model.adaptor.findings(feats).numpy(), y.numpy())
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "findings_head.json").write_text(json.dumps(record, indent=1))
     log.info("findings head: %s", record)
     return record
