@@ -48,8 +48,8 @@ from ehrxdiff.reporting.figures import (SALIENCE, plot_auroc_bars, plot_guidance
                                         salience_rule, salient_events)
 from ehrxdiff.reporting.tables import auroc_table, reidentification_summary, seed_table, write_table
 from ehrxdiff.study import models, prepare, shared
-from ehrxdiff.study.prepare import has_labels, label_rows, missing_labels_reason
 from ehrxdiff.study.layout import layout
+from ehrxdiff.study.prepare import has_labels, label_rows, missing_labels_reason
 
 BASELINES = ("GT", "previous image", "previous label", "table classifier", "table classifier w/ prev label")
 

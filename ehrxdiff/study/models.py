@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from ehrxdiff.config import StudyConfig
 from ehrxdiff.constants import FINAL_VARIANT, IMAGENOME_LABELS, MAIN_MODELS, TABLE_IV_VARIANTS
 from ehrxdiff.data.datasets import collate_pairs
-from ehrxdiff.data.labels import target_label_matrix
 from ehrxdiff.data.images import load_image, to_uint8
+from ehrxdiff.data.labels import target_label_matrix
 from ehrxdiff.data.wnull import WithNullSamples
 from ehrxdiff.evaluation.baselines import generated_image_table, pair_image_table
 from ehrxdiff.evaluation.identity import reidentification_table

@@ -45,8 +45,8 @@ from ehrxdiff.simulation.uncertainty import calibration_table, pixel_spread, pro
 from ehrxdiff.simulation.whatif import EventList, agreement, intervention_effects, what_if
 from ehrxdiff.study import models, prepare, shared
 from ehrxdiff.study.evaluation import score_images
-from ehrxdiff.study.prepare import label_rows, missing_labels_reason
 from ehrxdiff.study.layout import layout
+from ehrxdiff.study.prepare import label_rows, missing_labels_reason
 from ehrxdiff.synthetic.counterfactual import pair_true_effects
 
 log = logging.getLogger(__name__)
