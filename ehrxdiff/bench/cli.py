@@ -387,22 +387,19 @@ def _bench_probe(a) -> int:
 
     from ehrxdiff.config import load_config
     from ehrxdiff.constants import IMAGENOME_LABELS
-    from ehrxdiff.data.datasets import pad_events
     from ehrxdiff.data.labels import prev_label_matrix, target_label_matrix
     from ehrxdiff.evaluation.metrics import score_method
     from ehrxdiff.models.ldm import ClipConditioner, pool_events
     from ehrxdiff.study import models, prepare
-    from ehrxdiff.training.findings import fit_findings_head, pooled_table_tokens
+    from ehrxdiff.training.findings import event_batches, fit_findings_head, pooled_table_tokens
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.profile, {k: v for k, v in a.param})
     pairs, store = prepare.load_pairs_with_events(cfg)
     _, rows = prepare.label_rows(cfg, pairs)
     keys = list(pairs["pair_key"])
-    raw = torch.cat([pool_events(*pad_events([torch.as_tensor(store.embeddings(k, max_events=cfg.max_events),
-                                                              dtype=torch.float32) for k in keys[i:i + 256]],
-                                             max_events=cfg.max_events))
-                     for i in range(0, len(keys), 256)])
+    raw = torch.cat([pool_events(events, mask)
+                     for events, mask in event_batches(store, keys, max_events=cfg.max_events)])
     clip = pooled_table_tokens(ClipConditioner.from_ehrclip(models.load_clip(cfg)), store, keys,
                                max_events=cfg.max_events)
     feats = {"raw event embeddings": pd.DataFrame(raw.numpy(), index=keys),

@@ -333,18 +333,19 @@ def fit_findings(cfg: StudyConfig, model, ds: dict, out_dir: Path) -> dict | Non
     the findings, events only) to ``<out_dir>/findings_head.json`` - or, without finding labels, why there is no head.
     None for a model without the head."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    reason = missing_labels_reason(cfg)
-    if cfg.event_global == "findings" and reason and model.adaptor.config.use_clip_table:
-        log.warning("event_global findings: no findings head (%s); the model is built with event_global none", reason)
-        (out_dir / "findings_head.json").write_text(json.dumps({"skipped": reason}, indent=1))
     head = model.adaptor.findings_head
     if head is None:
+        if cfg.event_global == "findings" and model.adaptor.config.use_clip_table:   # asked for, no labels to fit
+            reason = missing_labels_reason(cfg)
+            log.warning("event_global findings: no findings head (%s); the model is built with event_global none",
+                        reason)
+            (out_dir / "findings_head.json").write_text(json.dumps({"skipped": reason}, indent=1))
         return None
+    _, rows = label_rows(cfg, pd.concat([ds[s].pairs for s in ("train", "valid")], ignore_index=True))
     record = {}
     for split in ("train", "valid"):
         pairs = ds[split].pairs
-        _, rows = label_rows(cfg, pairs)
-        targets = target_label_matrix(rows).reindex(pairs["pair_key"])
+        targets = target_label_matrix(rows[rows["split"] == split]).reindex(pairs["pair_key"])
         feats = pooled_table_tokens(model.clip, ds[split].store, list(pairs["pair_key"]), max_events=cfg.max_events)
         y = torch.tensor(targets.to_numpy(), dtype=torch.float32)
         if split == "train":

@@ -23,24 +23,28 @@ from torch import nn
 from ehrxdiff.data.datasets import pad_events
 from ehrxdiff.models.ldm import ClipConditioner, pool_events
 
-__all__ = ["pooled_table_tokens", "fit_findings_head"]
+__all__ = ["event_batches", "pooled_table_tokens", "fit_findings_head"]
+
+
+def event_batches(event_store, keys, *, max_events: int, batch_size: int = 256):
+    """The pairs' S_event as the LDM sees them (the ``max_events`` most recent events, zero-padded with their mask),
+    ``(events [B, N, D], mask [B, N])`` per batch of ``batch_size`` keys."""
+    for i in range(0, len(keys), batch_size):
+        rows = [torch.from_numpy(np.asarray(event_store.embeddings(k, max_events=max_events), np.float32))
+                for k in keys[i:i + batch_size]]
+        yield pad_events(rows, max_events=max_events)
 
 
 @torch.no_grad()
 def pooled_table_tokens(clip: ClipConditioner, event_store, keys, *, max_events: int,
                         batch_size: int = 256) -> torch.Tensor:
     """[len(keys), 2 D]: :func:`~ehrxdiff.models.ldm.pool_events` of the table tower's tokens of each pair's S_event
-    (the ``max_events`` most recent events, as the LDM sees them), the tower in eval mode."""
+    (:func:`event_batches`), the tower in eval mode."""
     tower = clip.clip.table_tower
     was_training = tower.training
     tower.eval()
-    out = []
-    for i in range(0, len(keys), batch_size):
-        rows = [torch.from_numpy(np.asarray(event_store.embeddings(k, max_events=max_events), np.float32))
-                for k in keys[i:i + batch_size]]
-        events, mask = pad_events(rows, max_events=max_events)
-        tokens, token_mask = clip.table_tokens(events, mask)
-        out.append(pool_events(tokens, token_mask))
+    out = [pool_events(*clip.table_tokens(events, mask))
+           for events, mask in event_batches(event_store, keys, max_events=max_events, batch_size=batch_size)]
     tower.train(was_training)
     return torch.cat(out)
 
