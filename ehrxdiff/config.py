@@ -126,7 +126,8 @@ class StudyConfig:
     event_global: str = "none"               # S_event in the UNet's time embedding too (not in the paper; issue 14):
     #                                          none (paper) | pooled (mean+max of the table tokens) | findings (P(finding)
     #                                          of a head fitted on the train pairs' labels; training.findings;
-    #                                          a study without finding labels builds its models without the head)
+    #                                          a study without finding labels builds its models without the head) |
+    #                                          findings_prev (the head reads I_prev's pooled CLIP image tokens too)
     ldm_parallel_models: int = 1             # models trained at once, one worker process each (CPU: cores split)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
@@ -378,7 +379,7 @@ def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
                "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"), "adaptor_fusion": ("linear", "tokens"),
-               "event_global": ("none", "pooled", "findings"),
+               "event_global": ("none", "pooled", "findings", "findings_prev"),
                "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
                "evaluator_arch": ("demo", "densenet121"), "check_images": ("decode", "header", "none"),
                "openai_provider": ("openai", "azure"), "drug_matching": ("casefold", "exact"),

@@ -9,7 +9,7 @@ from ehrxdiff.config import ConfigError, load_config
 from ehrxdiff.data.datasets import PairDataset, collate_pairs
 from ehrxdiff.evaluation.claims import FAILS, HOLDS, UNDECIDED, claims, verdict
 from ehrxdiff.models.sampling import WithEvents
-from ehrxdiff.simulation.whatif import agreement
+from ehrxdiff.simulation.whatif import agreement, intervention_items, observed_association
 from test_cache import tiny_world
 from test_pipeline import tiny_pipe
 
@@ -142,6 +142,33 @@ def test_whatif_agreement_reports_own_and_shuffled_events_apart():
                         "delta_true": [-0.3, -0.2, -0.3, -0.2]})
     out = agreement(eff).set_index("events")
     assert out.loc["own", "agreement"] == 1.0 and out.loc["shuffled", "agreement"] == 0.5
+
+
+def test_observed_association_counts_the_next_films_finding_with_and_without_the_intervention_per_previous_label():
+    """The association a model fitted to the pairs learns (issue 14): per previous label, the next film's rate of
+    the finding among pairs whose S_event names the intervention's item (case-insensitive, within the max_events
+    most recent) and among the others."""
+    from ehrxdiff.config import load_config
+    diuretic = load_config("smoke").interventions()["diuretic"]
+    assert intervention_items(diuretic) == ("Furosemide", "Furosemide (Lasix)")
+    texts = {"a": ["chartevents Heart Rate 90", "prescriptions MAIN furosemide 40 mg"],
+             "b": ["inputevents Furosemide (Lasix) 40 mg", "chartevents SpO2 95"],
+             "c": ["chartevents Heart Rate 80"], "d": [],
+             "e": ["prescriptions MAIN Furosemide 40 mg", "x", "y"],          # out of the 2 most recent: not seen
+             "f": ["chartevents Heart Rate 70"]}
+    lab = "pulmonary edema/hazy opacity"
+    rows = pd.DataFrame({"pair_key": list("abcdef"), "label": lab, "relation": [1, 1, 0, 1, 0, 0],
+                         "prev_relation": [0, 1, 0, 1, 1, 0]})
+    other = pd.DataFrame({"pair_key": ["a"], "label": "pneumonia", "relation": [1], "prev_relation": [0]})
+    out = observed_association(pd.concat([rows, other]), texts.get, {"diuretic": diuretic}, max_events=2)
+    assert set(out["label"]) == {lab}                          # no pleural-effusion rows: none counted
+    out = out.set_index("previous_label")
+    # previous 0: a (with, 1) vs c, f (without, 0 and 0); previous 1: b (with, 1) vs d, e (without, 1 and 0)
+    assert out.loc[0, ["n_with", "n_without", "rate_with", "rate_without"]].tolist() == [1, 2, 1.0, 0.0]
+    assert out.loc[1, ["n_with", "n_without", "rate_with", "rate_without"]].tolist() == [1, 2, 1.0, 0.5]
+    assert out.loc[1, "difference"] == 0.5
+    assert observed_association(rows, texts.get, {"x": {"events": [("drugs", {"value": 1})], "lowers": (lab,)}},
+                                max_events=2).empty                          # no item to recognise: nothing counted
 
 
 def test_a_changed_permutation_never_resumes_old_shuffled_samples(tmp_path):

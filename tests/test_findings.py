@@ -1,13 +1,15 @@
-"""The findings head of ``event_global: findings`` (issue 14, not in the paper; ehrxdiff.training.findings)."""
+"""The findings head of ``event_global: findings`` / ``findings_prev`` (issue 14, not in the paper; ehrxdiff.training.findings)."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from ehrxdiff.data.datasets import pad_events
-from ehrxdiff.models.ldm import ClipConditioner, pool_events
-from ehrxdiff.training.findings import fit_findings_head, pooled_table_tokens
+from ehrxdiff.data.images import load_image
+from ehrxdiff.models.ldm import ClipConditioner, pool_events, pool_image
+from ehrxdiff.training.findings import fit_findings_head, pooled_image_tokens, pooled_table_tokens
 
 torch.set_num_threads(1)
 
@@ -82,3 +84,22 @@ def test_pooled_table_tokens_are_the_pooled_tokens_the_ldm_sees():
         want = pool_events(*clip.table_tokens(events, mask))
     assert got.shape == (3, 32)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_pooled_image_tokens_pool_each_i_prev_as_the_ldm_sees_it(tmp_path):
+    """``event_global: findings_prev``: the head's image features are pool_image of the image tower's tokens of
+    each pair's I_prev, loaded at the model's size; a film shared by two pairs gives the same row."""
+    torch.manual_seed(0)
+    clip = ClipConditioner({"image": dict(image_size=16, patch_size=8, width=16, layers=1, heads=2),
+                            "table": dict(event_dim=8, width=16, layers=1, heads=2, out_dim=16)})
+    g = np.random.default_rng(1)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(g.integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / name)
+    clip.clip.image_tower.train()
+    got = pooled_image_tokens(clip, tmp_path, ["b.png", "a.png", "b.png"], image_size=16, batch_size=1)
+    assert clip.clip.image_tower.training                     # put back as it was
+    clip.clip.image_tower.eval()
+    with torch.no_grad():
+        want = pool_image(clip.image_tokens(torch.stack([load_image(tmp_path / p, 16) for p in ("b.png", "a.png")])))
+    assert got.shape == (3, 32)
+    assert torch.allclose(got[:2], want, atol=1e-6) and torch.equal(got[0], got[2])

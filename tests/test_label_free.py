@@ -201,8 +201,8 @@ def test_label_free_own_cohort_runs_every_notebook(tmp_path, monkeypatch):
     sampler = pd.read_csv(sim / "sampler_study.csv")
     assert set(sampler["metric"]) == {"MSE", "PSNR", "SSIM", "seconds per image"}
     assert set(pd.read_csv(sim / "skipped.csv")["what"]) == {
-        "what-if effects and agreement", "P(finding) spread and calibration", "rollout Brier score and AUROC",
-        "sampler study AUROC and FID"}
+        "what-if effects and agreement", "observed association of the interventions",
+        "P(finding) spread and calibration", "rollout Brier score and AUROC", "sampler study AUROC and FID"}
     assert not (sim / "calibration.csv").exists() and not (sim / "whatif_effects.csv").exists()
     out07 = (tmp_path / "07_what_if.ipynb").read_text()
     assert "difference map only (mean |cf - f| = " in out07       # the own-terms diuretic was added and predicted

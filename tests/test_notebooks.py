@@ -91,7 +91,8 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
         assert (tmp_path / "fig" / f"{fig}.png").exists() and (tmp_path / "fig" / f"{fig}.pdf").exists()
     # 07: what-if, uncertainty, rollout and sampler study write their CSVs and figures
     sim = tmp_path / "run" / "simulation"
-    for name in ("whatif_effects", "whatif_agreement", "uncertainty_spread", "calibration", "rollout", "sampler_study"):
+    for name in ("whatif_effects", "whatif_agreement", "whatif_observed", "uncertainty_spread", "calibration", "rollout",
+                 "sampler_study"):
         assert len(pd.read_csv(sim / f"{name}.csv")) > 0, name
     for fig in ("fig_whatif_example", "fig_whatif_effects", "fig_uncertainty", "fig_calibration", "fig_rollout",
                 "fig_sampler_study"):
@@ -99,6 +100,9 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     agree = pd.read_csv(tmp_path / "fig" / "table_whatif_agreement.csv")
     assert set(agree["events"]) == {"own", "shuffled"} and agree["agreement"].between(0, 1).any()
     assert (sim / "whatif_shuffled_events.csv").exists()
+    observed = pd.read_csv(tmp_path / "fig" / "table_whatif_observed.csv")      # the pairs' own association
+    assert {"diuretic", "antibiotic"} >= set(observed["intervention"])
+    assert len(observed) and (observed["n_with"] + observed["n_without"]).gt(0).all()
     effects = pd.read_csv(sim / "whatif_effects.csv")
     assert effects["delta_true"].notna().all()       # the synthetic world's truth next to every model effect
     # the events' linear probes (python -m ehrxdiff.bench probe) on this run's notebooks 01-03
@@ -107,5 +111,6 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     probe = pd.read_csv(tmp_path / "probe" / "probe.csv")
-    assert len(probe) == 5 and probe[["all", "same"]].apply(lambda c: c.between(0, 1)).all().all()
-    assert set(probe["features"]) == {"previous labels", "raw event embeddings", "frozen CLIP table tokens"}
+    assert len(probe) == 7 and probe[["all", "same"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert set(probe["features"]) == {"previous labels", "raw event embeddings", "frozen CLIP table tokens",
+                                      "frozen CLIP table tokens + I_prev image tokens"}

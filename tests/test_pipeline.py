@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from ehrxdiff.models.adaptor import TABLE_IV_VARIANTS
-from ehrxdiff.models.ldm import (ClipConditioner, build_ehrxdiff, encode_condition, pool_events, unet_conditioning,
-                                 unet_input)
+from ehrxdiff.models.ldm import (ClipConditioner, build_ehrxdiff, encode_condition, pool_events, pool_image,
+                                 unet_conditioning, unet_input)
 from ehrxdiff.models.pipeline import EHRXDiffPipeline
 from ehrxdiff.models.sampling import generate_split
 from ehrxdiff.models.vae import build_vae
@@ -209,3 +209,37 @@ def test_event_global_findings_feeds_the_heads_probabilities_frozen_and_round_tr
     assert torch.equal(loaded.adaptor.findings_head.weight, head.weight)
     with pytest.raises(ValueError, match="no findings head"):
         tiny_pipe(event_global="pooled").adaptor.findings(torch.zeros(1, 2 * WIDTH))
+
+
+def test_event_global_findings_prev_head_reads_the_events_and_i_prev(tmp_path):
+    """``event_global: findings_prev`` (issue 14, not in the paper): the findings head reads the pooled table tokens
+    beside the pooled CLIP image tokens of I_prev, so another I_prev with the same events gives other probabilities;
+    the head is frozen, round-trips, and a variant without CLIP image tokens cannot have it."""
+    pipe = tiny_pipe(event_global="findings_prev", n_findings=4)
+    head = pipe.adaptor.findings_head
+    assert (head.in_features, head.out_features) == (4 * WIDTH, 4)
+    assert pipe.adaptor.config.findings_reads_image
+    with torch.no_grad():
+        head.weight.normal_()
+    prev, events, mask = inputs()
+
+    def pooled(image):
+        return encode_condition(adaptor=pipe.adaptor, vae=pipe.vae, clip=pipe.clip, prev_image=image, events=events,
+                                event_mask=mask).pooled_events
+    tokens, tmask = pipe.clip.table_tokens(events, mask)
+    with torch.no_grad():
+        want = torch.sigmoid(head(torch.cat([pool_events(tokens, tmask), pool_image(pipe.clip.image_tokens(prev))],
+                                            dim=-1)))
+        got, other = pooled(prev), pooled(prev.flip(-1))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, other, atol=1e-4)          # same events, another I_prev: other P(finding)
+    model = pipe.to_model()
+    trainable = {id(p) for m in model.trainable_modules().values() for p in m.parameters() if p.requires_grad}
+    assert not any(id(p) in trainable for p in head.parameters())
+    pipe.save_pretrained(tmp_path)
+    loaded = EHRXDiffPipeline.from_pretrained(tmp_path)
+    assert loaded.adaptor.config.findings_reads_image and torch.equal(loaded.adaptor.findings_head.weight, head.weight)
+    with pytest.raises(ValueError, match="needs use_clip_image"):
+        tiny_pipe("xattn-CLIPtab", event_global="findings_prev")
+    with pytest.raises(ValueError, match="reads the events and I_prev"):
+        pipe.adaptor.findings(torch.zeros(1, 2 * WIDTH))

@@ -375,8 +375,9 @@ def _bench_probe(a) -> int:
     """Linear probes of S_event (issue 14: where is the events' information about the next film lost?).
 
     For each representation of a pair's S_event - the raw event embeddings and the frozen CLIP table tokens, each
-    pooled by :func:`ehrxdiff.models.ldm.pool_events` over the ``max_events`` the LDM sees - with and without the
-    previous film's labels, a logistic regression per finding (:func:`ehrxdiff.training.findings.fit_findings_head`,
+    pooled by :func:`ehrxdiff.models.ldm.pool_events` over the ``max_events`` the LDM sees, and the CLIP table tokens
+    beside I_prev's pooled CLIP image tokens (what the ``findings_prev`` head reads) - with and without the previous
+    film's labels, a logistic regression per finding (:func:`ehrxdiff.training.findings.fit_findings_head`,
     the findings head's own fit) is trained on the train pairs' target labels and scored on the test pairs with Table
     II's weighted-macro AUROC (all / diff / same). Needs notebooks 01-03 of the profile's run. One tidy row per probe
     goes to ``<out>/probe.csv``."""
@@ -391,7 +392,8 @@ def _bench_probe(a) -> int:
     from ehrxdiff.evaluation.metrics import score_method
     from ehrxdiff.models.ldm import ClipConditioner, pool_events
     from ehrxdiff.study import models, prepare
-    from ehrxdiff.training.findings import event_batches, fit_findings_head, pooled_table_tokens
+    from ehrxdiff.training.findings import (event_batches, fit_findings_head, pooled_image_tokens,
+                                            pooled_table_tokens)
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = load_config(a.profile, {k: v for k, v in a.param})
@@ -400,10 +402,15 @@ def _bench_probe(a) -> int:
     keys = list(pairs["pair_key"])
     raw = torch.cat([pool_events(events, mask)
                      for events, mask in event_batches(store, keys, max_events=cfg.max_events)])
-    clip = pooled_table_tokens(ClipConditioner.from_ehrclip(models.load_clip(cfg)), store, keys,
-                               max_events=cfg.max_events)
+    conditioner = ClipConditioner.from_ehrclip(models.load_clip(cfg))
+    clip = pooled_table_tokens(conditioner, store, keys, max_events=cfg.max_events)
+    image = pooled_image_tokens(conditioner, cfg.source_dirs()["mimic_cxr"], pairs["prev_path"],
+                                image_size=cfg.image_size)
     feats = {"raw event embeddings": pd.DataFrame(raw.numpy(), index=keys),
-             "frozen CLIP table tokens": pd.DataFrame(clip.numpy(), index=keys)}
+             "frozen CLIP table tokens": pd.DataFrame(clip.numpy(), index=keys),
+             # what the findings_prev head reads: the events' tokens beside I_prev's CLIP image tokens
+             "frozen CLIP table tokens + I_prev image tokens": pd.DataFrame(torch.cat([clip, image], -1).numpy(),
+                                                                           index=keys)}
     split = {s: rows[rows["split"] == s] for s in ("train", "test")}
     prev = {s: prev_label_matrix(r) for s, r in split.items()}
     target = target_label_matrix(split["train"]).reindex(prev["train"].index)

@@ -36,7 +36,7 @@ from ehrxdiff.constants import (BETA_END, BETA_START, D_CLIP, IMAGENOME_LABELS, 
 from ehrxdiff.models.adaptor import FusionAdaptor
 
 PAPER_UNET_CHANNELS = tuple(UNET_BASE_CHANNELS * m for m in UNET_CHANNEL_MULT)  # 224/448/896/896 [R configs]
-EVENT_GLOBAL = (None, "pooled", "findings")   # what of S_event reaches the time embedding (build_ehrxdiff)
+EVENT_GLOBAL = (None, "pooled", "findings", "findings_prev")   # what reaches the time embedding (build_ehrxdiff)
 
 
 def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
@@ -156,6 +156,12 @@ def pool_events(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, peak], dim=-1)
 
 
+def pool_image(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] CLIP image tokens of I_prev -> [B, 2 D]: their mean beside their max, as :func:`pool_events` pools
+    the events (what a findings head that reads I_prev sees, ``event_global: findings_prev``)."""
+    return torch.cat([tokens.mean(dim=1), tokens.amax(dim=1)], dim=-1)
+
+
 def unet_conditioning(unet: UNet2DConditionModel, condition: Condition) -> dict:
     """The UNet's keyword arguments for ``condition``: the cross-attention context, and the pooled events for a
     UNet built with ``event_global_dim``."""
@@ -209,7 +215,7 @@ def encode_condition(*, adaptor: FusionAdaptor, prev_image: torch.Tensor | None 
                                     table_tokens=table_tokens, table_mask=table_mask, batch_size=sized[0].shape[0])
     pooled = pool_events(table_tokens, table_mask) if table_tokens is not None else None
     if pooled is not None and adaptor.findings_head is not None:   # event_global "findings": P(finding) instead
-        pooled = adaptor.findings(pooled)
+        pooled = adaptor.findings(pooled, pool_image(image_tokens) if cfg.findings_reads_image else None)
     return Condition(context, context_mask, mean if cfg.vae_mode == "concat" else None, pooled)
 
 
@@ -387,7 +393,8 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
     ``event_global`` (not in the paper) also feeds S_event to the UNet's time embedding (:func:`build_unet`):
     ``"pooled"`` the pooled table tokens (:func:`pool_events`), ``"findings"`` the ``n_findings`` probabilities of the
     adaptor's findings head over them (fit it with :func:`ehrxdiff.training.findings.fit_findings_head` before
-    training; it stays frozen). None: cross-attention only, the paper.
+    training; it stays frozen), ``"findings_prev"`` those of a head that reads the pooled CLIP image tokens of I_prev
+    too (:func:`pool_image`; needs ``use_clip_image``). None: cross-attention only, the paper.
     """
     if event_global not in EVENT_GLOBAL:
         raise ValueError(f"event_global must be one of {EVENT_GLOBAL}, got {event_global!r}")
@@ -411,11 +418,15 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
         raise ValueError("d_clip is needed when no CLIP tower is used")
     if event_global and not use_clip_table:
         raise ValueError("event_global pools the CLIP table tokens: it needs use_clip_table=True")
+    if event_global == "findings_prev" and not use_clip_image:
+        raise ValueError("event_global findings_prev reads I_prev's CLIP image tokens: it needs use_clip_image=True")
     adaptor = FusionAdaptor(latent_channels=vae.config.latent_channels, latent_size=latent_size, d_clip=d_clip,
                             n_image_tokens=max(n_image_tokens, 1), max_events=max_events, c_fusion=c_fusion,
                             vae_mode=vae_mode, use_clip_image=use_clip_image, use_clip_table=use_clip_table,
-                            fusion=fusion, n_findings=n_findings if event_global == "findings" else 0)
-    global_dim = {"pooled": 2 * d_clip, "findings": n_findings}.get(event_global)
+                            fusion=fusion,
+                            n_findings=n_findings if event_global in ("findings", "findings_prev") else 0,
+                            findings_reads_image=event_global == "findings_prev")
+    global_dim = {"pooled": 2 * d_clip, "findings": n_findings, "findings_prev": n_findings}.get(event_global)
     unet = build_unet(latent_channels=vae.config.latent_channels, sample_size=latent_size,
                       block_out_channels=unet_channels, layers_per_block=layers_per_block,
                       attention_levels=attention_levels, num_heads=num_heads, cross_attention_dim=d_clip,

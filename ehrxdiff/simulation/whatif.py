@@ -277,4 +277,56 @@ def agreement(effects: pd.DataFrame, *, min_true_effect: float = 0.01,
     return pd.DataFrame(out)
 
 
+ITEM_COLUMNS = ("drug", "itemid", "item")   # the columns that name an intervention row's item (MIMIC / own cohort)
+
+
+def intervention_items(definition: dict) -> tuple[str, ...]:
+    """The item names of an intervention's rows (``drug``, ``itemid`` or an own cohort's ``item``): how an extracted
+    S_event is recognised as holding the intervention (:func:`observed_association`)."""
+    return tuple(dict.fromkeys(str(values[c]) for _, values in definition["events"] for c in ITEM_COLUMNS
+                               if values.get(c) not in (None, "")))
+
+
+def observed_association(label_rows: pd.DataFrame, texts: Callable[[str], Sequence[str]], interventions: dict, *,
+                         max_events: int) -> pd.DataFrame:
+    """What the observed pairs say about an intervention, before any model: per finding it is meant to lower and
+    per previous-film label (0 / 1), the next film's rate of the finding among pairs whose S_event holds the
+    intervention (an event naming one of its items, :func:`intervention_items`, among the ``max_events`` most
+    recent the model sees) and among pairs whose S_event does not.
+
+    Why (issue 14): a model of P(I_trg | I_prev, S_event) fitted to observed pairs learns this association, and
+    the world's causal effect of *adding* the intervention (:func:`agreement`'s truth) can point the other way. On
+    the synthetic world a diuretic is given because edema rose after I_prev (the world's treatment policy), so at
+    the same previous label the next film shows *more* edema after a diuretic than without one, although adding
+    one lowers it: confounding by indication. A what-if that agrees with the world has to see past that.
+
+    ``label_rows``: Table II's rows (pair_key, label, relation, prev_relation) of the pairs to count (the train
+    split); ``texts``: pair_key → its S_event texts, oldest first (the event store's ``texts``). One row per
+    (intervention, label, previous label): pairs and rate with and without the intervention, and their difference.
+    """
+    rows = []
+    wanted = {iv: (intervention_items(d), tuple(d.get("lowers", ()))) for iv, d in interventions.items()}
+    wanted = {iv: w for iv, w in wanted.items() if w[0] and w[1]}
+    if not wanted or label_rows.empty:
+        return pd.DataFrame(columns=["intervention", "label", "previous_label", "n_with", "n_without", "rate_with",
+                                     "rate_without", "difference"])
+    keys = sorted(set(label_rows["pair_key"]))
+    recent = {k: [t.lower() for t in list(texts(k))[-max_events:]] for k in keys}
+    for iv, (items, lowers) in wanted.items():
+        low = [i.lower() for i in items]
+        holds = pd.Series({k: any(i in t for t in recent[k] for i in low) for k in keys}, name="with")
+        for lab in lowers:
+            g = label_rows[(label_rows["label"] == lab) & label_rows["relation"].notna()].copy()
+            g["with"] = g["pair_key"].map(holds)
+            g["previous_label"] = (g["prev_relation"].fillna(0) > 0).astype(int)
+            for prev, h in g.groupby("previous_label"):
+                w, wo = h[h["with"]], h[~h["with"]]
+                rate_w = float(w["relation"].mean()) if len(w) else np.nan
+                rate_wo = float(wo["relation"].mean()) if len(wo) else np.nan
+                rows.append({"intervention": iv, "label": lab, "previous_label": int(prev), "n_with": len(w),
+                             "n_without": len(wo), "rate_with": rate_w, "rate_without": rate_wo,
+                             "difference": rate_w - rate_wo})
+    return pd.DataFrame(rows)
+
+
 # --- figures ---------------------------------------------------------------------------------------------

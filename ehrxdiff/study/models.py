@@ -45,7 +45,7 @@ from ehrxdiff.study.layout import layout
 from ehrxdiff.study.prepare import datasets, label_rows, missing_labels_reason
 from ehrxdiff.study.shared import figures_dir, seed_everything
 from ehrxdiff.training.cache import CachedPairs, ConditionCache, FirstStageCache, collate_cached
-from ehrxdiff.training.findings import fit_findings_head, pooled_table_tokens
+from ehrxdiff.training.findings import fit_findings_head, pooled_image_tokens, pooled_table_tokens
 from ehrxdiff.training.train_clip import train_clip as fit_clip
 from ehrxdiff.training.train_ldm import conditioning_sensitivity as loss_sensitivity, train_ldm
 from ehrxdiff.training.train_vae import train_vae as fit_vae
@@ -313,46 +313,56 @@ def build_variant(cfg: StudyConfig, name: str, vae, clip):
                           layers_per_block=cfg.unet_layers_per_block, norm_num_groups=norm_groups(cfg.unet_channels),
                           latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                           clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion,
-                          event_global=event_global(cfg) if use_tab else None,
+                          event_global=_variant_event_global(cfg, use_img) if use_tab else None,
                           n_findings=len(IMAGENOME_LABELS))
 
 
 def event_global(cfg: StudyConfig) -> str | None:
     """What of S_event the models feed to the UNet's time embedding (:func:`ehrxdiff.models.ldm.build_ehrxdiff`).
-    ``findings`` needs finding labels to fit its head; a study without them (an own cohort without finding columns,
-    MIMIC without Chest ImaGenome) builds its models without the head, as it skips Tables II and IV, and
-    :func:`fit_findings` records why in ``findings_head.json``."""
-    if cfg.event_global == "none" or (cfg.event_global == "findings" and missing_labels_reason(cfg)):
+    ``findings`` / ``findings_prev`` need finding labels to fit their head; a study without them (an own cohort
+    without finding columns, MIMIC without Chest ImaGenome) builds its models without the head, as it skips Tables
+    II and IV, and :func:`fit_findings` records why in ``findings_head.json``."""
+    if cfg.event_global == "none" or (cfg.event_global.startswith("findings") and missing_labels_reason(cfg)):
         return None
     return cfg.event_global
 
 
+def _variant_event_global(cfg: StudyConfig, use_clip_image: bool) -> str | None:
+    """:func:`event_global` for one Table IV variant: a variant without CLIP image tokens (xattn-CLIPtab) has no
+    I_prev tokens for a ``findings_prev`` head to read, so its head reads the events only (``findings``)."""
+    g = event_global(cfg)
+    return "findings" if g == "findings_prev" and not use_clip_image else g
+
+
 def fit_findings(cfg: StudyConfig, model, ds: dict, out_dir: Path) -> dict | None:
-    """``event_global: findings``: fit the adaptor's findings head (:mod:`ehrxdiff.training.findings`) on the train
-    pairs' target labels before the LDM trains, and write what it reaches on the validation pairs (macro AUROC over
-    the findings, events only) to ``<out_dir>/findings_head.json`` - or, without finding labels, why there is no head.
-    None for a model without the head."""
+    """``event_global: findings`` / ``findings_prev``: fit the adaptor's findings head
+    (:mod:`ehrxdiff.training.findings`) on the train pairs' target labels before the LDM trains, and write what it
+    reads and reaches on the validation pairs (macro AUROC over the findings) to ``<out_dir>/findings_head.json`` -
+    or, without finding labels, why there is no head. None for a model without the head."""
     out_dir.mkdir(parents=True, exist_ok=True)
     head = model.adaptor.findings_head
     if head is None:
-        if cfg.event_global == "findings" and model.adaptor.config.use_clip_table:   # asked for, no labels to fit
+        if cfg.event_global.startswith("findings") and model.adaptor.config.use_clip_table:   # asked for, no labels
             reason = missing_labels_reason(cfg)
             log.warning("event_global findings: no findings head (%s); the model is built with event_global none",
                         reason)
             (out_dir / "findings_head.json").write_text(json.dumps({"skipped": reason}, indent=1))
         return None
     _, rows = label_rows(cfg, pd.concat([ds[s].pairs for s in ("train", "valid")], ignore_index=True))
-    record = {}
+    record = {"reads": "S_event and I_prev" if model.adaptor.config.findings_reads_image else "S_event"}
     for split in ("train", "valid"):
         pairs = ds[split].pairs
         targets = target_label_matrix(rows[rows["split"] == split]).reindex(pairs["pair_key"])
         feats = pooled_table_tokens(model.clip, ds[split].store, list(pairs["pair_key"]), max_events=cfg.max_events)
+        if model.adaptor.config.findings_reads_image:   # findings_prev: I_prev's pooled CLIP image tokens beside them
+            feats = torch.cat([feats, pooled_image_tokens(model.clip, ds[split].image_root, pairs["prev_path"],
+                                                          image_size=cfg.image_size)], dim=-1)
         y = torch.tensor(targets.to_numpy(), dtype=torch.float32)
         if split == "train":
             record |= fit_findings_head(head, feats, y)
         else:
             with torch.no_grad():
-                record["valid_macro_auroc"] = macro_auroc(model.adaptor.findings(feats).numpy(), y.numpy())
+                record["valid_macro_auroc"] = macro_auroc(torch.sigmoid(head(feats)).numpy(), y.numpy())
     (out_dir / "findings_head.json").write_text(json.dumps(record, indent=1))
     log.info("findings head: %s", record)
     return record

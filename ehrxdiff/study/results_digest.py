@@ -89,6 +89,21 @@ def _whatif(run: Path) -> str:
             "pair's events, scored against this pair's truth):\n\n" + to_markdown(w, index=False))
 
 
+def _observed(run: Path) -> str:
+    o = pd.read_csv(run / "simulation" / "whatif_observed.csv")
+    cols = {"intervention": "in S_event", "label": "finding", "previous_label": "previous film", "n_with": "pairs with",
+            "rate_with": "next film: rate with", "n_without": "pairs without", "rate_without": "rate without",
+            "difference": "difference"}
+    o = o[list(cols)].rename(columns=cols)
+    for c in ("next film: rate with", "rate without"):
+        o[c] = o[c].map(lambda x: _num(x, 3))
+    o["difference"] = o["difference"].map(lambda x: f"{x:+.3f}" if pd.notna(x) else "–")
+    return (f"**Observed association** (notebook 07; `{run}/simulation/whatif_observed.csv`; train pairs: the next "
+            "film's rate of each finding an intervention is meant to lower, with and without it among the events "
+            "the model sees, at the same previous-film label - what a model fitted to the pairs learns):\n\n"
+            + to_markdown(o, index=False))
+
+
 def _calibration(run: Path) -> str:
     c = pd.read_csv(run / "simulation" / "calibration.csv").groupby("method", sort=False)["ece"].first()
     return ("**Calibration** (ECE of P(finding) against the true target's labels): "
@@ -124,6 +139,7 @@ def digest(run_dir: str | Path, figures_dir: str | Path) -> str:
                      ("guidance sweep", lambda: (fig / "table_guidance_sweep.md").read_text().strip()),
                      ("re-identification", lambda: _reidentification(run)), ("claims", lambda: _claims(run)),
                      ("CLIP retrieval", lambda: _retrieval(run)), ("what-if", lambda: _whatif(run)),
+                     ("observed association", lambda: _observed(run)),
                      ("calibration", lambda: _calibration(run)), ("rollout", lambda: _rollout(run)),
                      ("sampler study", lambda: _sampler(run))):
         try:

@@ -42,7 +42,7 @@ from ehrxdiff.reporting.tables import write_table
 from ehrxdiff.simulation.rollout import admission_chains, rollout, step_metrics
 from ehrxdiff.simulation.sampler_study import sampler_study
 from ehrxdiff.simulation.uncertainty import calibration_table, pixel_spread, probability_spread, sample_many
-from ehrxdiff.simulation.whatif import EventList, agreement, intervention_effects, what_if
+from ehrxdiff.simulation.whatif import EventList, agreement, intervention_effects, observed_association, what_if
 from ehrxdiff.study import models, prepare, shared
 from ehrxdiff.study.evaluation import score_images
 from ehrxdiff.study.layout import layout
@@ -224,6 +224,31 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
     plot_effects(effects, summary, shared.figures_dir(cfg) / "fig_whatif_effects")
     _timed(ctx, "what-if", t0)
     return effects, summary
+
+
+def run_observed_association(ctx: Context) -> pd.DataFrame:
+    """Next to the what-if: what the *train* pairs say about each configured intervention
+    (:func:`ehrxdiff.simulation.whatif.observed_association`) - the next film's rate of each finding it is meant to
+    lower, with and without it in S_event, at the same previous-film label. The association a model fitted to these
+    pairs learns; where it has the opposite sign to the world's effect, the what-if asks for more than Eq. 2 fits.
+    Written to ``simulation/whatif_observed.csv`` and ``table_whatif_observed``. Without labels or interventions:
+    skipped (an empty table)."""
+    defined = ctx.cfg.interventions()
+    if not defined or not ctx.has_labels:
+        ctx.skip("observed association of the interventions",
+                 "no intervention configured" if not defined else "it counts the next film's finding labels")
+        return pd.DataFrame()
+    cfg = ctx.cfg
+    train = ctx.label_rows[ctx.label_rows["split"] == "train"]
+    table = observed_association(train, ctx.test.store.texts, defined, max_events=cfg.max_events)
+    table.to_csv(sim_dir(cfg) / "whatif_observed.csv", index=False)
+    write_table(table.round(4), "table_whatif_observed", shared.figures_dir(cfg), index=False,
+                caption=f"Observed association (train pairs, {cfg.max_events} most recent events): the next film's "
+                        "rate of each finding an intervention is meant to lower, among pairs whose S_event holds the "
+                        "intervention and among those whose S_event does not, at the same previous-film label. "
+                        "What a model of P(I_trg | I_prev, S_event) learns; compare the world's effect of adding it "
+                        "(table_whatif_agreement, mean_delta_true)")
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- uncertainty

@@ -12,8 +12,13 @@ the labels Table II is scored against; unlabelled findings masked), full batch, 
 inputs folded back into the Linear so the head reads the raw pooled tokens. Nothing of the test split is used. It is
 frozen while the LDM trains (:class:`ehrxdiff.models.ldm.EHRXDiff`), so the UNet learns to draw what the head says
 rather than the head learning to help the loss.
+
+``event_global: findings_prev`` fits the same head on the pooled CLIP image tokens of I_prev beside the events'
+(:func:`pooled_image_tokens`): the next film's findings are mostly the last film's, changed by the events.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ehrxdiff.data.datasets import pad_events
-from ehrxdiff.models.ldm import ClipConditioner, pool_events
+from ehrxdiff.data.images import load_image
+from ehrxdiff.models.ldm import ClipConditioner, pool_events, pool_image
 
-__all__ = ["event_batches", "pooled_table_tokens", "fit_findings_head"]
+__all__ = ["event_batches", "pooled_table_tokens", "pooled_image_tokens", "fit_findings_head"]
 
 
 def event_batches(event_store, keys, *, max_events: int, batch_size: int = 256):
@@ -47,6 +53,26 @@ def pooled_table_tokens(clip: ClipConditioner, event_store, keys, *, max_events:
            for events, mask in event_batches(event_store, keys, max_events=max_events, batch_size=batch_size)]
     tower.train(was_training)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def pooled_image_tokens(clip: ClipConditioner, image_root, paths, *, image_size: int,
+                        batch_size: int = 256) -> torch.Tensor:
+    """[len(paths), 2 D]: :func:`~ehrxdiff.models.ldm.pool_image` of the image tower's tokens of each image (I_prev
+    of each pair, loaded at the model's size as the LDM's cache loads it), each distinct image encoded once, the
+    tower in eval mode."""
+    root = Path(image_root)
+    paths = [str(p) for p in paths]
+    distinct = sorted(set(paths))
+    tower = clip.clip.image_tower
+    was_training = tower.training
+    tower.eval()
+    pooled = torch.cat([pool_image(clip.image_tokens(torch.stack([load_image(root / p, image_size)
+                                                                  for p in distinct[i:i + batch_size]])))
+                        for i in range(0, len(distinct), batch_size)]) if distinct else torch.zeros(0)
+    tower.train(was_training)
+    row = {p: i for i, p in enumerate(distinct)}
+    return pooled[[row[p] for p in paths]] if paths else pooled
 
 
 def _masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
