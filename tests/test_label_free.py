@@ -76,11 +76,13 @@ def test_has_labels_by_source(tmp_path):
 
 
 def test_the_findings_head_needs_labels(tmp_path):
-    """``event_global: findings`` (the smoke and demo profiles) fits its head on finding labels: without them the
-    models are built without it (the e2e test below checks what notebook 04 records); ``pooled`` needs none."""
-    assert models.event_global(load_config("smoke", {"run_dir": str(tmp_path)})) == "findings"
+    """``event_global: findings_prev`` (the smoke and demo profiles) and ``findings`` fit their head on finding
+    labels: without them the models are built without it (the e2e test below checks what notebook 04 records);
+    ``pooled`` needs none."""
+    assert models.event_global(load_config("smoke", {"run_dir": str(tmp_path)})) == "findings_prev"
     mimic = {"mimic_iv_dir": str(tmp_path), "mimic_cxr_dir": str(tmp_path)}
     assert models.event_global(load_config("smoke", mimic)) is None
+    assert models.event_global(load_config("smoke", mimic | {"event_global": "findings"})) is None
     assert models.event_global(load_config("smoke", mimic | {"event_global": "pooled"})) == "pooled"
     assert models.event_global(load_config("smoke", {"event_global": "none"})) is None
 
