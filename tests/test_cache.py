@@ -148,6 +148,31 @@ def test_condition_cache_follows_the_clip_weights_and_the_events(tmp_path):
     assert ConditionCache.build(m.clip, **{**kw, "event_store": store2}).folder != a.folder
 
 
+def test_findings_head_features_from_the_cache_are_the_towers_features(tmp_path):
+    """``event_global: findings_prev``: the head fitted before the LDM trains reads the pooled tokens from the
+    condition cache the LDM trains on; they equal running the frozen towers over the same pairs (pair 0 has no
+    events: its table part is the pooled null token, D3), and a pair or film the cache does not hold is refused by
+    name."""
+    from ehrxdiff.training.findings import pooled_cached_tokens, pooled_image_tokens, pooled_table_tokens
+    pairs, img_dir, store = tiny_world(tmp_path)
+    m = model(clip_trainable=False).eval()
+    _, _, cond = caches(m, pairs, img_dir, store, tmp_path / "cache", frozen=True)
+    keys, prev = list(pairs.pair_key[::-1]), list(pairs.prev_path[::-1])   # another order than the cache's
+    table = pooled_table_tokens(m.clip, store, keys, max_events=MAX_EVENTS, batch_size=3)
+    image = pooled_image_tokens(m.clip, img_dir, prev, image_size=PX, batch_size=3)
+    got = pooled_cached_tokens(cond, keys, prev)
+    assert got.shape == (len(keys), 4 * WIDTH)
+    assert torch.allclose(got, torch.cat([table, image], -1), atol=1e-5)
+    assert torch.equal(pooled_cached_tokens(cond, keys), got[:, :2 * WIDTH])
+    from ehrxdiff.models.ldm import pool_events
+    null = pool_events(cond.null_tokens, cond.null_mask)[0]
+    assert torch.allclose(got[keys.index("pair0"), :2 * WIDTH], null) and null.any()
+    with pytest.raises(KeyError, match="pair 'nope'"):
+        pooled_cached_tokens(cond, keys + ["nope"])
+    with pytest.raises(KeyError, match="I_prev 'gone.png'"):
+        pooled_cached_tokens(cond, keys[:1], ["gone.png"])
+
+
 def test_null_samples_draw_cached_augmentations_of_the_previous_image(tmp_path):
     """One null sample per unique target (§II-D), conditioned on I_prev with the null event set; its target is one
     of the K cached jittered copies of I_prev, never the unaugmented posterior and never I_trg."""

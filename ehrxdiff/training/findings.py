@@ -29,7 +29,7 @@ from ehrxdiff.data.datasets import pad_events
 from ehrxdiff.data.images import load_image
 from ehrxdiff.models.ldm import ClipConditioner, pool_events, pool_image
 
-__all__ = ["event_batches", "pooled_table_tokens", "pooled_image_tokens", "fit_findings_head"]
+__all__ = ["event_batches", "pooled_table_tokens", "pooled_image_tokens", "pooled_cached_tokens", "fit_findings_head"]
 
 
 def event_batches(event_store, keys, *, max_events: int, batch_size: int = 256):
@@ -73,6 +73,34 @@ def pooled_image_tokens(clip: ClipConditioner, image_root, paths, *, image_size:
     tower.train(was_training)
     row = {p: i for i, p in enumerate(distinct)}
     return pooled[[row[p] for p in paths]] if paths else pooled
+
+
+@torch.no_grad()
+def pooled_cached_tokens(cond, keys, prev_paths=None, *, batch_size: int = 1024) -> torch.Tensor:
+    """:func:`pooled_table_tokens` (and, with ``prev_paths``, :func:`pooled_image_tokens` beside them) read from a
+    :class:`ehrxdiff.training.cache.ConditionCache` instead of running the towers again: the cache holds the same
+    frozen towers' tokens of the same pairs (eval mode, the ``max_events`` most recent events), which the LDM then
+    trains on, so the head reads exactly what the UNet is given. [len(keys), 2 D] or [len(keys), 4 D]."""
+    keys = [str(k) for k in keys]
+    missing = [k for k in keys if k not in cond.pair_row]
+    if missing:
+        raise KeyError(f"the condition cache {cond.folder} holds no table tokens of pair {missing[0]!r} "
+                       f"({len(missing)} of {len(keys)} pairs missing)")
+    rows = [cond.pair_row[k] for k in keys]
+    out = [pool_events(cond.table_tokens[rows[i:i + batch_size]], cond.table_mask[rows[i:i + batch_size]])
+           for i in range(0, len(rows), batch_size)]
+    feats = torch.cat(out) if out else torch.zeros(0, 2 * cond.table_tokens.shape[-1])
+    if prev_paths is None:
+        return feats
+    paths = [str(p) for p in prev_paths]
+    absent = [p for p in paths if p not in cond.image_row]
+    if absent:
+        raise KeyError(f"the condition cache {cond.folder} holds no image tokens of I_prev {absent[0]!r} "
+                       f"({len(absent)} of {len(paths)} films missing)")
+    distinct = sorted(set(paths))
+    pooled = pool_image(cond.image_tokens[[cond.image_row[p] for p in distinct]]) if distinct else feats[:, :0]
+    row = {p: i for i, p in enumerate(distinct)}
+    return torch.cat([feats, pooled[[row[p] for p in paths]]], dim=-1)
 
 
 def _masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
