@@ -128,7 +128,7 @@ class StudyConfig:
     #                                          of a head fitted on the train pairs' labels; training.findings;
     #                                          a study without finding labels builds its models without the head) |
     #                                          findings_prev (the head reads I_prev's pooled CLIP image tokens too)
-    ldm_parallel_models: int = 1             # models trained (and sampled) at once, one worker process each (CPU: cores split)
+    ldm_parallel_models: int = 1             # models trained at once, one worker process each (CPU: cores split)
     ldm_batch_size: int = 16
     ldm_grad_accum: int = 1                  # effective batch = batch x accumulation (paper 128)
     ldm_lr: float = 2e-4                     # paper 5e-5 at batch 128 for ~100 epochs; CPU demo runs short

@@ -80,25 +80,6 @@ def test_sample_runs_name_every_control_once_and_the_sweep_reuses_them():
     assert models.sample_dir(plain, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null"
 
 
-def test_sampling_groups_keep_each_models_runs_together_and_balance_the_work():
-    """Parallel sampling (``ldm_parallel_models``): every run in exactly one group, a model's runs in one group in
-    their order (one pipeline load), guided runs counted twice; the demo's runs split into two groups of near-equal
-    work; one process or a single model give one group."""
-    runs = models.sample_runs(load_config("demo"))
-    groups = models.sampling_groups(runs, 2)
-    assert len(groups) == 2 and sorted(r.method for g in groups for r in g) == sorted(r.method for r in runs)
-    for g in groups:
-        assert g == [r for r in runs if r in g]                                    # the runs' own order
-    owner = {r.model: i for i, g in enumerate(groups) for r in g}
-    assert all(r in groups[owner[r.model]] for r in runs)                         # a model never split
-    work = [sum(len(r.seeds) * (1 if r.scale == 1.0 else 2) for r in g) for g in groups]
-    assert max(work) - min(work) <= 4 and owner["EHRXDiff"] != owner["EHRXDiff_w_null"]
-    assert models.sampling_groups(runs, 1) == [runs]
-    w_null = [r for r in runs if r.model == "EHRXDiff_w_null"]
-    assert models.sampling_groups(w_null, 2) == [w_null]                          # nothing to share out
-    assert models.sampling_groups([], 2) == []
-
-
 @pytest.mark.parametrize("bad", [{"guidance_sweep": [-1]}, {"guidance_sweep": ["two"]},
                                  {"event_guidance_scale": -0.5}, {"guidance_sweep": [float("inf")]}])
 def test_config_rejects_bad_guidance(bad):

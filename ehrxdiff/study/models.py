@@ -491,61 +491,20 @@ def reconstruction_dir(cfg: StudyConfig) -> Path:
 def generate(cfg: StudyConfig, test, runs: list[SampleRun] | None = None) -> pd.DataFrame:
     """I_pred for every test pair, sampling run (:func:`sample_runs`) and seed (D6: EMA weights; DDIM or
     DPM-Solver++), resumable; records the shuffled-events permutation (``samples/shuffled_events.csv``) and writes
-    the VAE reconstructions of I_trg (:func:`reconstruct_targets`). One row per run and seed, in the order of
-    ``runs``.
+    the VAE reconstructions of I_trg (:func:`reconstruct_targets`). One row per run and seed.
 
-    ``ldm_parallel_models`` > 1 samples in that many worker processes, each with an equal share of the cores as torch
-    threads and a model's runs kept together (one pipeline load each; :func:`sampling_groups`), as
-    :func:`train_variants` trains. Why: at the demo's sizes (16 x 16 latents, batch 32) one 2-thread process does not
-    keep both cores busy - two 1-thread samplers side by side drew 0.089 s per guided DDIM-25 image together against
-    0.120 s for one 2-thread sampler (the demo's run of 1cf8146, AMD EPYC). Each row is drawn from its own generator,
-    so the images are those of one process up to float rounding (another thread count)."""
+    In one process: two 1-thread sampling processes (as :func:`train_variants` trains) were tried; they drew the demo's
+    334 test pairs in 716 s, against ~690 s for one 2-thread process (docs/methods.md)."""
     runs = sample_runs(cfg) if runs is None else runs
     perm = shuffled_events(cfg, test.pairs)
     layout(cfg).samples_root      # the folder, created when asked for
     perm.to_csv(layout(cfg).shuffled_events, index=False)
-    for run in runs:
-        if run.events == SHUFFLED_EVENTS:
-            _match_permutation(sample_dir(cfg, run, 0).parent, perm)
-    groups = sampling_groups(runs, cfg.ldm_parallel_models)
-    if len(groups) <= 1:
-        rows = _sample(cfg, test, perm, runs)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // len(groups))
-        with cf.ProcessPoolExecutor(max_workers=len(groups), mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_sample_worker, cfg, test.pairs, perm, group, threads) for group in groups]
-            done = [row for f in futures for row in f.result()]
-        order = {(run.method, seed): i for i, run in enumerate(runs) for seed in run.seeds}
-        rows = sorted(done, key=lambda r: order[(r["method"], r["seed"])])
-    if runs:
-        rec = reconstruct_targets(cfg, test, load_pipeline(cfg, runs[0].model).vae)
-        rows.append({"method": RECONSTRUCTION, "model": "VAE", "events": "", "guidance": float("nan"), **rec})
-    return pd.DataFrame(rows)
-
-
-def sampling_groups(runs: list[SampleRun], k: int) -> list[list[SampleRun]]:
-    """``runs`` split over at most ``k`` sampling processes (:func:`generate`): a model's runs stay together (its
-    pipeline is loaded once), and models go, costliest first, to the group with the least work so far, counting a
-    guided run (s != 1: two UNet calls per step) twice per seed. Runs keep their order within a group; empty groups are
-    dropped. Deterministic: the same runs give the same groups."""
-    cost: dict[str, int] = {}
-    for run in runs:
-        cost[run.model] = cost.get(run.model, 0) + len(run.seeds) * (1 if run.scale == 1.0 else 2)
-    load, assign = [0] * max(1, k), {}
-    for model in sorted(cost, key=lambda m: -cost[m]):   # stable: ties keep the models' first-seen order
-        g = load.index(min(load))
-        assign[model] = g
-        load[g] += cost[model]
-    groups = [[run for run in runs if assign[run.model] == g] for g in range(len(load))]
-    return [g for g in groups if g]
-
-
-def _sample(cfg: StudyConfig, test, perm: pd.DataFrame, runs: list[SampleRun]) -> list[dict]:
-    """Sample ``runs`` in this process (:func:`generate`'s rows, without the reconstructions)."""
     data = {OWN_EVENTS: test, SHUFFLED_EVENTS: WithEvents(test, dict(zip(perm["pair_key"], perm["events_of"]))),
             NO_EVENTS: WithEvents(test, None)}
     rows, pipes = [], {}
     for run in runs:
+        if run.events == SHUFFLED_EVENTS:
+            _match_permutation(sample_dir(cfg, run, 0).parent, perm)
         if run.model not in pipes:   # one load per model, shared by its controls and sweep runs
             pipes[run.model] = load_pipeline(cfg, run.model)
         pipe = pipes[run.model]
@@ -555,15 +514,11 @@ def _sample(cfg: StudyConfig, test, perm: pd.DataFrame, runs: list[SampleRun]) -
                                eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate(cfg),
                                clip_x0=cfg.sample_clip_x0, event_guidance_scale=run.scale, progress=False)
             rows.append({"method": run.method, "model": run.model, "events": run.events, "guidance": run.scale,
-                         **s, "torch_threads": torch.get_num_threads()})
-    return rows
-
-
-def _sample_worker(cfg: StudyConfig, pairs: pd.DataFrame, perm: pd.DataFrame, runs: list[SampleRun],
-                   threads: int) -> list[dict]:
-    """One group of :func:`sampling_groups` in a worker process: its own torch threads, the test pairs rebuilt."""
-    torch.set_num_threads(threads)
-    return _sample(cfg, datasets(cfg, ("test",))["test"].with_pairs(pairs), perm, runs)
+                         **s})
+    if pipes:
+        rec = reconstruct_targets(cfg, test, next(iter(pipes.values())).vae)
+        rows.append({"method": RECONSTRUCTION, "model": "VAE", "events": "", "guidance": float("nan"), **rec})
+    return pd.DataFrame(rows)
 
 
 def _match_permutation(folder: Path, perm: pd.DataFrame) -> None:
