@@ -97,10 +97,8 @@ def pooled_cached_tokens(cond, keys, prev_paths=None, *, batch_size: int = 1024)
     if absent:
         raise KeyError(f"the condition cache {cond.folder} holds no image tokens of I_prev {absent[0]!r} "
                        f"({len(absent)} of {len(paths)} films missing)")
-    distinct = sorted(set(paths))
-    pooled = pool_image(cond.image_tokens[[cond.image_row[p] for p in distinct]]) if distinct else feats[:, :0]
-    row = {p: i for i, p in enumerate(distinct)}
-    return torch.cat([feats, pooled[[row[p] for p in paths]]], dim=-1)
+    pooled = pool_image(cond.image_tokens)          # the cache holds each film once: pool them all, then index
+    return torch.cat([feats, pooled[[cond.image_row[p] for p in paths]]], dim=-1)
 
 
 def _masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
