@@ -244,34 +244,44 @@ def test_two_fresh_runs_give_identical_weights(tmp_path):
 
 
 DISTRIBUTED = textwrap.dedent("""
-    import json, sys
+    import json, os, sys, traceback
     from pathlib import Path
-    import torch
-    sys.path.insert(0, sys.argv[1])
-    from accelerate import PartialState
-    from torch.utils.data import DataLoader
-    from ehrxdiff.training.cache import CachedPairs, collate_cached
-    from ehrxdiff.training.train_ldm import train_ldm
-    from test_cache import MAX_EVENTS, PX, caches, model, tiny_world
-    torch.set_num_threads(1)
     tmp, steps = Path(sys.argv[2]), int(sys.argv[3])
-    state = PartialState(cpu=True)   # as train_ldm on a machine without CUDA
-    pairs, img_dir, store = tiny_world(tmp / "world", write=False)   # written by the test before the launch
-    m = model(clip_trainable=False, snr_gamma=5.0)
-    ds, first, cond = caches(m, pairs, img_dir, store, tmp / f"cache{state.process_index}", frozen=True)
-    data = CachedPairs(ds, first, cond, with_null=True)
-    loader = DataLoader(data, batch_size=2, shuffle=True, collate_fn=lambda it: collate_cached(it, MAX_EVENTS))
-    s = train_ldm(m, loader, output_dir=tmp / "run", max_steps=steps, learning_rate=1e-3, effective_batch=4,
-                  checkpoint_every=2, mixed_precision="no", image_size=PX, max_events=MAX_EVENTS, progress=False)
-    # what each process was served in one epoch of the same (prepared) loader: its own shard
-    from accelerate import Accelerator
-    acc = Accelerator(cpu=True)
-    even = torch.utils.data.Subset(data, range(16))   # 16 = 4 batches x 2 per process x 2: no wrap-around padding
-    keys = [k for b in acc.prepare(DataLoader(even, batch_size=2, collate_fn=lambda it: collate_cached(it, MAX_EVENTS)))
-            for k in b["pair_key"]]
-    (tmp / f"rank{state.process_index}.json").write_text(json.dumps(
-        {"world": state.num_processes, "steps": s["steps"], "this_run": s["steps_this_run"], "keys": keys,
-         "accum": s["gradient_accumulation"]}))
+
+
+    def main():
+        import torch
+        sys.path.insert(0, sys.argv[1])
+        from accelerate import PartialState
+        from torch.utils.data import DataLoader
+        from ehrxdiff.training.cache import CachedPairs, collate_cached
+        from ehrxdiff.training.train_ldm import train_ldm
+        from test_cache import MAX_EVENTS, PX, caches, model, tiny_world
+        torch.set_num_threads(1)
+        state = PartialState(cpu=True)   # as train_ldm on a machine without CUDA
+        pairs, img_dir, store = tiny_world(tmp / "world", write=False)   # written by the test before the launch
+        m = model(clip_trainable=False, snr_gamma=5.0)
+        ds, first, cond = caches(m, pairs, img_dir, store, tmp / f"cache{state.process_index}", frozen=True)
+        data = CachedPairs(ds, first, cond, with_null=True)
+        loader = DataLoader(data, batch_size=2, shuffle=True, collate_fn=lambda it: collate_cached(it, MAX_EVENTS))
+        s = train_ldm(m, loader, output_dir=tmp / "run", max_steps=steps, learning_rate=1e-3, effective_batch=4,
+                      checkpoint_every=2, mixed_precision="no", image_size=PX, max_events=MAX_EVENTS, progress=False)
+        # what each process was served in one epoch of the same (prepared) loader: its own shard
+        from accelerate import Accelerator
+        acc = Accelerator(cpu=True)
+        even = torch.utils.data.Subset(data, range(16))   # 16 = 4 batches x 2 per process x 2: no wrap-around padding
+        keys = [k for b in acc.prepare(DataLoader(even, batch_size=2, collate_fn=lambda it: collate_cached(it, MAX_EVENTS)))
+                for k in b["pair_key"]]
+        (tmp / f"rank{state.process_index}.json").write_text(json.dumps(
+            {"world": state.num_processes, "steps": s["steps"], "this_run": s["steps_this_run"], "keys": keys,
+             "accum": s["gradient_accumulation"]}))
+
+
+    try:
+        main()
+    except BaseException:   # each rank's own traceback, whole: the launcher interleaves and the test would cut them
+        (tmp / f"rank{os.environ.get('RANK', 'unknown')}.err").write_text(traceback.format_exc())
+        raise
 """)
 
 
@@ -289,7 +299,10 @@ def test_cached_training_under_accelerate_launch_two_processes_checkpoints_and_r
     for steps, this_run in ((2, 2), (4, 2)):
         run = subprocess.run([*launch, str(script), str(tests), str(tmp_path), str(steps)], env=env,
                              capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
+        if run.returncode != 0:   # a rank that fails leaves its whole traceback; the launcher's stderr only the end
+            errs = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(tmp_path.glob("rank*.err")))
+            pytest.fail(f"launch of {steps} steps exited {run.returncode}\n{errs}\n--- launcher stderr (end)\n"
+                        f"{run.stderr[-3000:]}")
         ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
         assert all(r["world"] == 2 and r["steps"] == steps and r["this_run"] == this_run for r in ranks), ranks
     assert ranks[0]["accum"] == 1                                     # 2 per process x 2 processes = 4
@@ -298,7 +311,9 @@ def test_cached_training_under_accelerate_launch_two_processes_checkpoints_and_r
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
-    assert not math.isnan(float(pd.read_csv(tmp_path / "run" / "history.csv").loss.iloc[-1]))
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history.loc[history.split == "train", "step"].tolist() == [1, 2, 3, 4]   # one writer: each step once
+    assert not math.isnan(float(history.loss.iloc[-1]))
 
 
 def test_event_dropout_trains_a_share_of_real_pairs_with_the_null_event_set(tmp_path):

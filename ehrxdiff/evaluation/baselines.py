@@ -182,12 +182,15 @@ def train_table_classifier(model: TableClassifier, train_set: PairEvents, valid_
         if vloader is not None:
             row["val_macro_auroc"] = macro_auroc(predict_table_classifier(raw, vloader).to_numpy(),
                                                   valid_set.targets)
-        append_history(out / "history.csv", row)
+        if acc.is_main_process:   # one writer: under `accelerate launch` every process runs this loop
+            append_history(out / "history.csv", row)
         score = row.get("val_macro_auroc", float(epoch))
         if not best_file.exists() or (np.isfinite(score) and score > state["best"]):
             state["best"] = float(score)
-            out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(best_file))
+            if acc.is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(best_file))
+        acc.wait_for_everyone()
         state["epoch"] = epoch + 1
         save_checkpoint(acc, out / "checkpoints", epoch + 1, checkpoint_limit, dict(state))
     raw.load_state_dict(load_file(str(best_file)))

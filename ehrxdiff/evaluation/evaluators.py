@@ -398,11 +398,14 @@ def train_evaluator(model: CXREvaluator, train_set: EvaluatorImages, valid_set: 
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
         if vloader is not None:
             row |= validation_metrics(raw, vloader)
-        append_history(out / "history.csv", row)
+        if acc.is_main_process:   # one writer: under `accelerate launch` every process runs this loop
+            append_history(out / "history.csv", row)
         score = row.get(select_on, float(epoch))
         if vloader is None or (np.isfinite(score) and score > state["best"]) or not (out / "best").exists():
             state["best"] = float(score) if np.isfinite(score) else state["best"]
-            raw.save_pretrained(out / "best")
+            if acc.is_main_process:
+                raw.save_pretrained(out / "best")
+        acc.wait_for_everyone()
         state["epoch"] = epoch + 1
         save_checkpoint(acc, out / "checkpoints", epoch + 1, checkpoint_limit, dict(state))
     return out / "best"

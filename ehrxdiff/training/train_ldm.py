@@ -157,7 +157,9 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
         state = load_checkpoint(accelerator, ckpt)
         step, seen, epoch = int(state["step"]), int(state.get("batch_in_epoch", 0)), int(state.get("epoch", 0))
         ema.to(accelerator.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
-        trim_history(history, step)
+        if accelerator.is_main_process:   # one writer of history.csv: two processes rewriting it race
+            trim_history(history, step)
+        accelerator.wait_for_everyone()
     start_step = step
     if len(train_loader) == 0:
         raise ValueError("LDM train_loader is empty")
@@ -189,10 +191,15 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
                 continue
             ema.step(unwrapped.ema_parameters(ema_scope))
             step += 1
-            last = {"step": step, "split": "train", "loss": sum(running) / len(running),
-                    "null_fraction": float(batch["is_null"].float().mean()), "ema_decay": ema.cur_decay_value}
+            # the step's loss and null share over all processes (a collective: every process calls it)
+            here = [sum(running) / len(running), float(batch["is_null"].float().mean())]
+            mean = accelerator.reduce(torch.tensor(here, dtype=torch.float64, device=accelerator.device),
+                                      "mean").tolist()
+            last = {"step": step, "split": "train", "loss": mean[0], "null_fraction": mean[1],
+                    "ema_decay": ema.cur_decay_value}
             running = []
-            append_history(history, last)
+            if accelerator.is_main_process:
+                append_history(history, last)
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
             if valid_loader is not None and (step % validate_every == 0 or step == max_steps):
@@ -200,7 +207,8 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
                        "loss": validation_loss(unwrapped, valid_loader, max_batches=max_val_batches)}
                 with ema_weights(ema, unwrapped, ema_scope):
                     row["loss_ema"] = validation_loss(unwrapped, valid_loader, max_batches=max_val_batches)
-                append_history(history, row)
+                if accelerator.is_main_process:
+                    append_history(history, row)
                 last_valid = row
             if step % checkpoint_every == 0 or step == max_steps:
                 save_checkpoint(accelerator, out / "checkpoints", step, checkpoint_limit,

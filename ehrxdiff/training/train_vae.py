@@ -39,7 +39,9 @@ def train_vae(vae: AutoencoderKL, train_loader, *, output_dir: str | Path, max_s
     step = 0
     if resume and (ckpt := latest_checkpoint(out / "checkpoints")) is not None:
         step = int(load_checkpoint(accelerator, ckpt)["step"])
-        trim_history(out / "history.csv", step)
+        if accelerator.is_main_process:   # one writer of history.csv: two processes rewriting it race
+            trim_history(out / "history.csv", step)
+        accelerator.wait_for_everyone()
     if len(train_loader) == 0:
         raise ValueError("VAE train_loader is empty")
 
@@ -60,13 +62,15 @@ def train_vae(vae: AutoencoderKL, train_loader, *, output_dir: str | Path, max_s
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
-            append_history(out / "history.csv", {"step": step, "split": "train", "loss": terms["loss"].item(),
-                                                 "reconstruction": terms["reconstruction"].item(),
-                                                 "kl": terms["kl"].item(), "psnr": float("nan")})
+            if accelerator.is_main_process:
+                append_history(out / "history.csv", {"step": step, "split": "train", "loss": terms["loss"].item(),
+                                                     "reconstruction": terms["reconstruction"].item(),
+                                                     "kl": terms["kl"].item(), "psnr": float("nan")})
             if valid_loader is not None and (step % validate_every == 0 or step == max_steps):
                 row = evaluate_vae(vae, valid_loader, image_keys=image_keys,
                                    kl_weight=kl_weight, reconstruction=reconstruction)
-                append_history(out / "history.csv", {"step": step, "split": "valid", **row})
+                if accelerator.is_main_process:
+                    append_history(out / "history.csv", {"step": step, "split": "valid", **row})
             if step % checkpoint_every == 0 or step == max_steps:
                 save_checkpoint(accelerator, out / "checkpoints", step, checkpoint_limit, {"stage": "vae"})
             if step >= max_steps:
