@@ -69,6 +69,8 @@ class StudyConfig:
     duckdb_threads: int = 2
     # -- events (§II-D, D2, D7, D8) ----------------------------------------------------------------------
     max_events: int = C.MAX_EVENTS
+    event_budget_last: list = field(default_factory=list)   # tables that fill max_events after all others ([] =
+                                             # the reference's most recent max_events; not in the paper)
     text_style: str = "plain"                # plain | genhpf_digits
     filter_inputevents: bool = True
     drug_matching: str = "casefold"          # casefold (tall-man / lower-case names match) | exact (the reference's)
@@ -400,6 +402,11 @@ def _validate(c: StudyConfig) -> None:
     if c.embedding_backend == "openai" and c.openai_provider == "azure" and not c.openai_azure_endpoint:
         raise ConfigError("openai_provider azure needs openai_azure_endpoint (https://<resource>.openai.azure.com) "
                           "and, unless it is named like openai_model, openai_azure_deployment")
+    if not isinstance(c.event_budget_last, list) or not all(isinstance(t, str) and t for t in c.event_budget_last) \
+            or len(set(c.event_budget_last)) != len(c.event_budget_last):
+        raise ConfigError(f"event_budget_last must be a list of distinct table names, got {c.event_budget_last!r}")
+    if c.own_events is None and (bad := [t for t in c.event_budget_last if t not in C.EVENT_TABLES]):
+        raise ConfigError(f"event_budget_last: {bad} are not MIMIC-IV event tables ({', '.join(C.EVENT_TABLES)})")
     if not 0 <= c.event_dropout < 1:
         raise ConfigError(f"event_dropout must be in [0, 1), got {c.event_dropout}")
     if c.event_dropout and not c.ldm_cache_first_stage:

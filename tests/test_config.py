@@ -28,7 +28,7 @@ def test_gpu_profile_differs_from_the_demo_only_from_notebook_04_on():
     """configs/gpu.yaml promises the demo's world, cohort, events and CLIP, so a demo run's 01-03 outputs serve it."""
     demo, gpu = load_config("demo").to_dict(), load_config("gpu").to_dict()
     upstream = [k for k in demo if k.startswith(("synthetic", "clip_", "embedding", "split", "pairing"))]
-    upstream += ["max_events", "image_size", "text_style", "null_events", "max_interval_hours", "min_age", "seed"]
+    upstream += ["max_events", "event_budget_last", "image_size", "text_style", "null_events", "max_interval_hours", "min_age", "seed"]
     assert {k: gpu[k] for k in upstream} == {k: demo[k] for k in upstream}
     assert gpu["ldm_steps"] > demo["ldm_steps"] and gpu["vae_steps"] > demo["vae_steps"]
 
@@ -197,3 +197,12 @@ def test_bad_whatif_and_sampler_keys_fail_at_load(params, message):
     """Notebook 07's keys are checked with every other key, before notebook 01 starts (not when 07 runs)."""
     with pytest.raises(ConfigError, match=message):
         load_config("smoke", params)
+
+
+def test_event_budget_last_names_real_tables_once():
+    """A misspelt table would leave the budget rule silently unchanged: refused before notebook 01 runs."""
+    assert load_config("demo").event_budget_last == ["chartevents"] and load_config("paper").event_budget_last == []
+    with pytest.raises(ConfigError, match=r"event_budget_last: \['chart'\] are not MIMIC-IV event tables"):
+        load_config("demo", {"event_budget_last": ["chart"]})
+    with pytest.raises(ConfigError, match="distinct table names"):
+        load_config("demo", {"event_budget_last": ["chartevents", "chartevents"]})

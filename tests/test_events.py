@@ -254,6 +254,30 @@ def test_max_events_keeps_most_recent(mimic_iv):
     assert _report(res, "all", "dropped: events beyond") == len(EXPECTED_ORDER) - 3
 
 
+def test_budget_last_tables_fill_max_events_after_all_others_and_stay_in_time_order(mimic_iv):
+    """``event_budget_last``: the demo's 64 most recent events are mostly vitals, which push the doses out; with
+    chartevents ranked last, the budget keeps the other tables' most recent events first, then the most recent
+    chartevents in what is left, and S_event stays time-ordered."""
+    order = EXPECTED_ORDER
+    others = [t for t in order if not t.startswith("chartevents")]
+    few = extract_events(mimic_iv, _pairs(), max_events=3, threads=1, window_end="inclusive",
+                         budget_last=("chartevents",))
+    assert [t for t, _, _ in few.for_pair("t_p")] == others[-3:]
+    assert _report(few, "all", "dropped: events beyond the budget of 3 (chartevents fill it last)") == len(order) - 3
+    room = len(others) + 1                               # every other event, and the most recent chartevents one
+    last_chart = [t for t in order if t.startswith("chartevents")][-1]
+    res = extract_events(mimic_iv, _pairs(), max_events=room, threads=1, window_end="inclusive",
+                         budget_last=("chartevents",))
+    kept = [t for t, _, _ in res.for_pair("t_p")]
+    assert kept == [t for t in order if t in others or t == last_chart]
+    hours = [h for _, h, _ in res.for_pair("t_p")]
+    assert hours == sorted(hours)
+    unchanged = extract_events(mimic_iv, _pairs(), max_events=3, threads=1, window_end="inclusive", budget_last=())
+    assert [t for t, _, _ in unchanged.for_pair("t_p")] == order[-3:]
+    with pytest.raises(ValueError, match="event_budget_last names \\['chart_events'\\]"):
+        extract_events(mimic_iv, _pairs(), max_events=3, threads=1, budget_last=("chart_events",))
+
+
 def test_genhpf_digits_style(mimic_iv):
     res = extract_events(mimic_iv, _pairs(), text_style="genhpf_digits", tables=("labevents",), threads=1)
     assert res.for_pair("t_p")[0][0] == ("labevents itemid pO 2 value 8 5 valuenum 8 5 . 0 valueuom mm Hg "

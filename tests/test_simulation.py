@@ -105,6 +105,10 @@ def test_edits_never_mutate_the_original():
     with pytest.raises(ValueError, match="unknown column"):
         orig.add("prescriptions", {"dose": 1}, 0.0, embedder=embed)
     assert orig.window(2).texts == orig.texts[1:]
+    # the extraction's event_budget_last rule: a dose added to a full list pushes out the oldest vital sign
+    hr60, vanco, hr61, furo = added.texts
+    assert added.window(3, ["chartevents"]).texts == [vanco, hr61, furo]
+    assert added.window(2, ["chartevents"]).texts == [vanco, furo] and added.window(2).texts == [hr61, furo]
 
 
 def test_what_if_difference_is_exactly_zero_for_an_empty_edit():

@@ -315,6 +315,27 @@ def _filter_sql(table: str, filters: dict, drugs: dict, filter_inputevents: bool
     raise ValueError(f"unknown event table {table!r}; expected one of {EVENT_TABLES}")
 
 
+def budget_order_sql(tables, budget_last, column: str = "table_ord") -> str:
+    """The leading ORDER BY term that ranks the ``budget_last`` tables' events after all others' ('' when none),
+    over ``column`` = the table's index in ``tables``. A name that is not one of ``tables`` is refused: it would
+    otherwise change nothing, silently."""
+    tables, budget_last = list(tables), list(budget_last or ())
+    unknown = [t for t in budget_last if t not in tables]
+    if unknown:
+        raise ValueError(f"event_budget_last names {unknown}, which are not event tables of this extraction "
+                         f"({', '.join(tables)})")
+    if not budget_last:
+        return ""
+    return f"({column} IN ({', '.join(str(tables.index(t)) for t in budget_last)})) ASC, "
+
+
+def budget_report_row(max_events: int, budget_last) -> str:
+    """The event report's row for the events the budget drops (one wording for both extractions)."""
+    if not budget_last:
+        return f"dropped: events beyond the most recent {max_events}"
+    return f"dropped: events beyond the budget of {max_events} ({', '.join(budget_last)} fill it last)"
+
+
 def _check_args(pairs: pd.DataFrame, max_events: int, text_style: str) -> None:
     if text_style not in TEXT_STYLES:
         raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {text_style!r}")
@@ -439,7 +460,7 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
                           drug_matching: str = "casefold", window_end: str = "exclusive",
                           tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
                           threads: int | None = None, temp_directory: str | Path | None = None,
-                          gunzip_thread: bool = False) -> Path:
+                          gunzip_thread: bool = False, budget_last: tuple[str, ...] = ()) -> Path:
     """Events of every pair in ``pairs`` (columns pair_key, subject_id, hadm_id, prev_time, target_time), written
     by DuckDB to parquet; events pass through Python only as Arrow batches of integers (the final write), so the
     memory is DuckDB's ``memory_limit`` (it spills sorts and joins to ``temp_directory``) plus the pairs.
@@ -447,6 +468,12 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     ``gunzip_thread``: inflate each .csv.gz on a second thread into a named pipe that DuckDB parses (DuckDB
     inflates gzip on the parsing thread). Off by default: it can only help with a spare core, and on the shared
     2-core machine of the benchmark it measured no gain (chartevents pass 23.9 s vs 22.1 s).
+
+    ``budget_last``: tables whose events fill the ``max_events`` budget only after every other table's (the most
+    recent first within each group); the kept events stay in time order. Empty (the default) is the reference's
+    rule, the most recent ``max_events`` of all tables [R ehr.py make_input]. Not in the paper: at the paper's 1024
+    events the budget holds nearly every window, but at the demo's 64 the most recent events are mostly vitals and
+    push out the doses that change the film (:func:`budget_order_sql`).
 
     Writes under ``out_dir``: ``events.parquet`` (pair_key, position, text_id, hours, table; ordered by
     pair_key, position), ``event_texts.parquet`` (text, row i = text id i), ``event_pairs.parquet``
@@ -465,6 +492,7 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     _check_args(pairs, max_events, text_style)
     if drug_matching not in DRUG_MATCHING:
         raise ValueError(f"drug_matching must be one of {DRUG_MATCHING}, got {drug_matching!r}")
+    last_first = budget_order_sql(tables, budget_last)
     in_window = window_sql("r._time", "w", window_end)
     filters, drugs = load_item_filters()
     out = Path(out_dir)
@@ -596,19 +624,23 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     n_distinct = int(q("SELECT count(*) FROM in_win")[0])
     add("all", "dropped: duplicate rows (same table, admission, time and values; one kept)", int(n_in_windows - n_distinct))
     kept = (work / "kept.parquet").as_posix()
-    # most recent max_events per pair; a total order that depends on the data only: time, table order, then the
-    # event's values (tuple ids follow the values' sort order); rows equal in all of these were merged above
+    # max_events per pair, the most recent first (the budget_last tables after all others); a total order that
+    # depends on the data only: time, table order, then the event's values (tuple ids follow the values' sort
+    # order); rows equal in all of these were merged above. Positions number the kept events in time order.
     con.execute(f"""COPY (
-        SELECT pair_idx, table_ord, tuple_id, CAST(least(cnt, {int(max_events)}) - rn AS INTEGER) AS position,
+        SELECT pair_idx, table_ord, tuple_id,
+               CAST(row_number() OVER (PARTITION BY pair_idx ORDER BY _time, table_ord, tuple_id) - 1 AS INTEGER)
+                 AS position,
                CAST((epoch(_time) - epoch(prev_time)) / 3600.0 AS FLOAT) AS hours
-        FROM (SELECT *, row_number() OVER (PARTITION BY pair_idx ORDER BY _time DESC, table_ord DESC, tuple_id DESC) AS rn,
-                     count(*) OVER (PARTITION BY pair_idx) AS cnt FROM in_win)
+        FROM (SELECT *, row_number() OVER (PARTITION BY pair_idx
+                                           ORDER BY {last_first}_time DESC, table_ord DESC, tuple_id DESC) AS rn
+              FROM in_win)
         WHERE rn <= {int(max_events)} ORDER BY pair_idx, position) TO {sql_literal(kept)} (FORMAT parquet)""")
     con.execute("DROP TABLE in_win")
     t_kept = time.perf_counter()
     kept_rel = f"read_parquet({sql_literal(kept)})"
     n_kept = int(q(f"SELECT count(*) FROM {kept_rel}")[0])
-    add("all", f"dropped: events beyond the most recent {max_events}", int(n_distinct - n_kept))
+    add("all", budget_report_row(max_events, budget_last), int(n_distinct - n_kept))
     # texts of kept rows only: the value tuples of kept rows are serialized (once per tuple), the distinct texts
     # sorted -> ids (ORDER BY text, as the in-memory version), and each (table, tuple) mapped to its text id
     con.execute(f"CREATE TEMP TABLE kept_tup AS SELECT DISTINCT table_ord, tuple_id FROM {kept_rel}")
@@ -678,7 +710,8 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
     pd.DataFrame(report, columns=["table", "what", "n"]).to_csv(out / "event_report.csv", index=False)
     (out / "event_meta.json").write_text(json.dumps({"text_style": text_style, "tables": list(tables),
                                                      "max_events": int(max_events), "window_end": window_end,
-                                                     "drug_matching": drug_matching}))
+                                                     "drug_matching": drug_matching,
+                                                     "budget_last": list(budget_last or ())}))
     return out
 
 
@@ -686,14 +719,15 @@ def extract_events(mimic_iv_dir: str | Path, pairs: pd.DataFrame, *, max_events:
                    text_style: str = "plain", filter_inputevents: bool = True, drug_matching: str = "casefold",
                    window_end: str = "exclusive",
                    tables: tuple[str, ...] = EVENT_TABLES, memory_limit: str | None = None,
-                   threads: int | None = None, temp_directory: str | Path | None = None) -> EventResult:
+                   threads: int | None = None, temp_directory: str | Path | None = None,
+                   budget_last: tuple[str, ...] = ()) -> EventResult:
     """Events of every pair in ``pairs`` as in-memory frames: :func:`extract_events_to_dir` into a temporary
     folder, read back. At full MIMIC scale call :func:`extract_events_to_dir` and stream the files instead."""
     _check_args(pairs, max_events, text_style)
     with tempfile.TemporaryDirectory(prefix="ehrxdiff-events-") as tmp:
         extract_events_to_dir(mimic_iv_dir, pairs, tmp, max_events=max_events, text_style=text_style,
                               filter_inputevents=filter_inputevents, drug_matching=drug_matching,
-                              window_end=window_end, tables=tables,
+                              window_end=window_end, tables=tables, budget_last=budget_last,
                               memory_limit=memory_limit,
                               threads=threads, temp_directory=temp_directory)
         res = EventResult.read(tmp)

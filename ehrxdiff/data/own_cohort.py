@@ -68,7 +68,8 @@ import pandas as pd
 from ehrxdiff.constants import (IMAGENOME_LABELS, MAX_EVENTS, MAX_INTERVAL_HOURS, SPLIT_SEED, TEST_FRACTION,
                                 VALID_FRACTION)
 from ehrxdiff.data.cohort import CHECK_IMAGES, CohortResult, check_image_files, format_table1, pair_images, table1
-from ehrxdiff.data.events import TEXT_STYLES, EventResult, serialize_event, window_sql
+from ehrxdiff.data.events import (TEXT_STYLES, EventResult, budget_order_sql, budget_report_row, serialize_event,
+                                  window_sql)
 from ehrxdiff.data.images import ImageLoadError, read_gray
 from ehrxdiff.data.sources import (ID_PATTERN, OFFSET_PATTERN, InputFileError, MissingTableError, SchemaError,
                                    connect, csv_relation_sql, read_header, reading, validate_columns)
@@ -434,9 +435,10 @@ def serialize_own_row(table: str, values: dict, text: str | None = None, *, text
 
 def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: int = MAX_EVENTS,
                        text_style: str = "plain", threads: int | None = None,
-                       window_end: str = "exclusive") -> EventResult:
+                       window_end: str = "exclusive", budget_last: tuple[str, ...] = ()) -> EventResult:
     """S_event of every pair from an events table (module docstring), as :func:`ehrxdiff.data.events.extract_events`
-    returns it for MIMIC: the same serializer, window rule, ordering, ``max_events`` cut and report rows."""
+    returns it for MIMIC: the same serializer, window rule, ordering, ``max_events`` cut (``budget_last``: tables
+    that fill it after all others) and report rows."""
     if text_style not in TEXT_STYLES:
         raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {text_style!r}")
     if max_events < 1:
@@ -473,6 +475,7 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
     ev = ev[ok]
     tables = list(pd.unique(ev["table"]))
     ev["table_ord"] = ev["table"].map({t: i for i, t in enumerate(tables)}).astype("int32")
+    last_first = budget_order_sql(tables, budget_last)
 
     win = pairs[["pair_key", "subject_id", "prev_time", "target_time"]].copy()
     win["subject_id"] = win["subject_id"].astype(str)
@@ -490,11 +493,12 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
         add(t, "events in pair windows", per_table.get(i, (0, 0))[0])
     add("all", "events outside every pair window (info)", len(ev) - sum(u for _, u in per_table.values()))
     kept = con.execute(f"""SELECT pair_key, t, prev_time, table_ord, row_ord FROM (
-        SELECT *, row_number() OVER (PARTITION BY pair_key ORDER BY t DESC, table_ord DESC, row_ord DESC) AS rn
+        SELECT *, row_number() OVER (PARTITION BY pair_key ORDER BY {last_first}t DESC, table_ord DESC, row_ord DESC)
+          AS rn
         FROM ev) WHERE rn <= {int(max_events)} ORDER BY pair_key, t, table_ord, row_ord""").df()
     n_all = con.execute("SELECT count(*) FROM ev").fetchone()[0]
     con.close()
-    add("all", f"dropped: events beyond the most recent {max_events}", int(n_all - len(kept)))
+    add("all", budget_report_row(max_events, budget_last), int(n_all - len(kept)))
 
     rows = sorted(set(kept["row_ord"]))
     values = df.loc[rows, value_cols].itertuples(index=False) if value_cols else [()] * len(rows)
@@ -522,7 +526,7 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
 
 
 def import_own_cohort(images: str | Path, events: str | Path, run_dir: str | Path, *, max_events: int = MAX_EVENTS,
-                      text_style: str = "plain", window_end: str = "exclusive",
+                      text_style: str = "plain", window_end: str = "exclusive", budget_last: tuple[str, ...] = (),
                       **cohort_kwargs) -> tuple[OwnCohortResult, EventResult]:
     """Both steps, written where the study reads them: ``run_dir/cohort/`` and ``run_dir/events/``.
 
@@ -532,7 +536,7 @@ def import_own_cohort(images: str | Path, events: str | Path, run_dir: str | Pat
     cohort = build_own_cohort(images, **cohort_kwargs)
     cohort.write(Path(run_dir) / "cohort")
     ev = extract_own_events(events, cohort.pairs, max_events=max_events, text_style=text_style,
-                            threads=cohort_kwargs.get("threads"), window_end=window_end)
+                            threads=cohort_kwargs.get("threads"), window_end=window_end, budget_last=budget_last)
     ev.write(Path(run_dir) / "events")
     return cohort, ev
 

@@ -62,7 +62,7 @@ class EventList:
 
     @classmethod
     def from_store(cls, store, pair_key: str) -> "EventList":
-        """The pair's events as the event store holds them (the most recent ``max_events`` of the extraction)."""
+        """The pair's events as the event store holds them (the ``max_events`` the extraction kept)."""
         emb, texts, hours = store.embeddings(pair_key), store.texts(pair_key), store.times(pair_key)
         return cls(tuple(Event(t, float(h), _frozen(e)) for t, h, e in zip(texts, hours, emb)))
 
@@ -119,9 +119,15 @@ class EventList:
             out = out.add(table, values, hours, embedder=embedder, text_style=text_style)
         return out
 
-    def window(self, max_events: int) -> "EventList":
-        """The most recent ``max_events``, as the data pipeline keeps them (§II-D; pipeline.max_events)."""
-        return EventList(self.events[-max_events:]) if len(self) > max_events else self
+    def window(self, max_events: int, budget_last: Sequence[str] = ()) -> "EventList":
+        """``max_events`` of the list by the extraction's rule: the most recent (§II-D; pipeline.max_events), the
+        ``budget_last`` tables' events only after every other table's (``event_budget_last``), in time order. An
+        edit that adds a dose to a full list so pushes out the oldest vital sign, as the extraction would."""
+        if len(self) <= max_events:
+            return self
+        last = set(budget_last)
+        ranked = sorted(range(len(self)), key=lambda i: (self.events[i].table in last, -i))
+        return EventList(tuple(self.events[i] for i in sorted(ranked[:max_events])))
 
     def embeddings(self, dim: int | None = None) -> np.ndarray:
         if not self.events:
@@ -216,13 +222,16 @@ def what_if(pipe, prev_image: torch.Tensor, factual: EventList, counterfactual: 
 def intervention_effects(pipe, evaluator, dataset, pair_keys: Sequence[str], intervention: str, *, hours: dict,
                          embedder, seeds: Sequence[int], num_inference_steps: int, eta: float = 1.0,
                          text_style: str = "plain", batch_size: int = 16, event_guidance_scale: float = 1.0,
-                         events_of: dict[str, str] | None = None, definition: dict | None = None) -> pd.DataFrame:
+                         events_of: dict[str, str] | None = None, definition: dict | None = None,
+                         budget_last: Sequence[str] = ()) -> pd.DataFrame:
     """Add ``intervention`` at ``hours[pair_key]`` to each pair's S_event; per (pair, label) the evaluator's
     P(finding) under both histories (mean over seeds) and their difference ``delta_p`` = counterfactual − factual.
     ``dataset``: a :class:`ehrxdiff.data.datasets.PairDataset` holding the pairs (I_prev and the event store).
     ``events_of`` (pair_key → another pair): the shuffled-events control (issue 14) - both histories start from the
     other pair's S_event, the edit and I_prev stay this pair's, so the effect is compared with this pair's truth.
-    ``definition``: the intervention's rows when it is not a built-in (``StudyConfig.interventions()``)."""
+    ``definition``: the intervention's rows when it is not a built-in (``StudyConfig.interventions()``).
+    ``budget_last``: the extraction's ``event_budget_last``; an edited history over the pipeline's ``max_events`` is
+    cut by the same rule (:meth:`EventList.window`)."""
     edit = definition if definition is not None else intervention
     index = {k: i for i, k in enumerate(dataset.pairs["pair_key"])}
     labels = list(evaluator.labels)
@@ -232,7 +241,7 @@ def intervention_effects(pipe, evaluator, dataset, pair_keys: Sequence[str], int
         prev = torch.stack([dataset[index[k]]["prev_image"] for k in keys])
         fact = [EventList.from_store(dataset.store, events_of[k] if events_of else k) for k in keys]
         cf = [f.add_intervention(edit, hours[k], embedder=embedder, text_style=text_style)
-              for f, k in zip(fact, keys)]
+              .window(pipe.config.max_events, budget_last) for f, k in zip(fact, keys)]
         kw = dict(num_inference_steps=num_inference_steps, eta=eta, event_guidance_scale=event_guidance_scale)
         pf = finding_probabilities(evaluator, predict(pipe, prev, fact, keys, seeds, **kw).flatten(0, 1))
         pc = finding_probabilities(evaluator, predict(pipe, prev, cf, keys, seeds, **kw).flatten(0, 1))

@@ -167,11 +167,13 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
         src = prepare_sources(cfg)
         if cfg.own_cohort:
             extract_own_events(cfg.path("own_events"), pairs, max_events=cfg.max_events, text_style=cfg.text_style,
-                               threads=cfg.duckdb_threads, window_end=cfg.event_window_end).write(ev_dir)
+                               threads=cfg.duckdb_threads, window_end=cfg.event_window_end,
+                               budget_last=tuple(cfg.event_budget_last)).write(ev_dir)
         else:  # streamed by DuckDB to parquet (bounded memory at full MIMIC scale), then read back
             extract_events_to_dir(src["mimic_iv"], pairs, ev_dir, max_events=cfg.max_events,
                                   text_style=cfg.text_style, filter_inputevents=cfg.filter_inputevents,
                                   drug_matching=cfg.drug_matching, window_end=cfg.event_window_end,
+                                  budget_last=tuple(cfg.event_budget_last),
                                   memory_limit=cfg.duckdb_memory_limit, threads=cfg.duckdb_threads)
         ev = load_events(cfg)
     samples = _resplit(cfg, pairs, ev.pair_keys)

@@ -158,7 +158,7 @@ def what_if_example(ctx: Context, intervention: str | None = None, pair_key: str
     factual = EventList.from_store(ctx.scored.store, pair_key)
     emb = prepare.make_embedder(cfg)
     edited = factual.add_intervention(defined[intervention], added_hours(factual), embedder=emb.embed,
-                                      text_style=cfg.text_style)
+                                      text_style=cfg.text_style).window(cfg.max_events, cfg.event_budget_last)
     emb.close()
     res = what_if(ctx.pipe, item["prev_image"], factual, edited, pair_key=pair_key,
                   seeds=ctx.whatif_seeds, evaluator=ctx.evaluator, **ctx.steps)
@@ -202,7 +202,7 @@ def run_what_if(ctx: Context) -> tuple[pd.DataFrame, pd.DataFrame]:
         eff = intervention_effects(ctx.pipe, ctx.evaluator, ds, keys, iv, hours=shuffled_hours if shuffled else hours,
                                    embedder=emb.embed, seeds=ctx.whatif_seeds, text_style=cfg.text_style,
                                    batch_size=cfg.sample_batch_size, events_of=events_of if shuffled else None,
-                                   definition=defined[iv], **ctx.steps)
+                                   definition=defined[iv], budget_last=cfg.event_budget_last, **ctx.steps)
         if course is not None and defined[iv]["action"] is not None:   # the world knows this action's effect
             if iv not in truths:
                 truths[iv] = pair_true_effects(course, ds.pairs, defined[iv]["action"], hours, seed=cfg.seed)
@@ -391,7 +391,7 @@ def what_if_panel(ctx: Context):
         if add.value != "(none)":
             emb = prepare.make_embedder(cfg)
             edited = edited.add_intervention(defined[add.value], hours.value, embedder=emb.embed,
-                                             text_style=cfg.text_style)
+                                             text_style=cfg.text_style).window(cfg.max_events, cfg.event_budget_last)
             emb.close()
         i = int(np.flatnonzero(pairs["pair_key"].to_numpy() == pick.value)[0])
         with out:
