@@ -378,3 +378,24 @@ def test_own_truncated_gzip_and_broken_parquet_name_the_file(world, tmp_path):
     pq.write_bytes(pq.read_bytes()[:-20])
     with pytest.raises(InputFileError, match=r"ev.parquet: reading failed"):
         read_table(pq, ("subject_id",))
+
+
+def test_events_extracted_with_other_settings_are_refused_not_reused(world, baseline, tmp_path):
+    """A run folder from before ``event_budget_last`` (or with another max_events) holds an S_event the config does
+    not describe; notebook 02 refuses it naming the file and the setting instead of training on it."""
+    from ehrxdiff.config import load_config
+    from ehrxdiff.data.events import extract_events_to_dir
+    cfg = load_config("smoke", {"run_dir": str(tmp_path / "run")})
+    assert cfg.event_budget_last == ["chartevents"]
+    ev_dir = tmp_path / "events"
+    kw = dict(max_events=cfg.max_events, text_style=cfg.text_style, window_end=cfg.event_window_end,
+              drug_matching=cfg.drug_matching, tables=TABLES, threads=1)
+    extract_events_to_dir(world / IV, baseline.pairs, ev_dir, budget_last=(), **kw)
+    with pytest.raises(prepare.StaleEventsError,
+                       match=r"event_meta.json: these events were extracted with event_budget_last \[\] "
+                             r"\(config: \['chartevents'\]\)"):
+        prepare.check_events_match(cfg, ev_dir)
+    extract_events_to_dir(world / IV, baseline.pairs, ev_dir, budget_last=("chartevents",), **kw)
+    prepare.check_events_match(cfg, ev_dir)                                   # the same settings: reused
+    with pytest.raises(prepare.StaleEventsError, match=r"max_events 64 \(config: 32\)"):
+        prepare.check_events_match(load_config("smoke", {"max_events": 32}), ev_dir)

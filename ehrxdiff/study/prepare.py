@@ -7,6 +7,7 @@ path under ``run_dir`` comes from :mod:`ehrxdiff.study.layout` (``layout(cfg)``)
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -78,6 +79,34 @@ def build_cohort(cfg: StudyConfig, *, force: bool = False):
 class EmptyCohortError(ValueError):
     """The study would go on with no pairs, or with a split that has none: said where it happens (notebook 01/02),
     not later by a trainer or an AUROC with an unrelated message."""
+
+
+class StaleEventsError(ValueError):
+    """A run folder's extracted events were made with other event settings than the config's: reusing them would
+    train and score on an S_event the config does not describe."""
+
+
+# config key -> the key extract_events_to_dir records in event_meta.json (and what an older folder's absence meant)
+_EVENT_SETTINGS = {"max_events": ("max_events", None), "text_style": ("text_style", None),
+                   "event_window_end": ("window_end", None), "drug_matching": ("drug_matching", None),
+                   "event_budget_last": ("budget_last", [])}
+
+
+def check_events_match(cfg: StudyConfig, ev_dir: Path) -> None:
+    """Refuse ``ev_dir`` when its ``event_meta.json`` records event settings that differ from ``cfg``'s (a folder
+    extracted before ``event_budget_last`` existed used the most recent ``max_events``). Folders that record none
+    (an own cohort's) are not checked."""
+    meta_path = ev_dir / "event_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "max_events" not in meta:
+        return
+    diff = [f"{key} {meta.get(rec, absent)!r} (config: {getattr(cfg, key)!r})"
+            for key, (rec, absent) in _EVENT_SETTINGS.items()
+            if (rec in meta or absent is not None) and meta.get(rec, absent) != getattr(cfg, key)]
+    if diff:
+        raise StaleEventsError(f"{meta_path}: these events were extracted with {'; '.join(diff)}. Delete "
+                               f"{ev_dir} and {layout(cfg).event_store} (and the models trained on them), or use "
+                               "another run_dir, to extract them again.")
 
 
 def _funnel_text(report: pd.DataFrame) -> str:
@@ -162,6 +191,7 @@ def build_events(cfg: StudyConfig, pairs: pd.DataFrame, *, force: bool = False) 
     that only need the events call :func:`load_events`."""
     ev_dir, store_dir = layout(cfg).events, layout(cfg).event_store
     if not force and (ev_dir / "events.parquet").exists():
+        check_events_match(cfg, ev_dir)
         ev = load_events(cfg)
     else:
         src = prepare_sources(cfg)
