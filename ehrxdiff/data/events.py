@@ -25,11 +25,12 @@ Per pair events are time-ordered with a total order that depends on the data onl
 (:data:`EVENT_TABLES`), then the event's raw column values (their sort order as text). File row order is not
 used: a parallel scan does not keep it, and it made two runs order 7 of 403 k same-time events differently
 (issue 15). A row repeated in a table (same admission, time and values) is one event; the copies are counted in
-the report. The most recent ``max_events`` are kept, and pairs left with no event dropped.
+the report. The most recent ``max_events`` are kept (``budget_last``: those tables only after all others), and
+pairs left with no event dropped.
 
 Scale (:func:`extract_events_to_dir`): each table is streamed once by DuckDB with the item filter (a literal
 itemid list) and a semi-join on the cohort's admissions pushed into the scan, and the raw values of rows inside
-a window written to parquet; the window join, the most-recent-``max_events`` selection and the ordering run in
+a window written to parquet; the window join, the ``max_events`` selection and the ordering run in
 DuckDB on integers (within ``memory_limit``, spilling to disk); the text is built in SQL once per distinct value
 tuple of the kept rows (texts repeat heavily), not per row. Events reach Python only as Arrow batches for the
 final write; :func:`ehrxdiff.data.event_store.build_event_store` reads the files in chunks. :func:`extract_events` is
@@ -471,9 +472,9 @@ def extract_events_to_dir(mimic_iv_dir: str | Path, pairs: pd.DataFrame, out_dir
 
     ``budget_last``: tables whose events fill the ``max_events`` budget only after every other table's (the most
     recent first within each group); the kept events stay in time order. Empty (the default) is the reference's
-    rule, the most recent ``max_events`` of all tables [R ehr.py make_input]. Not in the paper: at the paper's 1024
-    events the budget holds nearly every window, but at the demo's 64 the most recent events are mostly vitals and
-    push out the doses that change the film (:func:`budget_order_sql`).
+    rule, the most recent ``max_events`` of all tables [R ehr.py make_input], which keeps 1024. Not in the paper: at
+    the demo's 64 the most recent events are mostly hourly vitals and push out the doses that change the film
+    (docs/methods.md, "Vitals last in the event budget"; :func:`budget_order_sql`).
 
     Writes under ``out_dir``: ``events.parquet`` (pair_key, position, text_id, hours, table; ordered by
     pair_key, position), ``event_texts.parquet`` (text, row i = text id i), ``event_pairs.parquet``
