@@ -154,6 +154,16 @@ def test_events_serialized_and_windowed(cohort_files, cohort):
     assert rep["events outside every pair window (info)"] == 1            # A at 100 h
     most_recent = extract_own_events(cohort_files / "events.parquet", cohort.pairs, max_events=1, threads=1)
     assert [t for t, _, _ in most_recent.for_pair("img-a3-wide_img-a1_16bit")] == ["drugs item furosemide value 40 unit mg"]
+    # event_budget_last over an own file's table names; a profile's MIMIC name it lacks is counted, not an error
+    key = "img-a3-wide_img-a1_16bit"
+    others = [t for t, _, _ in extract_own_events(cohort_files / "events.parquet", cohort.pairs, max_events=100,
+                                                  threads=1).for_pair(key) if not t.startswith("drugs")]
+    drugs_last = extract_own_events(cohort_files / "events.parquet", cohort.pairs, max_events=1, threads=1,
+                                    budget_last=("drugs", "chartevents"))
+    assert others and [t for t, _, _ in drugs_last.for_pair(key)] == others[-1:]   # the most recent non-drug
+    rep = drugs_last.report.set_index("what")["n"]
+    assert rep["event_budget_last tables not in events.parquet (ignored): chartevents"] == 1
+    assert rep["dropped: events beyond the budget of 1 (drugs fill it last)"] > 0
 
 
 def test_artefacts_run_through_store_and_dataset(cohort_files, tmp_path):
