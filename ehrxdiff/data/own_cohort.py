@@ -477,9 +477,10 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
     ev["table_ord"] = ev["table"].map({t: i for i, t in enumerate(tables)}).astype("int32")
     # the profile's event_budget_last names MIMIC tables (the demo's chartevents); an own events file has its own
     # table names, so the ones it lacks are counted in the report and left out, not an error
+    present = [t for t in (budget_last or ()) if t in tables]
     absent = [t for t in (budget_last or ()) if t not in tables]
     add("all", f"event_budget_last tables not in {path.name} (ignored): {', '.join(absent) or 'none'}", len(absent))
-    last_first = budget_order_sql(tables, [t for t in (budget_last or ()) if t in tables])
+    last_first = budget_order_sql(tables, present)
 
     win = pairs[["pair_key", "subject_id", "prev_time", "target_time"]].copy()
     win["subject_id"] = win["subject_id"].astype(str)
@@ -502,7 +503,7 @@ def extract_own_events(events: str | Path, pairs: pd.DataFrame, *, max_events: i
         FROM ev) WHERE rn <= {int(max_events)} ORDER BY pair_key, t, table_ord, row_ord""").df()
     n_all = con.execute("SELECT count(*) FROM ev").fetchone()[0]
     con.close()
-    add("all", budget_report_row(max_events, [t for t in (budget_last or ()) if t in tables]), int(n_all - len(kept)))
+    add("all", budget_report_row(max_events, present), int(n_all - len(kept)))
 
     rows = sorted(set(kept["row_ord"]))
     values = df.loc[rows, value_cols].itertuples(index=False) if value_cols else [()] * len(rows)
