@@ -116,6 +116,8 @@ class StudyConfig:
     unet_channels: list = field(default_factory=lambda: [64, 128, 128])
     unet_heads: int = 4
     unet_layers_per_block: int = 2           # res blocks per level (paper num_res_blocks 2); CPU profiles use 1
+    unet_time_scale_shift: str = "default"   # how the time (+ event_global) embedding enters each ResNet block:
+                                             # "default" adds it (the reference), "scale_shift" FiLM (scale and shift)
     context_tokens: int = 64                 # C_fusion (paper 1024)
     ldm_steps: int = 300                     # optimizer steps per main model (EHRXDiff, EHRXDiff_w_null)
     ablation_ldm_steps: int | None = None    # steps per Table IV ablation row; unset → ldm_steps (fewer: caption says so)
@@ -385,7 +387,7 @@ def _validate(c: StudyConfig) -> None:
                "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
                "evaluator_arch": ("demo", "densenet121"), "check_images": ("decode", "header", "none"),
                "openai_provider": ("openai", "azure"), "drug_matching": ("casefold", "exact"),
-               "event_window_end": ("exclusive", "inclusive")}
+               "event_window_end": ("exclusive", "inclusive"), "unet_time_scale_shift": ("default", "scale_shift")}
     for key, ok in choices.items():
         if getattr(c, key) not in ok:
             raise ConfigError(f"{key} must be one of {', '.join(ok)}, got {getattr(c, key)!r}")

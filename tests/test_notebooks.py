@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from ehrxdiff.config import load_config
 from ehrxdiff.study import models
@@ -122,3 +124,21 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert len(probe) == 7 and probe[["all", "same"]].apply(lambda c: c.between(0, 1)).all().all()
     assert set(probe["features"]) == {"previous labels", "raw event embeddings", "frozen CLIP table tokens",
                                       "frozen CLIP table tokens + I_prev image tokens"}
+    # does the UNet draw what its findings head says (python -m ehrxdiff.bench render) on this run's trained model:
+    # its "head" row re-draws the study's own predictions, the oracle and I_prev-label rows draw other films
+    r = subprocess.run([sys.executable, "-m", "ehrxdiff.bench", "render", "--profile", "smoke", "-p", "data_dir",
+                        str(tmp_path / "data"), "-p", "run_dir", str(tmp_path / "run"), "--seeds", "1",
+                        "--out", str(tmp_path / "render")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    render = pd.read_csv(tmp_path / "render" / "render.csv")
+    assert list(render["signal"]) == ["head P(finding), no image", "images, head", "images, I_trg labels (oracle)",
+                                      "images, I_prev labels"]
+    assert render[["all", "same"]].apply(lambda c: c.between(0, 1)).all().all()
+    ours = sorted((tmp_path / "run" / "samples" / "EHRXDiff_w_null@s2" / "seed1").glob("*.png"))
+    assert len(ours) == 8
+    for png in ours:
+        study = np.asarray(Image.open(png), dtype=float)
+        again = np.asarray(Image.open(tmp_path / "render" / "head" / "seed1" / png.name), dtype=float)
+        assert np.abs(study - again).mean() < 0.5, png.name     # the same model and seed (up to thread rounding)
+    told = [np.asarray(Image.open(tmp_path / "render" / "I-trg" / "seed1" / p.name)) for p in ours]
+    assert any(not np.array_equal(np.asarray(Image.open(p)), t) for p, t in zip(ours, told))

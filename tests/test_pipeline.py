@@ -243,3 +243,55 @@ def test_event_global_findings_prev_head_reads_the_events_and_i_prev(tmp_path):
         tiny_pipe("xattn-CLIPtab", event_global="findings_prev")
     with pytest.raises(ValueError, match="reads the events and I_prev"):
         pipe.adaptor.findings(torch.zeros(1, 2 * WIDTH))
+
+
+def test_findings_override_replaces_the_heads_signal_and_nan_keeps_it():
+    """``generate(findings=...)`` (issue 14's ``bench render`` diagnostic, not in the paper): the head's own P(finding)
+    given back, or all NaN, is the plain sampler bit for bit; other probabilities change the prediction through the
+    time embedding only, also under event guidance; a model without a head refuses, naming what it needs."""
+    pipe = tiny_pipe(event_global="findings_prev", n_findings=4)
+    with torch.no_grad():
+        pipe.adaptor.findings_head.weight.normal_()
+        pipe.unet.class_embedding.linear_1.weight.mul_(50)   # a random UNet hardly reads its class embedding
+    prev, events, mask = inputs()
+    with torch.no_grad():   # as generate computes it (with autograd on, attention takes a kernel that rounds otherwise)
+        head = encode_condition(adaptor=pipe.adaptor, vae=pipe.vae, clip=pipe.clip, prev_image=prev, events=events,
+                                event_mask=mask).pooled_events
+
+    def run(**kw):
+        return pipe.generate(prev, events, mask, num_inference_steps=3, generator=torch.Generator().manual_seed(2),
+                             progress=False, **kw)
+
+    plain = run()
+    assert torch.equal(run(findings=head), plain)
+    assert torch.equal(run(findings=torch.full_like(head, float("nan"))), plain)
+    flipped = head.clone()
+    flipped[0] = 1 - flipped[0]                       # row 0 told the opposite, row 1 given NaN: keeps its head
+    flipped[1] = float("nan")
+    got = run(findings=flipped)
+    assert not torch.allclose(got[0], plain[0], atol=1e-4) and torch.equal(got[1], plain[1])
+    guided = run(event_guidance_scale=2.0)
+    assert torch.equal(run(event_guidance_scale=2.0, findings=head), guided)
+    with pytest.raises(ValueError, match="findings head"):
+        tiny_pipe().generate(prev, events, mask, num_inference_steps=2, findings=head, progress=False)
+    with pytest.raises(ValueError, match=r"findings is \(2, 3\)"):
+        run(findings=head[:, :3])
+
+
+def test_unet_time_scale_shift_builds_film_resnets_from_the_config():
+    """``unet_time_scale_shift: scale_shift`` (not in the paper): the time + event_global embedding becomes a FiLM scale
+    and shift in every ResNet block (twice the projection width), and the default stays the reference's addition."""
+    from ehrxdiff.config import ConfigError, load_config
+    from ehrxdiff.models.ldm import build_unet
+    film = build_unet(latent_channels=3, sample_size=8, block_out_channels=(16, 32), layers_per_block=1, num_heads=2,
+                      cross_attention_dim=WIDTH, norm_num_groups=8, event_global_dim=4, time_scale_shift="scale_shift")
+    plain = build_unet(latent_channels=3, sample_size=8, block_out_channels=(16, 32), layers_per_block=1, num_heads=2,
+                       cross_attention_dim=WIDTH, norm_num_groups=8, event_global_dim=4)
+    r_film, r_plain = film.down_blocks[0].resnets[0], plain.down_blocks[0].resnets[0]
+    assert r_film.time_emb_proj.out_features == 2 * r_plain.time_emb_proj.out_features == 2 * 16
+    out = film(torch.randn(2, 3, 8, 8), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 5, WIDTH),
+               class_labels=torch.rand(2, 4)).sample
+    assert out.shape == (2, 3, 8, 8)
+    assert load_config("smoke", {"unet_time_scale_shift": "scale_shift"}).unet_time_scale_shift == "scale_shift"
+    with pytest.raises(ConfigError, match="unet_time_scale_shift"):
+        load_config("smoke", {"unet_time_scale_shift": "film"})

@@ -1,5 +1,8 @@
 """Benchmarks that print figures (not timed tests). ``python -m ehrxdiff.bench <what> ...``
 
+``render``: a trained model's test predictions with its findings head's signal, the true labels of I_trg or
+I_prev's labels in its place, scored as Table II (issue 14: is the head or the UNet what limits *diff*?).
+
 ``cohort``: cohort + event extraction on a synthetic world (issue 3's goal: full MIMIC-IV v2.2, ~314 M
 chartevents + ~118 M labevents rows, in <= 30 min on 2 cores with peak RSS <= 4 GB). Prints rows/s per
 table and stage, wall time, peak RSS of this process (DuckDB runs in it; the world is generated in a child
@@ -438,6 +441,85 @@ def _bench_probe(a) -> int:
     return 0
 
 
+def _bench_render(a) -> int:
+    """Does the UNet draw what its findings signal says? (issue 14.) For a trained model with a findings head
+    (``event_global: findings*``): the test predictions at the profile's event guidance, sampled with the head's
+    P(finding) in the time embedding (the study's own run), with the true labels of I_trg in its place (an oracle:
+    the most any head could tell the UNet) and with I_prev's labels (a head that says "no change"), each scored by
+    notebook 05's evaluator as Table II (weighted-macro AUROC all / diff / same), beside the head's P itself scored
+    as a predictor. The oracle row bounds what a better head or better events can buy through this path; its gap
+    to the VAE reconstruction of I_trg is the UNet's. Needs notebooks 01-05 of the profile's run; PNGs are written
+    under ``--out`` (resumed), one tidy row per signal and seed to ``<out>/render.csv``."""
+    import pandas as pd
+    import torch
+
+    from ehrxdiff.config import load_config
+    from ehrxdiff.constants import IMAGENOME_LABELS
+    from ehrxdiff.data.labels import target_label_matrix
+    from ehrxdiff.evaluation.baselines import generated_image_table
+    from ehrxdiff.evaluation.metrics import score_method
+    from ehrxdiff.models.ldm import encode_condition
+    from ehrxdiff.models.sampling import generate_split
+    from ehrxdiff.study import evaluation, models, prepare
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = load_config(a.profile, {k: v for k, v in a.param})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.pipeline:   # e.g. a model trained by ``bench curve``
+        from ehrxdiff.models.pipeline import EHRXDiffPipeline
+        pipe = EHRXDiffPipeline.from_pretrained(a.pipeline).to(models.device())
+    else:
+        pipe = models.load_pipeline(cfg, a.model)
+    if pipe.adaptor.findings_head is None:
+        print(f"{a.model} has no findings head (event_global {cfg.event_global}): nothing to render", file=sys.stderr)
+        return 2
+    ds = prepare.datasets(cfg, ("test",))
+    test = models.test_pairs(cfg, ds)
+    keys = list(test.pairs["pair_key"])
+    samples, _ = prepare.load_pairs_with_events(cfg)
+    labels, rows = prepare.label_rows(cfg, samples)
+    rows = rows[rows["pair_key"].isin(set(keys))]
+    evaluator = evaluation.train_evaluator(cfg, samples, labels)   # notebook 05's, reloaded
+    tag = evaluation.evaluator_tag(cfg, evaluator)
+    collate = models.collate(cfg)
+    head = []
+    with torch.no_grad():
+        for i in range(0, len(test), cfg.sample_batch_size):
+            b = collate([test[j] for j in range(i, min(len(test), i + cfg.sample_batch_size))])
+            cond = encode_condition(adaptor=pipe.adaptor, vae=pipe.vae, clip=pipe.clip, prev_image=b["prev_image"],
+                                    events=b["events"], event_mask=b["event_mask"])
+            head.append(cond.pooled_events.float().cpu())
+    labels_order = list(IMAGENOME_LABELS)
+    head_p = pd.DataFrame(torch.cat(head).numpy(), index=pd.Index(keys, name="pair_key"), columns=labels_order)
+    prev = (rows.pivot_table(index="pair_key", columns="label", values="prev_relation", aggfunc="max")
+            .reindex(index=keys, columns=labels_order).astype("float32"))
+    signals = {"head": None, "I_trg labels (oracle)": target_label_matrix(rows).reindex(keys), "I_prev labels": prev}
+    results = []
+
+    def add(signal, seed, scores):
+        summary, _ = score_method(rows, scores, method=signal, seed=seed, evaluator=tag)
+        r = {"model": a.pipeline or a.model, "signal": signal, "seed": seed, "guidance": cfg.event_guidance_scale,
+             **summary.set_index("subset")["auroc"].to_dict()}
+        results.append(r)
+        pd.DataFrame(results).to_csv(out / "render.csv", index=False)
+        print(f"{signal:<34} seed {seed}  all {r['all']:.3f}  diff {r['diff']:.3f}  same {r['same']:.3f}", flush=True)
+
+    print(f"{a.model} on {cfg.profile}: {len(keys)} test pairs, event guidance s = {cfg.event_guidance_scale:g}, "
+          f"{cfg.sampler}-{cfg.sample_steps}; weighted-macro AUROC of the evaluator {tag}", flush=True)
+    add("head P(finding), no image", 0, head_p)
+    for seed in a.seeds:
+        for signal, given in signals.items():
+            folder = out / signal.split(" ")[0].replace("_", "-") / f"seed{seed}"
+            generate_split(pipe, test, folder, seed=seed, sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
+                           eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate,
+                           clip_x0=cfg.sample_clip_x0, event_guidance_scale=cfg.event_guidance_scale,
+                           findings=given, progress=False)
+            img = evaluation.score_images(cfg, evaluator, generated_image_table(keys, folder), folder)
+            add(f"images, {signal}", seed, img.table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ehrxdiff.bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -485,6 +567,17 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--threads", type=int, default=None)
     pr.add_argument("--out", required=True, help="folder for probe.csv")
     pr.set_defaults(func=_bench_probe)
+    rd = sub.add_parser("render", help="does the UNet draw what its findings signal says: head vs true labels")
+    rd.add_argument("--profile", default="demo")
+    rd.add_argument("--model", default="EHRXDiff_w_null", help="a trained model with a findings head")
+    rd.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="config override, as ./run_all.sh -p")
+    rd.add_argument("--pipeline", default=None, help="a saved pipeline folder instead of the run's --model "
+                    "(e.g. <bench curve --out>/pipeline)")
+    rd.add_argument("--seeds", type=int, nargs="+", default=[0])
+    rd.add_argument("--threads", type=int, default=None)
+    rd.add_argument("--out", required=True, help="folder for the PNGs and render.csv")
+    rd.set_defaults(func=_bench_render)
     a = ap.parse_args(argv)
     return a.func(a)
 

@@ -43,7 +43,8 @@ def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
                block_out_channels: Iterable[int] = PAPER_UNET_CHANNELS, layers_per_block: int = 2,
                attention_levels: Iterable[bool] | None = None, num_heads: int = UNET_HEADS,
                cross_attention_dim: int = D_CLIP, norm_num_groups: int = 32,
-               concat_latent: bool = False, event_global_dim: int | None = None) -> UNet2DConditionModel:
+               concat_latent: bool = False, event_global_dim: int | None = None,
+               time_scale_shift: str = "default") -> UNet2DConditionModel:
     """A randomly initialised UNet2DConditionModel shaped like the reference's LDM UNet (paper-reference §7.2).
 
     ``attention_levels`` marks the levels with a (self + cross) attention transformer; the default, every level
@@ -54,6 +55,9 @@ def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
     (not in the paper; issue 14) adds diffusers' projection class embedding: a pooled S_event vector of that width
     (:func:`pool_events`) is mapped by an MLP and added to the timestep embedding, so it modulates every ResNet block
     (as SDXL adds its pooled text embedding) instead of reaching the UNet only through cross-attention.
+    ``time_scale_shift`` is diffusers' ``resnet_time_scale_shift``: ``"default"`` adds that embedding to each ResNet
+    block's features (the reference), ``"scale_shift"`` uses it as FiLM, a per-channel scale and shift (as ADM,
+    Dhariwal & Nichol 2021); not in the paper.
     """
     chans = tuple(int(c) for c in block_out_channels)
     levels = tuple(attention_levels) if attention_levels is not None else (False,) + (True,) * (len(chans) - 1)
@@ -66,6 +70,7 @@ def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
         mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=chans, layers_per_block=layers_per_block,
         attention_head_dim=num_heads, cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups,
         transformer_layers_per_block=1, use_linear_projection=False,  # SpatialTransformer depth 1, 1x1 conv in
+        resnet_time_scale_shift=time_scale_shift,
         **({"class_embed_type": "projection", "projection_class_embeddings_input_dim": int(event_global_dim)}
            if event_global_dim else {}),
     )
@@ -385,7 +390,7 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
                    latent_scale: float = LATENT_SCALE, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
                    beta_start: float = BETA_START, beta_end: float = BETA_END, clip_trainable: bool = True,
                    snr_gamma: float | None = None, fusion: str = "linear", event_global: str | None = None,
-                   n_findings: int = len(IMAGENOME_LABELS)) -> EHRXDiff:
+                   n_findings: int = len(IMAGENOME_LABELS), time_scale_shift: str = "default") -> EHRXDiff:
     """Assemble a fresh EHRXDiff for one Table IV variant around a (trained) VAE and (pre-trained) CLIP.
 
     Shapes follow from the parts: latent size = ``image_size / f``, D_CLIP = the CLIP token width (image tower
@@ -431,7 +436,7 @@ def build_ehrxdiff(*, vae: AutoencoderKL, image_size: int, clip: ClipConditioner
                       block_out_channels=unet_channels, layers_per_block=layers_per_block,
                       attention_levels=attention_levels, num_heads=num_heads, cross_attention_dim=d_clip,
                       norm_num_groups=norm_num_groups, concat_latent=vae_mode == "concat",
-                      event_global_dim=global_dim)
+                      event_global_dim=global_dim, time_scale_shift=time_scale_shift)
     return EHRXDiff(vae=vae, unet=unet, adaptor=adaptor, clip=clip if (use_clip_image or use_clip_table) else None,
                     noise_scheduler=build_noise_scheduler(num_train_timesteps=num_train_timesteps,
                                                           beta_start=beta_start, beta_end=beta_end),

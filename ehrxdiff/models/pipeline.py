@@ -81,13 +81,18 @@ class EHRXDiffPipeline(DiffusionPipeline):
     def generate(self, prev_image: torch.Tensor, events: torch.Tensor | None = None,
                  event_mask: torch.Tensor | None = None, *, num_inference_steps: int = 100, eta: float = 1.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
-                 progress: bool = True, event_guidance_scale: float = 1.0) -> torch.Tensor:
+                 progress: bool = True, event_guidance_scale: float = 1.0,
+                 findings: torch.Tensor | None = None) -> torch.Tensor:
         """Predict I_trg for a batch: ``prev_image`` [B, 3, H, W] in [-1, 1], ``events`` [B, N, D] zero-padded,
         ``event_mask`` [B, N] (True = real event). Returns [B, 3, H, W] in [-1, 1] on the CPU, wherever it ran.
 
         ``generator`` may be a list of one generator per row, which makes each row's result independent of the
         batch it was drawn in (what resumable batch generation relies on). ``event_guidance_scale``: see the module
         docstring (the two branches are separate UNet calls, so s = 0 and s = 1 reproduce the plain predictions).
+        ``findings`` [B, n_findings] (a model with a findings head, ``event_global: findings*``; not in the paper):
+        P(finding) put in place of the head's in the S_event branch, NaN keeping the head's value - a diagnostic
+        (``python -m ehrxdiff.bench render``): given the true labels of I_trg, how much of them does the UNet draw?
+        The no-event branch of the guidance keeps its own head output.
         """
         device, dtype = self._execution_device, self.unet.dtype
         prev = prev_image.to(device=device, dtype=dtype)
@@ -95,6 +100,14 @@ class EHRXDiffPipeline(DiffusionPipeline):
             events, event_mask = events.to(device=device, dtype=dtype), event_mask.to(device)
         cond = encode_condition(adaptor=self.adaptor, vae=self.vae, clip=self.clip, prev_image=prev,
                                 events=events, event_mask=event_mask)
+        if findings is not None:
+            if self.adaptor.findings_head is None or cond.pooled_events is None:
+                raise ValueError("findings= needs a model with a findings head (event_global findings or "
+                                 "findings_prev)")
+            given = findings.to(device=device, dtype=cond.pooled_events.dtype)
+            if given.shape != cond.pooled_events.shape:
+                raise ValueError(f"findings is {tuple(given.shape)}, the head gives {tuple(cond.pooled_events.shape)}")
+            cond.pooled_events = torch.where(torch.isnan(given), cond.pooled_events, given)
         s = float(event_guidance_scale)
         null_cond = None
         if s != 1.0:

@@ -72,13 +72,14 @@ class WithEvents(Dataset):
 def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sampler: str = "ddim",
                    num_inference_steps: int = 100, eta: float = 1.0, batch_size: int = 8,
                    collate_fn=None, num_workers: int = 0, progress: bool = True,
-                   clip_x0: float | None = None, event_guidance_scale: float = 1.0) -> dict:
+                   clip_x0: float | None = None, event_guidance_scale: float = 1.0, findings=None) -> dict:
     """Write ``out_dir/<pair_key>.png`` (8-bit grey, image_size^2) for every item of ``dataset``.
 
     ``dataset`` yields items as :class:`ehrxdiff.data.datasets.PairDataset` (batched by ``collate_fn``, default
     ``data.collate_pairs``). Items whose PNG exists are skipped (resume). Returns a summary with the number of
     images written/skipped and seconds per generated image. ``event_guidance_scale``: see
-    :class:`ehrxdiff.models.pipeline.EHRXDiffPipeline` (1 = the paper's sampler).
+    :class:`ehrxdiff.models.pipeline.EHRXDiffPipeline` (1 = the paper's sampler). ``findings``: a pair_key x finding
+    frame of P(finding) given to the pipeline in place of its findings head's (NaN = the head's; a diagnostic).
     """
     sampler = SAMPLER_ALIASES.get(sampler, sampler)   # the summary names the pipeline's sampler ("dpm++")
     out = Path(out_dir)
@@ -97,7 +98,9 @@ def generate_split(pipe, dataset, out_dir: str | Path, *, seed: int = 42, sample
         images = pipe.generate(batch["prev_image"], batch["events"] if uses_table else None,
                                batch["event_mask"] if uses_table else None,
                                num_inference_steps=num_inference_steps, eta=eta, generator=gens, progress=False,
-                               event_guidance_scale=event_guidance_scale if uses_table else 1.0)
+                               event_guidance_scale=event_guidance_scale if uses_table else 1.0,
+                               findings=None if findings is None else torch.tensor(
+                                   findings.reindex(list(batch["pair_key"])).to_numpy(dtype="float32")))
         for key, gray in zip(batch["pair_key"], to_uint8(images)):
             save_png(out, key, gray)
             written += 1

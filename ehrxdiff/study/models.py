@@ -317,7 +317,7 @@ def build_variant(cfg: StudyConfig, name: str, vae, clip):
                           latent_scale=vae.config.scaling_factor, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                           clip_trainable=cfg.ldm_clip_trainable, snr_gamma=cfg.snr_gamma, fusion=cfg.adaptor_fusion,
                           event_global=_variant_event_global(cfg, use_img) if use_tab else None,
-                          n_findings=len(IMAGENOME_LABELS))
+                          n_findings=len(IMAGENOME_LABELS), time_scale_shift=cfg.unet_time_scale_shift)
 
 
 def event_global(cfg: StudyConfig) -> str | None:
