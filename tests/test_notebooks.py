@@ -142,3 +142,10 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
         assert np.abs(study - again).mean() < 0.5, png.name     # the same model and seed (up to thread rounding)
     told = [np.asarray(Image.open(tmp_path / "render" / "I-trg" / "seed1" / p.name)) for p in ours]
     assert any(not np.array_equal(np.asarray(Image.open(p)), t) for p, t in zip(ours, told))
+    (tmp_path / "render" / "render_of.json").write_text("{}")    # as if another model had drawn them: not resumed
+    r = subprocess.run([sys.executable, "-m", "ehrxdiff.bench", "render", "--profile", "smoke", "-p", "data_dir",
+                        str(tmp_path / "data"), "-p", "run_dir", str(tmp_path / "run"), "--seeds", "1",
+                        "--out", str(tmp_path / "render")], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "PNGs of another model or sampler; removed" in r.stderr, r.stderr[-3000:]
+    assert pd.read_csv(tmp_path / "render" / "render.csv")[["all", "diff", "same"]].equals(
+        render[["all", "diff", "same"]])                                          # drawn again: the same films

@@ -19,9 +19,11 @@ the same process (its peak RSS is a target), and ``--help`` answers without load
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -267,7 +269,7 @@ def _bench_ldm(a) -> int:
     print(f"profile {cfg.profile}: image {cfg.image_size} px, UNet {cfg.unet_channels}, context {cfg.context_tokens} "
           f"tokens x {cfg.clip_width}, {n} events, fp32 on {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", torch threads {torch.get_num_threads()}"))
-    print(f"parameters: " + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M"
+    print("parameters: " + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M"
                                       for k, m in per_step.trainable_modules().items()))
     print(f"train, per-step encoding (VAE encode + CLIP towers fine-tuned; collate, forward, backward, AdamW, EMA): "
           f"{train_s:.3f} s/step at batch {b} = {b / train_s:.1f} samples/s")
@@ -449,7 +451,7 @@ def _bench_render(a) -> int:
     notebook 05's evaluator as Table II (weighted-macro AUROC all / diff / same), beside the head's P itself scored
     as a predictor. The oracle row bounds what a better head or better events can buy through this path; its gap
     to the VAE reconstruction of I_trg is the UNet's. Needs notebooks 01-05 of the profile's run; PNGs are written
-    under ``--out`` (resumed), one tidy row per signal and seed to ``<out>/render.csv``."""
+    under ``--out`` (resumed while ``render_of.json`` records the same model and sampler), one tidy row per signal and seed to ``<out>/render.csv``."""
     import pandas as pd
     import torch
 
@@ -471,6 +473,15 @@ def _bench_render(a) -> int:
         pipe = EHRXDiffPipeline.from_pretrained(a.pipeline).to(models.device())
     else:
         pipe = models.load_pipeline(cfg, a.model)
+    from ehrxdiff.training.cache import module_fingerprint
+    fingerprint = {"unet": module_fingerprint(pipe.unet), "adaptor": module_fingerprint(pipe.adaptor),
+                   "guidance": cfg.event_guidance_scale, "sampler": cfg.sampler, "steps": cfg.sample_steps}
+    record = out / "render_of.json"   # PNGs of another model or sampler are removed, never resumed into this one
+    if record.exists() and json.loads(record.read_text()) != fingerprint:
+        print(f"{out}: PNGs of another model or sampler; removed", file=sys.stderr)
+        for sub in ("head", "I-trg", "I-prev"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    record.write_text(json.dumps(fingerprint, indent=1))
     if pipe.adaptor.findings_head is None:
         print(f"{a.model} has no findings head (event_global {cfg.event_global}): nothing to render", file=sys.stderr)
         return 2
