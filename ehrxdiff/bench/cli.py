@@ -451,7 +451,8 @@ def _bench_render(a) -> int:
     notebook 05's evaluator as Table II (weighted-macro AUROC all / diff / same), beside the head's P itself scored
     as a predictor. The oracle row bounds what a better head or better events can buy through this path; its gap
     to the VAE reconstruction of I_trg is the UNet's. Needs notebooks 01-05 of the profile's run; PNGs are written
-    under ``--out`` (resumed while ``render_of.json`` records the same model and sampler), one tidy row per signal and seed to ``<out>/render.csv``."""
+    under ``--out`` (resumed while ``render_of.json`` records the same model and sampler), one tidy row per signal
+    and seed to ``<out>/render.csv``."""
     import pandas as pd
     import torch
 
@@ -475,7 +476,8 @@ def _bench_render(a) -> int:
         pipe = models.load_pipeline(cfg, a.model)
     from ehrxdiff.training.cache import module_fingerprint
     fingerprint = {"unet": module_fingerprint(pipe.unet), "adaptor": module_fingerprint(pipe.adaptor),
-                   "guidance": cfg.event_guidance_scale, "sampler": cfg.sampler, "steps": cfg.sample_steps}
+                   "guidance": cfg.event_guidance_scale, "sampler": cfg.sampler, "steps": cfg.sample_steps,
+                   "eta": cfg.sample_eta, "clip_x0": cfg.sample_clip_x0}
     record = out / "render_of.json"   # PNGs of another model or sampler are removed, never resumed into this one
     if record.exists() and json.loads(record.read_text()) != fingerprint:
         print(f"{out}: PNGs of another model or sampler; removed", file=sys.stderr)
