@@ -474,16 +474,6 @@ def _bench_render(a) -> int:
         pipe = EHRXDiffPipeline.from_pretrained(a.pipeline).to(models.device())
     else:
         pipe = models.load_pipeline(cfg, a.model)
-    from ehrxdiff.training.cache import module_fingerprint
-    fingerprint = {"unet": module_fingerprint(pipe.unet), "adaptor": module_fingerprint(pipe.adaptor),
-                   "guidance": cfg.event_guidance_scale, "sampler": cfg.sampler, "steps": cfg.sample_steps,
-                   "eta": cfg.sample_eta, "clip_x0": cfg.sample_clip_x0}
-    record = out / "render_of.json"   # PNGs of another model or sampler are removed, never resumed into this one
-    if record.exists() and json.loads(record.read_text()) != fingerprint:
-        print(f"{out}: PNGs of another model or sampler; removed", file=sys.stderr)
-        for sub in ("head", "I-trg", "I-prev"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    record.write_text(json.dumps(fingerprint, indent=1))
     if pipe.adaptor.findings_head is None:
         print(f"{a.model} has no findings head (event_global {cfg.event_global}): nothing to render", file=sys.stderr)
         return 2
@@ -508,6 +498,17 @@ def _bench_render(a) -> int:
     prev = (rows.pivot_table(index="pair_key", columns="label", values="prev_relation", aggfunc="max")
             .reindex(index=keys, columns=labels_order).astype("float32"))
     signals = {"head": None, "I_trg labels (oracle)": target_label_matrix(rows).reindex(keys), "I_prev labels": prev}
+    folders = {signal: out / signal.split(" ")[0].replace("_", "-") for signal in signals}   # head, I-trg, I-prev
+    from ehrxdiff.training.cache import module_fingerprint
+    fingerprint = {"unet": module_fingerprint(pipe.unet), "adaptor": module_fingerprint(pipe.adaptor),
+                   "guidance": cfg.event_guidance_scale, "sampler": cfg.sampler, "steps": cfg.sample_steps,
+                   "eta": cfg.sample_eta, "clip_x0": cfg.sample_clip_x0}
+    record = out / "render_of.json"   # PNGs of another model or sampler are removed, never resumed into this one
+    if record.exists() and json.loads(record.read_text()) != fingerprint:
+        print(f"{out}: PNGs of another model or sampler; removed", file=sys.stderr)
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    record.write_text(json.dumps(fingerprint, indent=1))
     results = []
 
     def add(signal, seed, scores):
@@ -523,7 +524,7 @@ def _bench_render(a) -> int:
     add("head P(finding), no image", 0, head_p)
     for seed in a.seeds:
         for signal, given in signals.items():
-            folder = out / signal.split(" ")[0].replace("_", "-") / f"seed{seed}"
+            folder = folders[signal] / f"seed{seed}"
             generate_split(pipe, test, folder, seed=seed, sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
                            eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate,
                            clip_x0=cfg.sample_clip_x0, event_guidance_scale=cfg.event_guidance_scale,
