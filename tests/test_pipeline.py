@@ -78,6 +78,36 @@ def test_call_with_pil_image_and_event_strings():
         pipe(prev, events, num_inference_steps=2)
 
 
+def test_saved_pipeline_carries_its_event_guidance_scale_and_call_uses_it(tmp_path):
+    """The study's s travels with the weights: pipe(...) of a reloaded pipeline samples as the study did, unless
+    told otherwise (s = 1: the paper's sampler)."""
+    pipe = tiny_pipe()
+    guided = EHRXDiffPipeline.from_model(pipe.to_model(), image_size=PX, max_events=MAX_EVENTS,
+                                         event_guidance_scale=2.5)
+    guided.save_pretrained(tmp_path)
+    loaded = EHRXDiffPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.event_guidance_scale == 2.5
+    prev = torch.rand(3, PX, PX, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    events = np.random.default_rng(0).normal(size=(2, EVENT_DIM)).astype(np.float32)
+
+    def call(**kw):
+        return loaded(prev, events, num_inference_steps=3, generator=torch.Generator().manual_seed(4),
+                      output_type="pt", **kw).images
+
+    def gen(s):
+        return loaded.generate(prev[None], torch.from_numpy(events)[None], torch.ones(1, 2, dtype=torch.bool),
+                               num_inference_steps=3, generator=torch.Generator().manual_seed(4), progress=False,
+                               event_guidance_scale=s)
+
+    assert torch.equal(call(), gen(2.5))
+    assert torch.equal(call(event_guidance_scale=1.0), gen(1.0))
+    assert not torch.equal(gen(2.5), gen(1.0))
+    with pytest.raises(ValueError, match="CLIP table"):
+        EHRXDiffPipeline.from_model(tiny_pipe("concat-VAE").to_model(), image_size=PX, max_events=MAX_EVENTS,
+                                    event_guidance_scale=2.0)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
 def test_samplers_are_deterministic_per_generator(sampler):
     pipe = tiny_pipe(sampler=sampler)

@@ -15,6 +15,9 @@ free guidance, decode z / 0.18215, clamp to [-1, 1]. ``event_guidance_scale`` s 
 InstructPix2Pix-style guidance on the events (Brooks et al. 2023): with the same I_prev, the no-event branch that
 EHRXDiff_w_null learned from its null samples (§II-D) is the reference, eps = eps(I_prev, null) + s * (eps(I_prev,
 S_event) - eps(I_prev, null)); s = 1 is the paper's sampler exactly, s = 0 the null-event prediction exactly.
+A saved pipeline carries the s its study sampled with (``config.event_guidance_scale``, the profile's
+``event_guidance_scale`` for a model that reads S_event, else 1), which ``pipe(...)`` uses unless told otherwise, so
+the README's call reproduces the study's predictions.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ class EHRXDiffPipeline(DiffusionPipeline):
     """VAE + UNet + scheduler + CLIP towers + adaptor; see the module docstring for usage.
 
     ``image_size`` is the pixel size the model was trained at (I_prev is resized to it); ``max_events`` keeps the
-    most recent events of a longer list, as the data pipeline does.
+    most recent events of a longer list, as the data pipeline does; ``event_guidance_scale`` is the default s of
+    ``__call__`` (see the module docstring).
     """
 
     model_cpu_offload_seq = "clip->adaptor->unet->vae"
@@ -47,13 +51,17 @@ class EHRXDiffPipeline(DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler, adaptor: FusionAdaptor,
                  clip: ClipConditioner | None = None, latent_scale: float = LATENT_SCALE, image_size: int = 256,
-                 max_events: int = MAX_EVENTS):
+                 max_events: int = MAX_EVENTS, event_guidance_scale: float = 1.0):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, adaptor=adaptor, clip=clip)
-        self.register_to_config(latent_scale=latent_scale, image_size=image_size, max_events=max_events)
+        if float(event_guidance_scale) != 1.0 and not adaptor.config.use_clip_table:
+            raise ValueError("event_guidance_scale != 1 needs a model conditioned on the events (CLIP table)")
+        self.register_to_config(latent_scale=latent_scale, image_size=image_size, max_events=max_events,
+                                event_guidance_scale=float(event_guidance_scale))
 
     @classmethod
-    def from_model(cls, model, *, sampler: str = "ddim", image_size: int, max_events: int) -> "EHRXDiffPipeline":
+    def from_model(cls, model, *, sampler: str = "ddim", image_size: int, max_events: int,
+                   event_guidance_scale: float = 1.0) -> "EHRXDiffPipeline":
         """A pipeline sharing the modules of a trained :class:`ehrxdiff.models.ldm.EHRXDiff` (weights are not copied).
 
         The modules are put in eval mode (no dropout in the table tower), as ``from_pretrained`` does.
@@ -61,7 +69,8 @@ class EHRXDiffPipeline(DiffusionPipeline):
         model.eval()
         return cls(vae=model.vae, unet=model.unet, adaptor=model.adaptor, clip=model.clip,
                    scheduler=make_inference_scheduler(sampler, model.noise_scheduler.config),
-                   latent_scale=model.latent_scale, image_size=image_size, max_events=max_events)
+                   latent_scale=model.latent_scale, image_size=image_size, max_events=max_events,
+                   event_guidance_scale=event_guidance_scale)
 
     def to_model(self):
         """The trainable :class:`ehrxdiff.models.ldm.EHRXDiff` around this pipeline's modules (shared, not copied),
@@ -166,13 +175,14 @@ class EHRXDiffPipeline(DiffusionPipeline):
     def __call__(self, prev_image, events, *, num_inference_steps: int = 100, eta: float = 1.0,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  embedder: Callable[[list[str]], np.ndarray] | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 return_dict: bool = True, event_guidance_scale: float | None = None):
         """Predict the next CXR of one or several patients.
 
         ``prev_image``: a PIL image / [3, H, W] tensor, or a list of them. ``events``: for one image a list of
         event strings (embedded with ``embedder``) or an array [n, dim] of embeddings; for a list of images, a
         list of such. ``output_type``: ``"pil"`` (grey PIL images), ``"np"`` (uint8 [B, H, W]) or ``"pt"``
-        ([B, 3, H, W] in [-1, 1]).
+        ([B, 3, H, W] in [-1, 1]). ``event_guidance_scale``: s of the event guidance (module docstring); None takes
+        the s the pipeline was saved with (``config.event_guidance_scale``), 1 is the paper's sampler.
         """
         single = not isinstance(prev_image, (list, tuple))
         prevs = [prev_image] if single else list(prev_image)
@@ -193,8 +203,9 @@ class EHRXDiffPipeline(DiffusionPipeline):
             for i, a in enumerate(arrays):
                 ev_t[i, : len(a)] = torch.from_numpy(a)
                 mask[i, : len(a)] = True
+        s = self.config.event_guidance_scale if event_guidance_scale is None else event_guidance_scale
         images = self.generate(prev, ev_t, mask, num_inference_steps=num_inference_steps, eta=eta,
-                               generator=generator)
+                               generator=generator, event_guidance_scale=s)
         if output_type == "pt":
             out = images
         elif output_type in ("np", "pil"):

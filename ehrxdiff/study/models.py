@@ -398,7 +398,8 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
                      ema_decay=cfg.ema_decay, mixed_precision=cfg.ldm_mixed_precision,
                      validate_every=cfg.validate_every, max_val_batches=4,
                      checkpoint_every=cfg.validate_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
-                     image_size=cfg.image_size, max_events=cfg.max_events, progress=progress)
+                     image_size=cfg.image_size, max_events=cfg.max_events, progress=progress,
+                     event_guidance_scale=cfg.event_guidance_scale if uses_events(cfg, name) else 1.0)
 
 
 def _train_worker(cfg: StudyConfig, name: str, vae, clip, threads: int) -> dict:
