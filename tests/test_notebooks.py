@@ -42,6 +42,11 @@ def test_committed_notebook_is_clean(path):
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))], \
             "notebooks orchestrate: functions and classes belong in ehrxdiff/"
         assert "API_KEY" not in c.source, "API keys come from the environment, never a notebook"
+    # byte for byte what the clone's nbstripout filter makes of it (cell ids included), so a fresh clone that ran
+    # the study shows no notebook as modified
+    stripped = subprocess.run([sys.executable, "-m", "nbstripout"], input=path.read_bytes(), capture_output=True,
+                              check=True).stdout
+    assert stripped == path.read_bytes(), f"{path.name}: not as nbstripout writes it (run nbstripout on it)"
 
 
 @pytest.mark.e2e
