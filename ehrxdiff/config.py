@@ -149,6 +149,7 @@ class StudyConfig:
     sample_eta: float = 1.0
     sample_clip_x0: float | None = None      # clip predicted x0 to ±this (not in the paper; for short CPU runs)
     event_guidance_scale: float = 1.0        # guidance on S_event vs the null event set (not in the paper; 1 = none)
+    event_guidance_by_model: dict = field(default_factory=dict)   # model → its own s, in place of event_guidance_scale
     guidance_sweep: list = field(default_factory=list)   # more s for EHRXDiff_w_null's guidance sweep (issue 14)
     sample_seeds: list = field(default_factory=lambda: [0, 1, 2])
     sample_batch_size: int = 32
@@ -413,7 +414,14 @@ def _validate(c: StudyConfig) -> None:
         raise ConfigError(f"event_dropout must be in [0, 1), got {c.event_dropout}")
     if c.event_dropout and not c.ldm_cache_first_stage:
         raise ConfigError("event_dropout is drawn by the cached training set: it needs ldm_cache_first_stage true")
-    for key, values in (("event_guidance_scale", [c.event_guidance_scale]), ("guidance_sweep", c.guidance_sweep)):
+    if not isinstance(c.event_guidance_by_model, dict):
+        raise ConfigError(f"event_guidance_by_model must map model names to s, got {c.event_guidance_by_model!r}")
+    readers = [*C.MAIN_MODELS, *(v for v in c.ablation_variants if TABLE_IV_VARIANTS.get(v, (None, False, False))[2])]
+    if bad := [m for m in c.event_guidance_by_model if m not in readers]:
+        raise ConfigError(f"event_guidance_by_model: {bad} are not models of this profile that read S_event "
+                          f"({', '.join(readers)})")
+    for key, values in (("event_guidance_scale", [c.event_guidance_scale]), ("guidance_sweep", c.guidance_sweep),
+                        ("event_guidance_by_model", list(c.event_guidance_by_model.values()))):
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf") for v in values):
             raise ConfigError(f"{key} must be finite numbers >= 0 (1 = the paper's sampler), got {values}")
     if c.ldm_cache_first_stage and c.augment_targets == "all":

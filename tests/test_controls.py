@@ -62,7 +62,8 @@ def test_no_events_control_equals_the_guidance_at_zero():
 
 
 def test_sample_runs_name_every_control_once_and_the_sweep_reuses_them():
-    cfg = load_config("demo", {"event_guidance_scale": 2.0, "guidance_sweep": [0, 1, 2, 4]})
+    cfg = load_config("demo", {"event_guidance_scale": 2.0, "guidance_sweep": [0, 1, 2, 4],
+                               "event_guidance_by_model": {}})
     runs = models.sample_runs(cfg)
     methods = [r.method for r in runs]
     assert len(set(methods)) == len(methods) and len({r.folder for r in runs}) == len(runs)
@@ -80,8 +81,26 @@ def test_sample_runs_name_every_control_once_and_the_sweep_reuses_them():
     assert models.sample_dir(plain, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null"
 
 
+def test_each_model_can_have_its_own_guidance_scale():
+    cfg = load_config("demo", {"event_guidance_scale": 2.0, "event_guidance_by_model": "{EHRXDiff: 4}"})  # as -p
+    by = {r.method: r for r in models.sample_runs(cfg)}
+    assert by["EHRXDiff"].scale == 4.0 and by["EHRXDiff"].folder == "EHRXDiff@s4"
+    assert by["EHRXDiff (shuffled S_event)"].folder == "EHRXDiff@shuffled-s4"     # its control at its own s
+    assert by["EHRXDiff (no S_event)"].scale == 1.0
+    assert by["EHRXDiff_w_null"].scale == 2.0 and models.guidance_sweep_runs(cfg)[2.0] == by["EHRXDiff_w_null"]
+    assert models.guidance_scale(cfg, "concat-VAE") == 1.0                        # reads no S_event
+    assert models.sample_dir(cfg, "EHRXDiff", 0).parent.name == "EHRXDiff@s4"
+    with pytest.raises(ConfigError, match="not models of this profile that read S_event"):
+        load_config("demo", {"event_guidance_by_model": {"concat-VAE": 2.0}})
+    with pytest.raises(ConfigError, match="not models of this profile that read S_event"):
+        load_config("demo", {"event_guidance_by_model": {"EHRXdiff": 2.0}})
+    with pytest.raises(ConfigError, match="event_guidance_by_model must be dict"):
+        load_config("demo", {"event_guidance_by_model": [4]})
+
+
 @pytest.mark.parametrize("bad", [{"guidance_sweep": [-1]}, {"guidance_sweep": ["two"]},
-                                 {"event_guidance_scale": -0.5}, {"guidance_sweep": [float("inf")]}])
+                                 {"event_guidance_scale": -0.5}, {"guidance_sweep": [float("inf")]},
+                                 {"event_guidance_by_model": {"EHRXDiff": -1}}])
 def test_config_rejects_bad_guidance(bad):
     with pytest.raises(ConfigError, match="finite numbers >= 0"):
         load_config("smoke", bad)

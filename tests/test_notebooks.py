@@ -77,6 +77,8 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
     assert len(perm) == 8 and (perm["pair_key"] != perm["events_of"]).all() and set(perm["events_of"]) == set(
         perm["pair_key"])                                                        # a fixed derangement, recorded
     assert (tmp_path / "run" / "samples" / "EHRXDiff_w_null@shuffled-s2" / "seed1").is_dir()
+    assert (tmp_path / "run" / "samples" / "EHRXDiff@shuffled-s3" / "seed1").is_dir()   # EHRXDiff at its own s
+    assert "s = 3 (EHRXDiff), s = 2 (EHRXDiff_w_null)" in (tmp_path / "fig" / "table2_imagenome_auroc.md").read_text()
     sampling = pd.read_csv(tmp_path / "run" / "samples" / "sampling_summary.csv")   # 04: every run and seed once
     drawn = sampling[sampling["method"] != "VAE reconstruction of I_trg"]
     assert (drawn["written"] + drawn["skipped"]).eq(8).all()

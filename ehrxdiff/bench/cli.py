@@ -445,7 +445,7 @@ def _bench_probe(a) -> int:
 
 def _bench_render(a) -> int:
     """Does the UNet draw what its findings signal says? (issue 14.) For a trained model with a findings head
-    (``event_global: findings*``): the test predictions at the profile's event guidance, sampled with the head's
+    (``event_global: findings*``): the test predictions at the model's event guidance (the study's), sampled with the head's
     P(finding) in the time embedding (the study's own run), with the true labels of I_trg in its place (an oracle:
     the most any head could tell the UNet) and with I_prev's labels (a head that says "no change"), each scored by
     notebook 05's evaluator as Table II (weighted-macro AUROC all / diff / same), beside the head's P itself scored
@@ -499,9 +499,10 @@ def _bench_render(a) -> int:
             .reindex(index=keys, columns=labels_order).astype("float32"))
     signals = {"head": None, "I_trg labels (oracle)": target_label_matrix(rows).reindex(keys), "I_prev labels": prev}
     folders = {signal: out / signal.split(" ")[0].replace("_", "-") for signal in signals}   # head, I-trg, I-prev
+    scale = models.guidance_scale(cfg, a.model)   # the study's s of this model
     from ehrxdiff.training.cache import module_fingerprint
     fingerprint = {"unet": module_fingerprint(pipe.unet), "adaptor": module_fingerprint(pipe.adaptor),
-                   "guidance": cfg.event_guidance_scale, "sampler": cfg.sampler, "steps": cfg.sample_steps,
+                   "guidance": scale, "sampler": cfg.sampler, "steps": cfg.sample_steps,
                    "eta": cfg.sample_eta, "clip_x0": cfg.sample_clip_x0}
     record = out / "render_of.json"   # PNGs of another model or sampler are removed, never resumed into this one
     if record.exists() and json.loads(record.read_text()) != fingerprint:
@@ -513,13 +514,13 @@ def _bench_render(a) -> int:
 
     def add(signal, seed, scores):
         summary, _ = score_method(rows, scores, method=signal, seed=seed, evaluator=tag)
-        r = {"model": a.pipeline or a.model, "signal": signal, "seed": seed, "guidance": cfg.event_guidance_scale,
+        r = {"model": a.pipeline or a.model, "signal": signal, "seed": seed, "guidance": scale,
              **summary.set_index("subset")["auroc"].to_dict()}
         results.append(r)
         pd.DataFrame(results).to_csv(out / "render.csv", index=False)
         print(f"{signal:<34} seed {seed}  all {r['all']:.3f}  diff {r['diff']:.3f}  same {r['same']:.3f}", flush=True)
 
-    print(f"{a.model} on {cfg.profile}: {len(keys)} test pairs, event guidance s = {cfg.event_guidance_scale:g}, "
+    print(f"{a.model} on {cfg.profile}: {len(keys)} test pairs, event guidance s = {scale:g}, "
           f"{cfg.sampler}-{cfg.sample_steps}; weighted-macro AUROC of the evaluator {tag}", flush=True)
     add("head P(finding), no image", 0, head_p)
     for seed in a.seeds:
@@ -527,7 +528,7 @@ def _bench_render(a) -> int:
             folder = folders[signal] / f"seed{seed}"
             generate_split(pipe, test, folder, seed=seed, sampler=cfg.sampler, num_inference_steps=cfg.sample_steps,
                            eta=cfg.sample_eta, batch_size=cfg.sample_batch_size, collate_fn=collate,
-                           clip_x0=cfg.sample_clip_x0, event_guidance_scale=cfg.event_guidance_scale,
+                           clip_x0=cfg.sample_clip_x0, event_guidance_scale=scale,
                            findings=given, progress=False)
             img = evaluation.score_images(cfg, evaluator, generated_image_table(keys, folder), folder)
             add(f"images, {signal}", seed, img.table)

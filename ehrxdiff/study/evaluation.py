@@ -285,14 +285,15 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     write_table(t2, "table2_imagenome_auroc", fig, caption="Table II: Chest ImaGenome weighted-macro AUROC on the test "
                 "pairs (all / diff / same), mean ± std over sampling seeds. " + _sampling_note(cfg))
     out_sweep = guidance_sweep_table(cfg, results)
+    chosen = models.guidance_scale(cfg, models.GUIDANCE_SWEEP_MODEL)
     if out_sweep is not None:
         sweep_tidy, sweep_shown = out_sweep
         sweep_tidy.to_csv(eval_dir(cfg) / "guidance_sweep.csv", index=False)
         write_table(sweep_shown, "table_guidance_sweep", fig, caption=f"Event guidance sweep of "
                     f"{models.GUIDANCE_SWEEP_MODEL}: eps = eps(I_prev, null) + s (eps(I_prev, S_event) - eps(I_prev, "
                     f"null)); s = 0 is the no-S_event prediction, s = 1 the paper's sampler; the study samples at s = "
-                    f"{cfg.event_guidance_scale:g}. Mean ± std over sampling seeds; re-id rank 0.5 = chance")
-        plot_guidance_sweep(sweep_tidy, fig / "fig_guidance_sweep", chosen=cfg.event_guidance_scale)
+                    f"{chosen:g}. Mean ± std over sampling seeds; re-id rank 0.5 = chance")
+        plot_guidance_sweep(sweep_tidy, fig / "fig_guidance_sweep", chosen=chosen)
     rows4 = [v for v in models.variants(cfg) if v not in models.MAIN_MODELS] + ["EHRXDiff"]
     t4 = auroc_table(summ[summ["method"].isin(rows4)].replace({"method": {"EHRXDiff": models.FINAL_VARIANT}}),
                      index_order=[*rows4[:-1], models.FINAL_VARIANT], ceiling=ceiling)
@@ -333,8 +334,13 @@ def table2_rows(cfg: StudyConfig) -> list[str]:
 
 
 def _sampling_note(cfg: StudyConfig) -> str:
-    s = cfg.event_guidance_scale
-    return ("Models sampled with their own S_event" + (f" and event guidance s = {s:g}" if s != 1 else "")
+    scales = {m: models.guidance_scale(cfg, m) for m in models.MAIN_MODELS if models.uses_events(cfg, m)}
+    if len(set(scales.values())) > 1:   # each model at its own s (event_guidance_by_model)
+        guided = " and event guidance " + ", ".join(f"s = {s:g} ({m})" for m, s in scales.items())
+    else:
+        s = next(iter(scales.values()), 1.0)
+        guided = f" and event guidance s = {s:g}" if s != 1 else ""
+    return ("Models sampled with their own S_event" + guided
             + "; shuffled S_event: each test pair given another test pair's events (one fixed permutation, "
             "samples/shuffled_events.csv), no S_event: the null event set - same model and sampling seeds "
             "(controls not in the paper)")

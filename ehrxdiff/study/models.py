@@ -186,20 +186,29 @@ def uses_events(cfg: StudyConfig, name: str) -> bool:
     return TABLE_IV_VARIANTS[variants(cfg)[name][0]][2]
 
 
+def guidance_scale(cfg: StudyConfig, name: str) -> float:
+    """The event guidance s a trained model is sampled with: its own in ``event_guidance_by_model``, else
+    ``event_guidance_scale``; 1 (the paper's sampler) for a model that does not read S_event. Guidance moves each
+    model along its own *diff* / *same* trade-off (docs/methods.md): EHRXDiff_w_null, whose null samples teach the
+    no-event branch to copy I_prev, pays more *same* per unit of *diff* than EHRXDiff, so one s does not fit both."""
+    if not uses_events(cfg, name):
+        return 1.0
+    return float(cfg.event_guidance_by_model.get(name, cfg.event_guidance_scale))
+
+
 def sample_runs(cfg: StudyConfig) -> list[SampleRun]:
-    """Every sampling run of the study, main runs first. Each model is sampled with its own events at
-    ``event_guidance_scale`` (models without S_event at s = 1). Each main model that reads S_event also gets two
+    """Every sampling run of the study, main runs first. Each model is sampled with its own events at its
+    :func:`guidance_scale` (models without S_event at s = 1). Each main model that reads S_event also gets two
     controls with the same seeds, ``<model> (shuffled S_event)`` and ``<model> (no S_event)`` (issue 14: their gap
     to the own-events row is what the events contribute), and :data:`GUIDANCE_SWEEP_MODEL` every s of
     ``guidance_sweep`` (``<model> (s = 2)``; s = 0 is the no-S_event run, exactly: Brooks et al.'s guidance at 0)."""
     runs, seeds = [], model_seeds(cfg)
     for name in variants(cfg):
-        s = cfg.event_guidance_scale if uses_events(cfg, name) else 1.0
-        runs.append(SampleRun(name, OWN_EVENTS, s, name, tuple(seeds[name])))
+        runs.append(SampleRun(name, OWN_EVENTS, guidance_scale(cfg, name), name, tuple(seeds[name])))
     for name in MAIN_MODELS:
         if not uses_events(cfg, name):
             continue
-        s, sd = cfg.event_guidance_scale, tuple(seeds[name])
+        s, sd = guidance_scale(cfg, name), tuple(seeds[name])
         runs.append(SampleRun(name, SHUFFLED_EVENTS, s, f"{name} (shuffled S_event)", sd))
         runs.append(SampleRun(name, NO_EVENTS, 1.0, f"{name} (no S_event)", sd))
         if name == GUIDANCE_SWEEP_MODEL:
@@ -399,7 +408,7 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
                      validate_every=cfg.validate_every, max_val_batches=4,
                      checkpoint_every=cfg.validate_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
                      image_size=cfg.image_size, max_events=cfg.max_events, progress=progress,
-                     event_guidance_scale=cfg.event_guidance_scale if uses_events(cfg, name) else 1.0)
+                     event_guidance_scale=guidance_scale(cfg, name))
 
 
 def _train_worker(cfg: StudyConfig, name: str, vae, clip, threads: int) -> dict:

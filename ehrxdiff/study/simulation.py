@@ -91,7 +91,7 @@ class Context:
     @property
     def steps(self) -> dict:
         c = self.cfg
-        s = c.event_guidance_scale if models.uses_events(c, c.simulation_model) else 1.0
+        s = models.guidance_scale(c, c.simulation_model)
         return dict(num_inference_steps=c.sample_steps, eta=c.sample_eta, event_guidance_scale=s)
 
     @property
