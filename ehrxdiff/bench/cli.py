@@ -445,8 +445,8 @@ def _bench_probe(a) -> int:
 
 def _bench_render(a) -> int:
     """Does the UNet draw what its findings signal says? (issue 14.) For a trained model with a findings head
-    (``event_global: findings*``): the test predictions at the model's event guidance (the study's), sampled with the head's
-    P(finding) in the time embedding (the study's own run), with the true labels of I_trg in its place (an oracle:
+    (``event_global: findings*``): the test predictions at the model's event guidance in the study, sampled with the
+    head's P(finding) in the time embedding (the study's own run), with the true labels of I_trg in its place (an oracle:
     the most any head could tell the UNet) and with I_prev's labels (a head that says "no change"), each scored by
     notebook 05's evaluator as Table II (weighted-macro AUROC all / diff / same), beside the head's P itself scored
     as a predictor. The oracle row bounds what a better head or better events can buy through this path; its gap

@@ -15,9 +15,9 @@ free guidance, decode z / 0.18215, clamp to [-1, 1]. ``event_guidance_scale`` s 
 InstructPix2Pix-style guidance on the events (Brooks et al. 2023): with the same I_prev, the no-event branch that
 EHRXDiff_w_null learned from its null samples (§II-D) is the reference, eps = eps(I_prev, null) + s * (eps(I_prev,
 S_event) - eps(I_prev, null)); s = 1 is the paper's sampler exactly, s = 0 the null-event prediction exactly.
-A saved pipeline carries the s its study sampled with (``config.event_guidance_scale``, the profile's
-``event_guidance_scale`` for a model that reads S_event, else 1), which ``pipe(...)`` uses unless told otherwise, so
-the README's call reproduces the study's predictions.
+A saved pipeline carries the s its study sampled it with (``config.event_guidance_scale``:
+:func:`ehrxdiff.study.models.guidance_scale`, 1 for a model that does not read S_event), which ``pipe(...)`` uses
+unless told otherwise, so the README's call reproduces the study's predictions.
 """
 from __future__ import annotations
 
