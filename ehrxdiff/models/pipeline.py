@@ -38,6 +38,12 @@ from ehrxdiff.models.ldm import (ClipConditioner, EHRXDiff, encode_condition, ma
                                  unet_conditioning, unet_input)
 
 
+def _check_event_guidance(adaptor: FusionAdaptor, scale: float) -> None:
+    """Guidance on S_event (s != 1) needs a model that reads S_event: one with the CLIP table tower."""
+    if float(scale) != 1.0 and not adaptor.config.use_clip_table:
+        raise ValueError("event_guidance_scale != 1 needs a model conditioned on the events (CLIP table)")
+
+
 class EHRXDiffPipeline(DiffusionPipeline):
     """VAE + UNet + scheduler + CLIP towers + adaptor; see the module docstring for usage.
 
@@ -54,8 +60,7 @@ class EHRXDiffPipeline(DiffusionPipeline):
                  max_events: int = MAX_EVENTS, event_guidance_scale: float = 1.0):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, adaptor=adaptor, clip=clip)
-        if float(event_guidance_scale) != 1.0 and not adaptor.config.use_clip_table:
-            raise ValueError("event_guidance_scale != 1 needs a model conditioned on the events (CLIP table)")
+        _check_event_guidance(adaptor, event_guidance_scale)
         self.register_to_config(latent_scale=latent_scale, image_size=image_size, max_events=max_events,
                                 event_guidance_scale=float(event_guidance_scale))
 
@@ -118,10 +123,9 @@ class EHRXDiffPipeline(DiffusionPipeline):
                 raise ValueError(f"findings is {tuple(given.shape)}, the head gives {tuple(cond.pooled_events.shape)}")
             cond.pooled_events = torch.where(torch.isnan(given), cond.pooled_events, given)
         s = float(event_guidance_scale)
+        _check_event_guidance(self.adaptor, s)
         null_cond = None
         if s != 1.0:
-            if not self.adaptor.config.use_clip_table:
-                raise ValueError("event_guidance_scale != 1 needs a model conditioned on the events (CLIP table)")
             b = prev.shape[0]
             null_cond = encode_condition(adaptor=self.adaptor, vae=self.vae, clip=self.clip, prev_image=prev,
                                          events=prev.new_zeros(b, 1, self.clip.event_dim),
