@@ -126,6 +126,10 @@ class StudyConfig:
     null_augmentations: int = 4              # cached jittered copies of each w_null null target (cache only)
     snr_gamma: float | None = None           # Min-SNR-γ loss weighting (Hang et al. 2023); None → plain Eq. 2 (paper)
     event_dropout: float = 0.0               # share of real pairs trained with the null event set (not in the paper)
+    dropped_events: str = "null_set"         # what a dropped pair gets: null_set (S_null) | withheld (one zero token,
+    #                                          models.ldm.withheld_table): event guidance's reference either way
+    null_sample_share: float | None = None   # w_null's null samples as this share of the training set (cache only);
+    #                                          None → one per unique target (§II-D, the paper)
     adaptor_fusion: str = "linear"           # linear (paper: token-axis Linear) | tokens (side by side; not in the paper)
     event_global: str = "none"               # S_event in the UNet's time embedding too (not in the paper; issue 14):
     #                                          none (paper) | pooled (mean+max of the table tokens) | findings (P(finding)
@@ -383,7 +387,7 @@ def _interventions(c: StudyConfig) -> dict[str, dict]:
 def _validate(c: StudyConfig) -> None:
     choices = {"pairing": ("all_earlier", "consecutive"), "text_style": ("plain", "genhpf_digits"),
                "embedding_backend": ("local", "hashing", "openai"), "null_events": ("learned_token", "zeros"),
-               "augment_targets": ("null_only", "all"), "sampler": ("ddim", "dpm"), "adaptor_fusion": ("linear", "tokens"),
+               "augment_targets": ("null_only", "all"), "dropped_events": ("null_set", "withheld"), "sampler": ("ddim", "dpm"), "adaptor_fusion": ("linear", "tokens"),
                "event_global": ("none", "pooled", "findings", "findings_prev"),
                "ldm_mixed_precision": ("auto", "fp32", "bf16", "fp16"),  # not "no": YAML reads it as False
                "evaluator_arch": ("demo", "densenet121"), "check_images": ("decode", "header", "none"),
@@ -414,6 +418,14 @@ def _validate(c: StudyConfig) -> None:
         raise ConfigError(f"event_dropout must be in [0, 1), got {c.event_dropout}")
     if c.event_dropout and not c.ldm_cache_first_stage:
         raise ConfigError("event_dropout is drawn by the cached training set: it needs ldm_cache_first_stage true")
+    if c.null_sample_share is not None and not 0 < c.null_sample_share < 1:
+        raise ConfigError(f"null_sample_share must be in (0, 1) or null (one per unique target), got "
+                          f"{c.null_sample_share!r}")
+    if c.null_sample_share is not None and not c.ldm_cache_first_stage:
+        raise ConfigError("null_sample_share is drawn by the cached training set: it needs ldm_cache_first_stage true")
+    if c.dropped_events == "withheld" and c.event_dropout and c.ldm_clip_trainable:
+        raise ConfigError("dropped_events withheld puts a token in place of the table tower's cached tokens: it needs "
+                          "the frozen towers (ldm_clip_trainable false)")
     if not isinstance(c.event_guidance_by_model, dict):
         raise ConfigError(f"event_guidance_by_model must map model names to s, got {c.event_guidance_by_model!r}")
     readers = [*C.MAIN_MODELS, *(v for v in c.ablation_variants if TABLE_IV_VARIANTS.get(v, (None, False, False))[2])]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from ehrxdiff.training.cache import CachedPairs, ConditionCache, FirstStageCache, collate_cached, module_fingerprint
 from ehrxdiff.data.datasets import PairDataset, collate_pairs
 from ehrxdiff.data.event_store import EventStore
+from ehrxdiff.data.wnull import NULL_SUFFIX
 from ehrxdiff.models.ldm import ClipConditioner, build_ehrxdiff
 from test_ldm import EVENT_DIM, MAX_EVENTS, PX, TINY_CLIP, WIDTH, tiny_vae
 
@@ -336,3 +337,38 @@ def test_event_dropout_trains_a_share_of_real_pairs_with_the_null_event_set(tmp_
     assert 0.2 < np.mean(dropped) < 0.4
     plain = CachedPairs(ds, first, cond)
     assert not any(torch.equal(plain[i]["table_tokens"], null_tokens) for i in with_events)
+
+
+def test_withheld_dropout_keeps_s_null_for_the_null_samples_and_null_share_sizes_them(tmp_path):
+    """``dropped_events="withheld"``: a dropped real pair gets the withheld-events token (one zero token, valid),
+    never S_null, which w_null's null samples keep ("nothing happened"); ``null_share`` makes the null samples that
+    share of the set, each visit's source drawn reproducibly from the unique targets."""
+    pairs, img_dir, store = tiny_world(tmp_path, n_pairs=40)
+    m = model(clip_trainable=False)
+    ds, first, cond = caches(m, pairs, img_dir, store, tmp_path / "cache", frozen=True)
+    null_tokens, withheld = cond.null_table()[0], cond.withheld_table()
+    assert withheld[1].tolist() == [True] + [False] * (len(withheld[1]) - 1) and not withheld[0].any()
+    assert null_tokens[0].abs().sum() > 0                      # the tower's null token is not the withheld token
+    data = CachedPairs(ds, first, cond, with_null=True, event_dropout=0.3, seed=1, dropped_events="withheld",
+                       null_share=0.2)
+    assert len(data) == len(pairs) + round(len(pairs) * 0.2 / 0.8)
+    with_events = [i for i in range(len(pairs)) if i % 6]
+    dropped, sources = [], set()
+    for epoch in range(10):
+        data.set_epoch(epoch)
+        for i in with_events:
+            item = data[i]
+            assert not torch.equal(item["table_tokens"], null_tokens)
+            dropped.append(torch.equal(item["table_tokens"], withheld[0]) and torch.equal(item["table_mask"], withheld[1]))
+        for i in range(len(pairs), len(data)):
+            item = data[i]
+            assert item["is_null"] and torch.equal(item["table_tokens"], null_tokens)
+            assert item["pair_key"] == data[i]["pair_key"]           # reproducible
+            sources.add(item["pair_key"])
+    assert 0.2 < np.mean(dropped) < 0.4
+    every = {f"{pairs.pair_key[j]}{NULL_SUFFIX}" for j in data.null_sources}
+    assert sources == every                                         # over the epochs every unique target serves
+    with pytest.raises(ValueError, match="null_share"):
+        CachedPairs(ds, first, cond, with_null=True, null_share=1.0)
+    with pytest.raises(ValueError, match="ConditionCache"):
+        CachedPairs(ds, first, None, event_dropout=0.3, dropped_events="withheld")

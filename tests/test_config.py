@@ -55,7 +55,10 @@ def test_unknown_key_is_an_error_that_suggests_the_right_one():
                                  {"image_size": -64}, {"image_size": 30}, {"ldm_mixed_precision": False},
                                  {"ldm_mixed_precision": "fp8"}, {"snr_gamma": 0}, {"ablation_ldm_steps": 0},
                                  {"null_augmentations": 0}, {"ldm_clip_trainable": 1}, {"event_dropout": 1.0},
-                                 {"ldm_parallel_models": 0}, {"event_global": True}, {"event_global": "mean"}])
+                                 {"ldm_parallel_models": 0}, {"event_global": True}, {"event_global": "mean"},
+                                 {"dropped_events": "zeros"}, {"null_sample_share": 0}, {"null_sample_share": 1.0},
+                                 {"dropped_events": "withheld", "event_dropout": 0.1, "ldm_clip_trainable": True},
+                                 {"null_sample_share": 0.2, "ldm_cache_first_stage": False, "event_dropout": 0.0}])
 def test_bad_values_are_rejected(bad):
     with pytest.raises(ConfigError):
         load_config("smoke", bad)
@@ -124,14 +127,16 @@ def test_a_first_stage_cache_refuses_per_step_jitter_of_every_target():
     with pytest.raises(ConfigError, match="ldm_cache_first_stage"):
         load_config("smoke", {"augment_targets": "all"})
     assert load_config("smoke", {"augment_targets": "all", "ldm_cache_first_stage": False,
-                                "event_dropout": 0.0}).augment_targets == "all"
+                                "event_dropout": 0.0, "null_sample_share": None}).augment_targets == "all"
 
 
 def test_paper_profile_keeps_the_papers_recipe():
     """Fine-tuned CLIP towers and plain Eq. 2 in the paper profile; the demo's short-run recipe is its own."""
     paper, demo = load_config("paper"), load_config("demo")
     assert paper.ldm_clip_trainable and paper.snr_gamma is None
+    assert paper.null_sample_share is None and paper.dropped_events == "null_set"   # §II-D: one per unique target
     assert not demo.ldm_clip_trainable and demo.snr_gamma == 5.0
+    assert demo.dropped_events == "withheld" and demo.null_sample_share == 0.3
 
 
 

@@ -77,7 +77,7 @@ def test_sample_runs_name_every_control_once_and_the_sweep_reuses_them():
     assert sweep[0.0] == by["EHRXDiff_w_null (no S_event)"] and sweep[2.0] == by["EHRXDiff_w_null"]
     assert sweep[1.0].folder == "EHRXDiff_w_null" and sweep[1.0].method == "EHRXDiff_w_null (s = 1)"
     assert models.sample_dir(cfg, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null@s2"  # a name = its main run
-    plain = load_config("demo", {"event_guidance_scale": 1.0})
+    plain = load_config("demo", {"event_guidance_scale": 1.0, "event_guidance_by_model": {}})
     assert models.sample_dir(plain, "EHRXDiff_w_null", 0).parent.name == "EHRXDiff_w_null"
 
 
@@ -86,7 +86,7 @@ def test_each_model_can_have_its_own_guidance_scale():
     by = {r.method: r for r in models.sample_runs(cfg)}
     assert by["EHRXDiff"].scale == 4.0 and by["EHRXDiff"].folder == "EHRXDiff@s4"
     assert by["EHRXDiff (shuffled S_event)"].folder == "EHRXDiff@shuffled-s4"     # its control at its own s
-    assert by["EHRXDiff (no S_event)"].scale == 1.0
+    assert by["EHRXDiff (no S_event)"].scale == 0.0            # the reference branch alone, whatever the reference
     assert by["EHRXDiff_w_null"].scale == 2.0 and models.guidance_sweep_runs(cfg)[2.0] == by["EHRXDiff_w_null"]
     assert models.guidance_scale(cfg, "concat-VAE") == 1.0                        # reads no S_event
     assert models.sample_dir(cfg, "EHRXDiff", 0).parent.name == "EHRXDiff@s4"

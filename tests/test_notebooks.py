@@ -95,6 +95,7 @@ def test_smoke_profile_runs_every_notebook(tmp_path):
         assert head["labelled"] > 0 and 0 <= head["valid_macro_auroc"] <= 1
     saved = json.loads((tmp_path / "run" / "ldm" / "EHRXDiff_w_null" / "pipeline" / "model_index.json").read_text())
     assert saved["event_guidance_scale"] == 2.0          # pipe(...) of the saved pipeline samples as the study did
+    assert saved["guidance_reference"] == "withheld"     # against the condition its event dropout trained
     sens = pd.read_csv(tmp_path / "run" / "ldm" / "conditioning_sensitivity.csv", index_col=0)   # 04
     assert {"own condition", "I_prev swapped", "S_event swapped"} <= set(sens.columns) and len(sens) >= 2
     reid = pd.read_csv(tmp_path / "run" / "samples" / "reidentification.csv")   # 04: does I_pred follow I_prev?

@@ -8,7 +8,7 @@ from PIL import Image
 
 from ehrxdiff.models.adaptor import TABLE_IV_VARIANTS
 from ehrxdiff.models.ldm import (ClipConditioner, build_ehrxdiff, encode_condition, pool_events, pool_image,
-                                 unet_conditioning, unet_input)
+                                 unet_conditioning, unet_input, withheld_table)
 from ehrxdiff.models.pipeline import EHRXDiffPipeline
 from ehrxdiff.models.sampling import generate_split
 from ehrxdiff.models.vae import build_vae
@@ -173,6 +173,39 @@ def test_event_guidance_at_one_is_the_plain_sampler_and_at_zero_the_null_event_p
     with pytest.raises(ValueError, match="event_guidance_scale"):
         tiny_pipe("concat-VAE").generate(prev, None, None, num_inference_steps=2, event_guidance_scale=2.0,
                                          progress=False)
+
+
+def test_guidance_against_withheld_events_at_zero_is_the_withheld_prediction_and_round_trips(tmp_path):
+    """``guidance_reference="withheld"`` (a model trained with ``dropped_events: withheld``): the no-event branch is
+    the withheld-events token, not S_null - s = 0 samples exactly what the model draws with the table tower's tokens
+    replaced by that token, unlike the S_null reference's s = 0; s = 1 is the plain sampler under either reference;
+    the reference travels with a saved pipeline and an unknown one is refused."""
+    pipe = tiny_pipe()
+    with torch.no_grad():
+        pipe.adaptor.token_mixer.weight.mul_(20)
+    withheld = EHRXDiffPipeline.from_model(pipe.to_model(), image_size=PX, max_events=MAX_EVENTS,
+                                           guidance_reference="withheld")
+    withheld.set_progress_bar_config(disable=True)
+    prev, events, mask = inputs()
+
+    def run(p, **kw):
+        return p.generate(prev, events, mask, num_inference_steps=4, eta=1.0, generator=torch.Generator().manual_seed(5),
+                          progress=False, **kw)
+
+    assert torch.equal(run(withheld, event_guidance_scale=1.0), run(pipe))
+    tower = withheld.clip.table_tokens
+    withheld.clip.table_tokens = lambda ev, m: withheld_table(ev.shape[0], WIDTH)
+    drawn_withheld = run(withheld)
+    withheld.clip.table_tokens = tower
+    assert torch.equal(run(withheld, event_guidance_scale=0.0), drawn_withheld)
+    assert not torch.allclose(drawn_withheld, run(pipe, event_guidance_scale=0.0), atol=1e-4)
+    withheld.save_pretrained(tmp_path)
+    loaded = EHRXDiffPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.guidance_reference == "withheld"
+    assert torch.equal(run(loaded, event_guidance_scale=2.0), run(withheld, event_guidance_scale=2.0))
+    with pytest.raises(ValueError, match="guidance_reference"):
+        EHRXDiffPipeline.from_model(pipe.to_model(), image_size=PX, max_events=MAX_EVENTS, guidance_reference="none")
 
 
 def test_pooled_events_are_mean_and_max_of_the_real_events_and_zero_for_none():

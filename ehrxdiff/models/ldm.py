@@ -37,6 +37,7 @@ from ehrxdiff.models.adaptor import FusionAdaptor
 
 PAPER_UNET_CHANNELS = tuple(UNET_BASE_CHANNELS * m for m in UNET_CHANNEL_MULT)  # 224/448/896/896 [R configs]
 EVENT_GLOBAL = (None, "pooled", "findings", "findings_prev")   # what reaches the time embedding (build_ehrxdiff)
+DROPPED_EVENTS = ("null_set", "withheld")   # what event dropout trains in S_event's place = event guidance's reference
 
 
 def build_unet(*, latent_channels: int = LATENT_CHANNELS, sample_size: int = 64,
@@ -165,6 +166,20 @@ def pool_image(tokens: torch.Tensor) -> torch.Tensor:
     """[B, T, D] CLIP image tokens of I_prev -> [B, 2 D]: their mean beside their max, as :func:`pool_events` pools
     the events (what a findings head that reads I_prev sees, ``event_global: findings_prev``)."""
     return torch.cat([tokens.mean(dim=1), tokens.amax(dim=1)], dim=-1)
+
+
+def withheld_table(batch: int, width: int, *, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table tokens of *withheld* events (not in the paper; ``dropped_events: withheld``): one all-zero token,
+    valid, [B, 1, width] with its mask [B, 1] - a condition the frozen table tower never emits (its outputs for real
+    events and its learned null token of S_null are not zero), given in place of its tokens.
+
+    Why a second "no events" condition: EHRXDiff_w_null's null samples (§II-D) teach S_null "nothing happened, the
+    next film repeats I_prev". Event dropout trained with S_null too (InstructPix2Pix) mixes that into "events not
+    known": guidance against ε(I_prev, S_null) then pushes every prediction away from a copy of I_prev, and *same*
+    pays. With dropout to the withheld token, S_null keeps its one meaning and ε(I_prev, withheld) is the change
+    expected without knowing the events - the reference event guidance wants (docs/methods.md)."""
+    tokens = torch.zeros(batch, 1, width, device=device, dtype=dtype)
+    return tokens, torch.ones(batch, 1, dtype=torch.bool, device=device)
 
 
 def unet_conditioning(unet: UNet2DConditionModel, condition: Condition) -> dict:

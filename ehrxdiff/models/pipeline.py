@@ -14,7 +14,10 @@ Sampling follows the reference (paper-reference §9): x_T ~ N(0, I), the conditi
 free guidance, decode z / 0.18215, clamp to [-1, 1]. ``event_guidance_scale`` s != 1 (not in the paper) adds
 InstructPix2Pix-style guidance on the events (Brooks et al. 2023): with the same I_prev, the no-event branch that
 EHRXDiff_w_null learned from its null samples (§II-D) is the reference, eps = eps(I_prev, null) + s * (eps(I_prev,
-S_event) - eps(I_prev, null)); s = 1 is the paper's sampler exactly, s = 0 the null-event prediction exactly.
+S_event) - eps(I_prev, null)); s = 1 is the paper's sampler exactly, s = 0 the reference's prediction exactly.
+The reference is ``config.guidance_reference``: ``"null_set"`` the null event set S_null, or ``"withheld"`` for a
+model whose event dropout trained the withheld-events token instead (:func:`ehrxdiff.models.ldm.withheld_table`;
+``dropped_events: withheld``), which leaves S_null meaning "nothing happened" to w_null's null samples.
 A saved pipeline carries the s its study sampled it with (``config.event_guidance_scale``:
 :func:`ehrxdiff.study.models.guidance_scale`, 1 for a model that does not read S_event), which ``pipe(...)`` uses
 unless told otherwise, so the README's call reproduces the study's predictions.
@@ -34,8 +37,8 @@ from PIL import Image
 from ehrxdiff.constants import LATENT_SCALE, MAX_EVENTS
 from ehrxdiff.data.images import to_model_tensor, to_uint8
 from ehrxdiff.models.adaptor import FusionAdaptor
-from ehrxdiff.models.ldm import (ClipConditioner, EHRXDiff, encode_condition, make_inference_scheduler,
-                                 unet_conditioning, unet_input)
+from ehrxdiff.models.ldm import (DROPPED_EVENTS, ClipConditioner, EHRXDiff, encode_condition,
+                                 make_inference_scheduler, unet_conditioning, unet_input, withheld_table)
 
 
 def _check_event_guidance(adaptor: FusionAdaptor, scale: float) -> None:
@@ -49,7 +52,7 @@ class EHRXDiffPipeline(DiffusionPipeline):
 
     ``image_size`` is the pixel size the model was trained at (I_prev is resized to it); ``max_events`` keeps the
     most recent events of a longer list, as the data pipeline does; ``event_guidance_scale`` is the default s of
-    ``__call__`` (see the module docstring).
+    ``__call__`` and ``guidance_reference`` the no-event branch its guidance contrasts with (module docstring).
     """
 
     model_cpu_offload_seq = "clip->adaptor->unet->vae"
@@ -57,16 +60,20 @@ class EHRXDiffPipeline(DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler, adaptor: FusionAdaptor,
                  clip: ClipConditioner | None = None, latent_scale: float = LATENT_SCALE, image_size: int = 256,
-                 max_events: int = MAX_EVENTS, event_guidance_scale: float = 1.0):
+                 max_events: int = MAX_EVENTS, event_guidance_scale: float = 1.0,
+                 guidance_reference: str = "null_set"):
         super().__init__()
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler, adaptor=adaptor, clip=clip)
         _check_event_guidance(adaptor, event_guidance_scale)
+        if guidance_reference not in DROPPED_EVENTS:
+            raise ValueError(f"guidance_reference must be one of {DROPPED_EVENTS}, got {guidance_reference!r}")
         self.register_to_config(latent_scale=latent_scale, image_size=image_size, max_events=max_events,
-                                event_guidance_scale=float(event_guidance_scale))
+                                event_guidance_scale=float(event_guidance_scale),
+                                guidance_reference=guidance_reference)
 
     @classmethod
     def from_model(cls, model, *, sampler: str = "ddim", image_size: int, max_events: int,
-                   event_guidance_scale: float = 1.0) -> "EHRXDiffPipeline":
+                   event_guidance_scale: float = 1.0, guidance_reference: str = "null_set") -> "EHRXDiffPipeline":
         """A pipeline sharing the modules of a trained :class:`ehrxdiff.models.ldm.EHRXDiff` (weights are not copied).
 
         The modules are put in eval mode (no dropout in the table tower), as ``from_pretrained`` does.
@@ -75,7 +82,7 @@ class EHRXDiffPipeline(DiffusionPipeline):
         return cls(vae=model.vae, unet=model.unet, adaptor=model.adaptor, clip=model.clip,
                    scheduler=make_inference_scheduler(sampler, model.noise_scheduler.config),
                    latent_scale=model.latent_scale, image_size=image_size, max_events=max_events,
-                   event_guidance_scale=event_guidance_scale)
+                   event_guidance_scale=event_guidance_scale, guidance_reference=guidance_reference)
 
     def to_model(self):
         """The trainable :class:`ehrxdiff.models.ldm.EHRXDiff` around this pipeline's modules (shared, not copied),
@@ -127,9 +134,14 @@ class EHRXDiffPipeline(DiffusionPipeline):
         null_cond = None
         if s != 1.0:
             b = prev.shape[0]
-            null_cond = encode_condition(adaptor=self.adaptor, vae=self.vae, clip=self.clip, prev_image=prev,
-                                         events=prev.new_zeros(b, 1, self.clip.event_dim),
-                                         event_mask=torch.zeros(b, 1, dtype=torch.bool, device=device))
+            if self.config.get("guidance_reference", "null_set") == "withheld":
+                tokens, mask = withheld_table(b, self.adaptor.config.d_clip, device=device, dtype=dtype)
+                null_cond = encode_condition(adaptor=self.adaptor, vae=self.vae, clip=self.clip, prev_image=prev,
+                                             table_tokens=tokens, table_mask=mask)
+            else:
+                null_cond = encode_condition(adaptor=self.adaptor, vae=self.vae, clip=self.clip, prev_image=prev,
+                                             events=prev.new_zeros(b, 1, self.clip.event_dim),
+                                             event_mask=torch.zeros(b, 1, dtype=torch.bool, device=device))
         b, c = prev.shape[0], self.vae.config.latent_channels
         size = self.unet.config.sample_size
         latents = randn_tensor((b, c, size, size), generator=generator, device=device, dtype=dtype)
@@ -139,8 +151,11 @@ class EHRXDiffPipeline(DiffusionPipeline):
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
         for t in self.progress_bar(self.scheduler.timesteps) if progress else self.scheduler.timesteps:
             scaled = self.scheduler.scale_model_input(latents, t)
-            eps = self.unet(unet_input(scaled, cond), t, **unet_conditioning(self.unet, cond)).sample
-            if null_cond is not None:
+            if s == 0.0:   # the reference branch alone: what eps_null + 0 * (eps - eps_null) is, at half the cost
+                eps = self.unet(unet_input(scaled, null_cond), t, **unet_conditioning(self.unet, null_cond)).sample
+            else:
+                eps = self.unet(unet_input(scaled, cond), t, **unet_conditioning(self.unet, cond)).sample
+            if null_cond is not None and s != 0.0:
                 eps_null = self.unet(unet_input(scaled, null_cond), t, **unet_conditioning(self.unet, null_cond)).sample
                 eps = eps_null + s * (eps - eps_null)
             latents = self.scheduler.step(eps, t, latents, **extra).prev_sample

@@ -342,8 +342,10 @@ def _sampling_note(cfg: StudyConfig) -> str:
         guided = f" and event guidance s = {s:g}" if s != 1 else ""
     return ("Models sampled with their own S_event" + guided
             + "; shuffled S_event: each test pair given another test pair's events (one fixed permutation, "
-            "samples/shuffled_events.csv), no S_event: the null event set - same model and sampling seeds "
-            "(controls not in the paper)")
+            "samples/shuffled_events.csv), no S_event: the model's no-event condition (s = 0: "
+            + ("the withheld-events token its event dropout trained; S_null stays w_null's \"nothing happened\""
+               if models.guidance_reference(cfg) == "withheld" else "the null event set")
+            + ") - same model and sampling seeds (controls not in the paper)")
 
 
 def guidance_sweep_table(cfg: StudyConfig, results: dict[str, pd.DataFrame]):

@@ -163,8 +163,10 @@ class SampleRun:
 
     ``events``: ``own`` (the pair's S_event, the paper), ``shuffled`` (another test pair's S_event by the fixed
     permutation of :func:`shuffled_events`: the control that says what the events contribute, not in the paper) or
-    ``none`` (the null event set). ``scale``: the event guidance s of :class:`ehrxdiff.models.pipeline.EHRXDiffPipeline`
-    (1 = the paper). ``method`` is the row's name in the tables: the model's name for its main run."""
+    ``none`` (no S_event: sampled at s = 0, the model's own no-event condition - the reference of its event guidance,
+    :func:`guidance_reference`). ``scale``: the event guidance s of
+    :class:`ehrxdiff.models.pipeline.EHRXDiffPipeline` (1 = the paper). ``method`` is the row's name in the tables:
+    the model's name for its main run."""
     model: str
     events: str
     scale: float
@@ -196,6 +198,13 @@ def guidance_scale(cfg: StudyConfig, name: str) -> float:
     return float(cfg.event_guidance_by_model.get(name, cfg.event_guidance_scale))
 
 
+def guidance_reference(cfg: StudyConfig) -> str:
+    """The no-event branch event guidance contrasts with (:class:`ehrxdiff.models.pipeline.EHRXDiffPipeline`): the
+    condition event dropout trained in S_event's place, ``dropped_events``; S_null for a model trained without
+    dropout (w_null's null samples are then its only no-event samples)."""
+    return cfg.dropped_events if cfg.event_dropout else "null_set"
+
+
 def sample_runs(cfg: StudyConfig) -> list[SampleRun]:
     """Every sampling run of the study, main runs first. Each model is sampled with its own events at its
     :func:`guidance_scale` (models without S_event at s = 1). Each main model that reads S_event also gets two
@@ -210,7 +219,7 @@ def sample_runs(cfg: StudyConfig) -> list[SampleRun]:
             continue
         s, sd = guidance_scale(cfg, name), tuple(seeds[name])
         runs.append(SampleRun(name, SHUFFLED_EVENTS, s, f"{name} (shuffled S_event)", sd))
-        runs.append(SampleRun(name, NO_EVENTS, 1.0, f"{name} (no S_event)", sd))
+        runs.append(SampleRun(name, NO_EVENTS, 0.0, f"{name} (no S_event)", sd))
         if name == GUIDANCE_SWEEP_MODEL:
             runs += [SampleRun(name, OWN_EVENTS, float(g), f"{name} (s = {g:g})", sd)
                      for g in dict.fromkeys(float(g) for g in cfg.guidance_sweep) if g not in (0.0, s)]
@@ -308,7 +317,8 @@ def ldm_loaders(cfg: StudyConfig, ds: dict, *, wnull: bool, vae, clip=None, shuf
         return DataLoader(dataset, batch_size=cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=col,
                           num_workers=cfg.num_workers)
     return (cached(CachedPairs(ds["train"], first, cond, with_null=wnull, seed=cfg.seed,
-                               event_dropout=cfg.event_dropout), True),
+                               event_dropout=cfg.event_dropout, dropped_events=cfg.dropped_events,
+                               null_share=cfg.null_sample_share), True),
             cached(CachedPairs(ds["valid"], first, cond), shuffle_valid))
 
 
@@ -408,7 +418,7 @@ def train_variant(cfg: StudyConfig, name: str, ds: dict, vae, clip, *, output_di
                      validate_every=cfg.validate_every, max_val_batches=4,
                      checkpoint_every=cfg.validate_every, checkpoint_limit=cfg.checkpoint_limit, seed=cfg.seed,
                      image_size=cfg.image_size, max_events=cfg.max_events, progress=progress,
-                     event_guidance_scale=guidance_scale(cfg, name))
+                     event_guidance_scale=guidance_scale(cfg, name), guidance_reference=guidance_reference(cfg))
 
 
 def _train_worker(cfg: StudyConfig, name: str, vae, clip, threads: int) -> dict:

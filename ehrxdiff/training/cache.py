@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from ehrxdiff.data.datasets import pad_events
 from ehrxdiff.data.images import load_image
 from ehrxdiff.data.wnull import NULL_SUFFIX, NullTargetAugmentation, null_source_indices
+from ehrxdiff.models.ldm import DROPPED_EVENTS, withheld_table
 
 FORMAT_VERSION = 1
 
@@ -253,6 +254,12 @@ class ConditionCache:
     def null_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.null_tokens[0], self.null_mask[0]
 
+    def withheld_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`ehrxdiff.models.ldm.withheld_table` padded as the cached tables are."""
+        tokens, mask = withheld_table(1, self.null_tokens.shape[-1])
+        tokens, mask = _pad_to(tokens, mask, self.null_tokens.shape[1])
+        return tokens[0], mask[0]
+
 
 def _pad_to(tokens: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero tokens / False mask up to ``n`` positions (the adaptor pads the table to ``max_events`` anyway)."""
@@ -276,13 +283,26 @@ class CachedPairs(Dataset):
     ``event_dropout`` p (not in the paper; InstructPix2Pix's conditioning dropout, Brooks et al. 2023): each visit of a
     real pair replaces its S_event by the null event set with probability p, the target staying I_trg, so the model
     learns eps(I_prev, null) on every kind of pair - the reference branch of event guidance - and must take from the
-    events what they add. Drawn like the null targets, from (``seed``, epoch, index).
+    events what they add. Drawn like the null targets, from (``seed``, epoch, index). ``dropped_events="withheld"``
+    gives a dropped pair the withheld-events token (:func:`ehrxdiff.models.ldm.withheld_table`) instead of S_null,
+    so that with ``with_null`` S_null means only "nothing happened"; it needs the frozen towers' tokens.
+
+    ``null_share`` (not in the paper, which adds one null sample per unique target, §II-D - 45 % of the demo's
+    training visits): the null samples make up this share of the training set instead, each visit's source drawn
+    uniformly from the unique targets from (``seed``, epoch, index), so every target can serve over the epochs.
     """
 
     def __init__(self, base, first_stage: FirstStageCache, conditions: ConditionCache | None = None, *,
-                 with_null: bool = False, seed: int = 0, event_dropout: float = 0.0):
+                 with_null: bool = False, seed: int = 0, event_dropout: float = 0.0,
+                 dropped_events: str = "null_set", null_share: float | None = None):
         if not 0.0 <= event_dropout < 1.0:
             raise ValueError(f"event_dropout must be in [0, 1), got {event_dropout}")
+        if dropped_events not in DROPPED_EVENTS:
+            raise ValueError(f"dropped_events must be one of {DROPPED_EVENTS}, got {dropped_events!r}")
+        if dropped_events == "withheld" and event_dropout and (conditions is None or not conditions.pair_row):
+            raise ValueError("dropped_events='withheld' replaces the cached table tokens: it needs a ConditionCache "
+                             "with the table tower's tokens (frozen CLIP towers)")
+        self.dropped_events = dropped_events
         self.base, self.fs, self.cc = base, first_stage, conditions
         self.seed, self.epoch, self.event_dropout = int(seed), 0, float(event_dropout)
         self.pairs = base.pairs
@@ -292,6 +312,11 @@ class CachedPairs(Dataset):
         self.null_sources = null_source_indices(self.pairs["target_dicom_id"].tolist()) if with_null else []
         if self.null_sources and first_stage.n_augment == 0:
             raise ValueError("with_null=True needs augmented null targets in the first-stage cache (n_augment > 0)")
+        if null_share is not None and not 0.0 < null_share < 1.0:
+            raise ValueError(f"null_share must be in (0, 1) or None, got {null_share}")
+        self.null_share = null_share
+        self.n_null = (len(self.null_sources) if null_share is None or not self.null_sources
+                       else max(1, round(len(self.pairs) * null_share / (1.0 - null_share))))
 
     @staticmethod
     def null_augment_paths(pairs: pd.DataFrame) -> list[str]:
@@ -300,30 +325,39 @@ class CachedPairs(Dataset):
         return sorted(set(pairs["prev_path"].astype(str).iloc[idx]))
 
     def __len__(self) -> int:
-        return len(self.pairs) + len(self.null_sources)
+        return len(self.pairs) + self.n_null
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __getitem__(self, i: int) -> dict:
         null = i >= len(self.pairs)
-        j = self.null_sources[i - len(self.pairs)] if null else i
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        if not null:
+            j = i
+        elif self.null_share is None:
+            j = self.null_sources[i - len(self.pairs)]
+        else:
+            j = self.null_sources[int(rng.integers(len(self.null_sources)))]
         prev = self.prev_paths[j]
         prev_mean, _ = self.fs.posterior(prev)
-        rng = np.random.default_rng([self.seed, self.epoch, i])
         if null:
             t_mean, t_std = self.fs.augmented(prev, int(rng.integers(self.fs.n_augment)))
         else:
             t_mean, t_std = self.fs.posterior(self.target_paths[j])
-        no_events = null or (self.event_dropout > 0 and rng.random() < self.event_dropout)
+        dropped = not null and self.event_dropout > 0 and rng.random() < self.event_dropout
+        no_events = null or dropped
         item = {"prev_mean": prev_mean, "target_mean": t_mean, "target_std": t_std, "is_null": null,
                 "pair_key": self.keys[j] + (NULL_SUFFIX if null else "")}
         if self.cc is not None:
             if self.cc.image_row:
                 item["image_tokens"] = self.cc.image(prev)
             if self.cc.pair_row:
-                item["table_tokens"], item["table_mask"] = (self.cc.null_table() if no_events
-                                                            else self.cc.table(self.keys[j]))
+                if dropped and self.dropped_events == "withheld":
+                    item["table_tokens"], item["table_mask"] = self.cc.withheld_table()
+                else:
+                    item["table_tokens"], item["table_mask"] = (self.cc.null_table() if no_events
+                                                                else self.cc.table(self.keys[j]))
         else:
             raw = self.base[j]
             item["prev_image"] = raw["prev_image"]

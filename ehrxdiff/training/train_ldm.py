@@ -118,7 +118,8 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
               mixed_precision: str = "auto", ema_decay: float = EMA_DECAY, ema_scope: str = "all",
               validate_every: int = 200, max_val_batches: int | None = None, checkpoint_every: int = 500,
               checkpoint_limit: int = 2, seed: int = 23, resume: bool = True, image_size: int,
-              max_events: int, event_guidance_scale: float = 1.0, export_raw: bool = False,
+              max_events: int, event_guidance_scale: float = 1.0, guidance_reference: str = "null_set",
+              export_raw: bool = False,
               max_grad_norm: float | None = None, progress: bool = True) -> dict:
     """Train for ``max_steps`` optimizer steps; returns a summary (steps, final losses, samples/s, paths).
     ``steps_this_run``, ``seconds`` and ``samples_per_second`` count this call only (a resumed run's earlier
@@ -128,7 +129,8 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     batch x processes x accumulation; the accumulation is derived (at least 1). ``ema_scope="all"`` averages every
     trainable weight (UNet, adaptor, CLIP towers), so the exported EMA pipeline is one consistent model;
     ``"unet"`` is the reference's LitEma over the UNet only. ``seed`` 23 is the reference's ``seed_everything``.
-    ``event_guidance_scale`` is recorded in the exported pipelines as the default s of their ``__call__``.
+    ``event_guidance_scale`` is recorded in the exported pipelines as the default s of their ``__call__``, and
+    ``guidance_reference`` as the no-event branch of that guidance (the condition event dropout trained).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,10 +229,10 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
     if accelerator.is_main_process:
         if export_raw:
             paths["pipeline_raw"] = _export(EHRXDiffPipeline, unwrapped, out / "pipeline_raw", image_size, max_events,
-                                            event_guidance_scale)
+                                            event_guidance_scale, guidance_reference)
         with ema_weights(ema, unwrapped, ema_scope):
             paths["pipeline"] = _export(EHRXDiffPipeline, unwrapped, out / "pipeline", image_size, max_events,
-                                        event_guidance_scale)
+                                        event_guidance_scale, guidance_reference)
     trained = step - start_step  # 0 when a finished run was reloaded: no time or speed to report
     return {"steps": step, "steps_this_run": trained, "gradient_accumulation": accum,
             "samples_seen": step * batch_size * accelerator.num_processes * accum, "train_loss": last.get("loss"),
@@ -239,9 +241,9 @@ def train_ldm(model: EHRXDiff, train_loader, *, output_dir: str | Path, max_step
 
 
 def _export(pipeline_cls, model: EHRXDiff, path: Path, image_size: int, max_events: int,
-            event_guidance_scale: float) -> Path:
+            event_guidance_scale: float, guidance_reference: str) -> Path:
     pipe = pipeline_cls.from_model(model, sampler="ddim", image_size=image_size, max_events=max_events,
-                                   event_guidance_scale=event_guidance_scale)
+                                   event_guidance_scale=event_guidance_scale, guidance_reference=guidance_reference)
     pipe.save_pretrained(path)
     return path
 
