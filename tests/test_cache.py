@@ -372,3 +372,7 @@ def test_withheld_dropout_keeps_s_null_for_the_null_samples_and_null_share_sizes
         CachedPairs(ds, first, cond, with_null=True, null_share=1.0)
     with pytest.raises(ValueError, match="ConditionCache"):
         CachedPairs(ds, first, None, event_dropout=0.3, dropped_events="withheld")
+    image_only = ConditionCache(list(cond.image_row), cond.image_tokens, [], torch.zeros(0), torch.zeros(0, dtype=torch.bool),
+                                torch.zeros(0), torch.zeros(0, dtype=torch.bool), cond.folder)
+    blind = CachedPairs(ds, first, image_only, event_dropout=0.3, dropped_events="withheld")   # no table: nothing to drop
+    assert "table_tokens" not in blind[1] and "image_tokens" in blind[1]

@@ -289,9 +289,10 @@ def write_tables(cfg: StudyConfig, results: dict[str, pd.DataFrame]) -> dict[str
     if out_sweep is not None:
         sweep_tidy, sweep_shown = out_sweep
         sweep_tidy.to_csv(eval_dir(cfg) / "guidance_sweep.csv", index=False)
+        ref = "withheld" if models.guidance_reference(cfg) == "withheld" else "null"
         write_table(sweep_shown, "table_guidance_sweep", fig, caption=f"Event guidance sweep of "
-                    f"{models.GUIDANCE_SWEEP_MODEL}: eps = eps(I_prev, null) + s (eps(I_prev, S_event) - eps(I_prev, "
-                    f"null)); s = 0 is the no-S_event prediction, s = 1 the paper's sampler; the study samples at s = "
+                    f"{models.GUIDANCE_SWEEP_MODEL}: eps = eps(I_prev, {ref}) + s (eps(I_prev, S_event) - eps(I_prev, "
+                    f"{ref})); s = 0 is the no-S_event prediction, s = 1 the paper's sampler; the study samples at s = "
                     f"{chosen:g}. Mean ± std over sampling seeds; re-id rank 0.5 = chance")
         plot_guidance_sweep(sweep_tidy, fig / "fig_guidance_sweep", chosen=chosen)
     rows4 = [v for v in models.variants(cfg) if v not in models.MAIN_MODELS] + ["EHRXDiff"]

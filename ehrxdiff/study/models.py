@@ -191,8 +191,8 @@ def uses_events(cfg: StudyConfig, name: str) -> bool:
 def guidance_scale(cfg: StudyConfig, name: str) -> float:
     """The event guidance s a trained model is sampled with: its own in ``event_guidance_by_model``, else
     ``event_guidance_scale``; 1 (the paper's sampler) for a model that does not read S_event. Guidance moves each
-    model along its own *diff* / *same* trade-off (docs/methods.md): EHRXDiff_w_null, whose null samples teach the
-    no-event branch to copy I_prev, pays more *same* per unit of *diff* than EHRXDiff, so one s does not fit both."""
+    model along its own *diff* / *same* trade-off (docs/methods.md): EHRXDiff_w_null, whose null samples teach
+    S_null to copy I_prev, pays more *same* per unit of *diff* than EHRXDiff, so one s does not fit both."""
     if not uses_events(cfg, name):
         return 1.0
     return float(cfg.event_guidance_by_model.get(name, cfg.event_guidance_scale))

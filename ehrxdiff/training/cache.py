@@ -299,9 +299,9 @@ class CachedPairs(Dataset):
             raise ValueError(f"event_dropout must be in [0, 1), got {event_dropout}")
         if dropped_events not in DROPPED_EVENTS:
             raise ValueError(f"dropped_events must be one of {DROPPED_EVENTS}, got {dropped_events!r}")
-        if dropped_events == "withheld" and event_dropout and (conditions is None or not conditions.pair_row):
+        if dropped_events == "withheld" and event_dropout and conditions is None:   # (a model without the table
             raise ValueError("dropped_events='withheld' replaces the cached table tokens: it needs a ConditionCache "
-                             "with the table tower's tokens (frozen CLIP towers)")
+                             "(frozen CLIP towers)")                                 # tower has nothing to drop)
         self.dropped_events = dropped_events
         self.base, self.fs, self.cc = base, first_stage, conditions
         self.seed, self.epoch, self.event_dropout = int(seed), 0, float(event_dropout)
