@@ -317,7 +317,9 @@ def ldm_loaders(cfg: StudyConfig, ds: dict, *, wnull: bool, vae, clip=None, shuf
         return DataLoader(dataset, batch_size=cfg.ldm_batch_size, shuffle=shuffle, drop_last=shuffle, collate_fn=col,
                           num_workers=cfg.num_workers)
     return (cached(CachedPairs(ds["train"], first, cond, with_null=wnull, seed=cfg.seed,
-                               event_dropout=cfg.event_dropout, dropped_events=cfg.dropped_events,
+                               event_dropout=cfg.event_dropout,
+                               # a model without CLIP (concat-VAE) has no tokens to withhold and reads no events
+                               dropped_events=cfg.dropped_events if cond is not None else "null_set",
                                null_share=cfg.null_sample_share), True),
             cached(CachedPairs(ds["valid"], first, cond), shuffle_valid))
 
