@@ -287,7 +287,7 @@ class CachedPairs(Dataset):
     gives a dropped pair the withheld-events token (:func:`ehrxdiff.models.ldm.withheld_table`) instead of S_null,
     so that with ``with_null`` S_null means only "nothing happened"; it needs the frozen towers' tokens.
 
-    ``null_share`` (not in the paper, which adds one null sample per unique target, §II-D - 45 % of the demo's
+    ``null_share`` (not in the paper, which adds one null sample per unique target, §II-D - 39 % of the demo's
     training visits): the null samples make up this share of the training set instead, each visit's source drawn
     uniformly from the unique targets from (``seed``, epoch, index), so every target can serve over the epochs.
     """
