@@ -155,9 +155,10 @@ class EHRXDiffPipeline(DiffusionPipeline):
                 eps = self.unet(unet_input(scaled, null_cond), t, **unet_conditioning(self.unet, null_cond)).sample
             else:
                 eps = self.unet(unet_input(scaled, cond), t, **unet_conditioning(self.unet, cond)).sample
-            if null_cond is not None and s != 0.0:
-                eps_null = self.unet(unet_input(scaled, null_cond), t, **unet_conditioning(self.unet, null_cond)).sample
-                eps = eps_null + s * (eps - eps_null)
+                if null_cond is not None:
+                    eps_null = self.unet(unet_input(scaled, null_cond), t,
+                                         **unet_conditioning(self.unet, null_cond)).sample
+                    eps = eps_null + s * (eps - eps_null)
             latents = self.scheduler.step(eps, t, latents, **extra).prev_sample
         images = self.vae.decode((latents / self.config.latent_scale).to(self.vae.dtype)).sample
         return images.clamp(-1, 1).float().cpu()  # callers mix predictions with CPU tensors (targets, masks)

@@ -193,6 +193,7 @@ class ConditionCache:
         self.image_tokens, self.table_tokens, self.table_mask = image_tokens, table_tokens, table_mask
         self.null_tokens, self.null_mask = null_tokens, null_mask
         self.folder = folder
+        self._withheld = None
 
     @classmethod
     def build(cls, clip, *, pairs: pd.DataFrame, image_root: str | Path, image_size: int, event_store,
@@ -255,10 +256,11 @@ class ConditionCache:
         return self.null_tokens[0], self.null_mask[0]
 
     def withheld_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`ehrxdiff.models.ldm.withheld_table` padded as the cached tables are."""
-        tokens, mask = withheld_table(1, self.null_tokens.shape[-1])
-        tokens, mask = _pad_to(tokens, mask, self.null_tokens.shape[1])
-        return tokens[0], mask[0]
+        """:func:`ehrxdiff.models.ldm.withheld_table` padded as the cached tables are (built once, as the null table)."""
+        if self._withheld is None:
+            tokens, mask = _pad_to(*withheld_table(1, self.null_tokens.shape[-1]), self.null_tokens.shape[1])
+            self._withheld = tokens[0], mask[0]
+        return self._withheld
 
 
 def _pad_to(tokens: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,10 +356,12 @@ class CachedPairs(Dataset):
                 item["image_tokens"] = self.cc.image(prev)
             if self.cc.pair_row:
                 if dropped and self.dropped_events == "withheld":
-                    item["table_tokens"], item["table_mask"] = self.cc.withheld_table()
+                    table = self.cc.withheld_table()
+                elif no_events:
+                    table = self.cc.null_table()
                 else:
-                    item["table_tokens"], item["table_mask"] = (self.cc.null_table() if no_events
-                                                                else self.cc.table(self.keys[j]))
+                    table = self.cc.table(self.keys[j])
+                item["table_tokens"], item["table_mask"] = table
         else:
             raw = self.base[j]
             item["prev_image"] = raw["prev_image"]
